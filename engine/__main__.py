@@ -73,9 +73,43 @@ def cmd_data_list(args) -> int:
     return 0
 
 
+def cmd_data_sample(args) -> int:
+    from engine import sample
+
+    summary = sample.load_sample(args.name)
+    note = "already in the workspace" if summary["existed"] else "imported"
+    emit(args, summary, f"{summary['dataset']!r} {note}: " + ", ".join(f"{c} {n}" for c, n in summary["classes"].items()))
+    return 0
+
+
+def cmd_data_make_sample(args) -> int:
+    from engine import sample
+
+    sample.make_sample()
+    print(f"wrote {sample.SAMPLE_DIR}")
+    return 0
+
+
 # --------------------------------------------------------------------------- vision (finetune, predict, export, bench finetune)
 # --------------------------------------------------------------------------- text (generate, lm-finetune, bench generate)
 # --------------------------------------------------------------------------- pretrain
+def cmd_pretrain_vision(args) -> int:
+    from engine import pretrain
+
+    logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
+    if args.probe_only:
+        card = pretrain.probe_vision(args.out or None, seed=args.seed)
+    else:
+        cfg = pretrain.VisionPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed,
+                                            threads=args.threads, out=args.out or "", probe=not args.no_probe)
+        if cfg.steps is None and (cfg.minutes is None or cfg.minutes <= 0):
+            raise UserError("--minutes must be > 0 (or give --steps)")
+        if cfg.steps is not None and cfg.steps < 1:
+            raise UserError("--steps must be >= 1")
+        card = pretrain.pretrain_vision(cfg)
+    emit(args, card)
+    return 0
+
 
 
 def build_parser() -> Parser:
@@ -101,9 +135,28 @@ def build_parser() -> Parser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_data_list)
 
+    s = data.add_parser("sample", help="import the bundled sample dataset into the workspace")
+    s.add_argument("--name", default="Fruit (sample)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_data_sample)
+    s = data.add_parser("make-sample", help="regenerate assets/sample (maintainers; needs fonts-noto-color-emoji)")
+    s.set_defaults(func=cmd_data_make_sample)
+
     # (vision parsers)
     # (text parsers)
     # (pretrain parsers)
+    pre = sub.add_parser("pretrain", help="reproducibly pretrain the bundled mini models").add_subparsers(dest="pretrain_command", required=True, parser_class=Parser)
+    s = pre.add_parser("vision", help="pretrain the mini resnet18 (Fashion-MNIST + fractals) into assets/mini-resnet18")
+    s.add_argument("--minutes", type=float, default=20.0, help="time budget, turned into a fixed step count (default 20)")
+    s.add_argument("--steps", type=int, default=None, help="exact number of steps (reproducible; overrides --minutes)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    s.add_argument("--out", default="", help="output folder (default assets/mini-resnet18)")
+    s.add_argument("--no-probe", action="store_true", help="skip the linear-probe transfer measurement")
+    s.add_argument("--probe-only", action="store_true", help="only re-measure the transfer numbers of an existing backbone")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pretrain_vision)
+    # (pretrain text parser: pre.add_parser("text", ...))
     return p
 
 

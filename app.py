@@ -1,0 +1,46 @@
+"""Transfer Studio: navigation and the sidebar status. Pages live in pages/."""
+from pathlib import Path
+
+import streamlit as st
+
+from engine import device, sources, workspace
+from pages.common import manager
+
+st.set_page_config(page_title="Transfer Studio", page_icon="🧪", layout="wide")
+
+# (file, title, icon, section); a page whose file does not exist yet is simply absent.
+PAGES = [
+    ("pages/images.py", "Images", ":material/photo_library:", "Vision"),
+    ("pages/finetune.py", "Fine-tune", ":material/model_training:", "Vision"),
+    ("pages/predict.py", "Predict", ":material/center_focus_strong:", "Vision"),
+    ("pages/runs.py", "Runs", ":material/history:", "Vision"),
+    ("pages/generate.py", "Generate text", ":material/edit_note:", "Text"),
+    ("pages/text_finetune.py", "Fine-tune text", ":material/tune:", "Text"),
+    ("pages/lab.py", "Transfer Lab", ":material/science:", "Learn"),
+]
+root = Path(__file__).parent
+sections: dict[str, list] = {}
+for file, title, icon, section in PAGES:
+    if (root / file).is_file():
+        sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon))
+nav = st.navigation(sections)
+
+
+@st.cache_resource
+def weight_sources() -> dict:
+    return sources.available()
+
+
+with st.sidebar:
+    st.caption(f"**Device** · {device.label()}")
+    avail = weight_sources()
+    vision = "ImageNet" if any(avail["vision"]["imagenet_cached"].values()) else ("bundled mini" if avail["vision"]["mini"] else "none")
+    text = next((m for m, ok in avail["text"]["hf_cached"].items() if ok), "bundled mini" if avail["text"]["mini"] else "none")
+    st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
+    st.caption(f"**Workspace** · `{workspace.home().name}/`")
+    for job in manager().active():
+        phase = job.get("phase", "queued")
+        done = f" · epoch {job['epoch']}/{job['epochs']}" if job.get("epoch") else ""
+        st.caption(f"**Job** · {job['kind']} {phase}{done}")
+
+nav.run()

@@ -1,0 +1,78 @@
+"""Shared app-layer helpers: cached engine objects and error display. Not a page.
+
+Engine objects that are expensive and read-only (job manager, loaded models) are cached
+once per process with st.cache_resource. Nothing per-user goes in a shared cache.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import streamlit as st
+
+from engine import jobs, workspace
+from engine.errors import UserError
+
+
+@st.cache_resource
+def manager() -> jobs.JobManager:
+    """The process-wide job manager (one worker per device)."""
+    return jobs.get_manager()
+
+
+@contextmanager
+def friendly_errors(context: str):
+    """Show expected failures as a short message; log unexpected ones with a reference."""
+    try:
+        yield
+    except UserError as err:
+        st.error(str(err))
+    except Exception as err:  # noqa: BLE001 - the user must never see a raw traceback
+        ref = workspace.log_unexpected(err, context)
+        st.error(f"Something went wrong ({type(err).__name__}). It was logged with reference {ref}.")
+
+
+# ----------------------------------------------------------------------------- vision runs
+def read_json(path, default=None):
+    """A run file (run.json, metrics.json, eval.json), or `default` when it is missing or half-written."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def loaded_model(run_dir: str, stamp: float = 0.0):
+    """A trained model for read-only inference, shared by every session.
+
+    Keyed by the run folder and `stamp` (the weights file's mtime) so a resumed run is reloaded.
+    """
+    from pathlib import Path
+
+    from engine import vision
+
+    return vision.load_model(Path(run_dir))
+
+
+def curves(series: dict[str, list[dict]]):
+    """Loss and accuracy figures per epoch for one or more runs ({label: metrics.json rows})."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    loss, acc = go.Figure(), go.Figure()
+    for i, (label, rows) in enumerate(series.items()):
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]
+        name = f"{label} · " if len(series) > 1 else ""
+        x = [r.get("epoch") for r in rows]
+        for fig, key, part, dash in ((loss, "train_loss", "train", "dot"), (loss, "val_loss", "val", None),
+                                     (acc, "train_acc", "train", "dot"), (acc, "val_acc", "val", None)):
+            y = [r.get(key) for r in rows]
+            if any(v is not None for v in y):
+                fig.add_scatter(x=x, y=y, name=name + part, mode="lines+markers", line=dict(color=color, dash=dash))
+    for fig, title in ((loss, "Loss"), (acc, "Accuracy")):
+        fig.update_layout(title=title, xaxis_title="epoch", height=320, margin=dict(l=10, r=10, t=40, b=10),
+                          legend=dict(orientation="h", y=-0.25))
+    acc.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return loss, acc

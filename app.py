@@ -25,8 +25,16 @@ for file, title, icon, section in PAGES:
         sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon))
 nav = st.navigation(sections)
 
+# A bookmark opened as the server's very first request (see pages/__init__.py).
+deep_link = st.session_state.pop("_deep_link", None)
+if deep_link:
+    wanted = deep_link.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+    for page in (p for group in sections.values() for p in group):
+        if page.url_path == wanted and page.url_path != nav.url_path:
+            st.switch_page(page)
 
-@st.cache_resource
+
+@st.cache_resource(show_spinner=False)
 def weight_sources() -> dict:
     return sources.available()
 

@@ -1,0 +1,15 @@
+"""The app's pages (run through st.navigation in app.py) and their shared helpers.
+
+Streamlit still has a legacy mode for apps with a `pages/` folder: when the very first
+request a server gets names a page's URL (e.g. a bookmark of /finetune), it runs that file
+directly, without app.py's navigation and sidebar. Importing this package (every page
+imports pages.common) switches the legacy mode off for the process and hands the request
+to app.py, which then opens the page that was asked for.
+"""
+import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
+
+if PagesManager.uses_pages_directory:
+    PagesManager.uses_pages_directory = False
+    st.session_state["_deep_link"] = st.context.url
+    st.switch_page("app.py")

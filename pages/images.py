@@ -1,0 +1,137 @@
+"""Images: build datasets of labelled images (upload per class, ZIP, camera, sample) and browse them."""
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine import imagedata, sample
+from pages.common import friendly_errors
+
+st.title("Images")
+st.caption("Bring labelled images: one class per thing you want the model to tell apart. "
+           "Every file is checked; nothing you already stored is lost when an upload is refused.")
+
+state = st.session_state
+state.setdefault("upload_round", 0)  # bumping it clears the uploaders after an upload
+
+
+def show_results(rows: list[dict]) -> None:
+    if not rows:
+        return
+    df = pd.DataFrame(rows)[["file", "class", "status", "reason"]]
+    ok = (df.status == "accepted").sum()
+    (st.success if ok == len(df) else st.warning)(f"{ok} of {len(df)} files added.")
+    st.dataframe(df, hide_index=True, width="stretch")
+
+
+datasets = [d["name"] for d in imagedata.list_datasets()]
+left, right = st.columns([2, 1])
+with right:
+    if st.button("Load sample dataset", icon=":material/nutrition:", help="4 fruit classes x 40 images, bundled with the app"):
+        with friendly_errors("load sample"):
+            state.dataset = sample.load_sample()["dataset"]
+            st.rerun()
+    with st.popover("New dataset", icon=":material/add:"):
+        with st.form("new_dataset", clear_on_submit=True):
+            new_name = st.text_input("Name", placeholder="e.g. Cats vs dogs")
+            if st.form_submit_button("Create"):
+                with friendly_errors("create dataset"):
+                    state.dataset = imagedata.create_dataset(new_name)
+                    st.rerun()
+with left:
+    if not datasets:
+        st.info("No datasets yet. Create one, or load the sample dataset to try the app right away.")
+        st.stop()
+    current = state.get("dataset") if state.get("dataset") in datasets else datasets[-1]
+    name = st.selectbox("Dataset", datasets, index=datasets.index(current))
+    state.dataset = name
+
+counts = imagedata.dataset_counts(name)
+add_tab, browse_tab, manage_tab = st.tabs(["Add images", "Browse", "Manage"])
+
+with add_tab:
+    how = st.radio("Add images by", ["Upload files to a class", "ZIP of class folders", "Camera"], horizontal=True)
+    if how == "ZIP of class folders":
+        st.caption("A ZIP with one folder per class: `cats/1.jpg, dogs/2.png, …` (an outer folder is fine).")
+        zip_file = st.file_uploader("ZIP file", type=["zip"], key=f"zip{state.upload_round}")
+        if zip_file and st.button("Import ZIP", type="primary"):
+            with friendly_errors("import zip"):
+                state.results = imagedata.import_zip(name, zip_file.getvalue())
+                state.upload_round += 1
+                st.rerun()
+    else:
+        cls_options = list(counts) + ["➕ New class…"]
+        cls = st.selectbox("Class", cls_options)
+        if cls == "➕ New class…":
+            cls = st.text_input("New class name", placeholder="e.g. cat")
+        if how == "Upload files to a class":
+            files = st.file_uploader("Images", accept_multiple_files=True, key=f"files{state.upload_round}",
+                                     help="JPEG, PNG, GIF, BMP, WEBP or TIFF")
+            if files and st.button(f"Add {len(files)} file(s) to {cls or '…'}", type="primary", disabled=not cls):
+                with friendly_errors("upload images"):
+                    state.results = imagedata.add_images(name, cls, [(f.name, f.getvalue()) for f in files])
+                    state.upload_round += 1
+                    st.rerun()
+        else:
+            photo = st.camera_input("Take a photo", key=f"cam{state.upload_round}", disabled=not cls)
+            if photo and cls:
+                with friendly_errors("camera"):
+                    state.results = imagedata.add_images(name, cls, [(f"camera-{state.upload_round}.jpg", photo.getvalue())])
+                    state.upload_round += 1
+                    st.rerun()
+    show_results(state.pop("results", []))
+
+with browse_tab:
+    if not counts:
+        st.info("This dataset has no classes yet: add images on the first tab.")
+    else:
+        split = imagedata.split_counts(name)
+        df = pd.DataFrame([{"class": c, "train": s["train"], "validation": s["val"]} for c, s in split.items()])
+        fig = px.bar(df, x="class", y=["train", "validation"], title=f"{sum(counts.values())} images in {len(counts)} classes",
+                     labels={"value": "images", "variable": "split"}, height=320)
+        st.plotly_chart(fig, width="stretch")
+        why = imagedata.usability(counts)
+        if why:
+            st.warning(f"Not ready to train yet: {why}.")
+        else:
+            st.caption("Validation split: 20% of each class, chosen by a seeded hash of the image, so it stays the same across restarts.")
+        cls = st.selectbox("Show class", list(counts), key="browse_class")
+        per_page, n = 24, counts[cls]
+        pages = max(1, -(-n // per_page))
+        page_no = st.number_input(f"Page (of {pages})", 1, pages, 1) if pages > 1 else 1
+        rows = imagedata.list_images(name, cls, (page_no - 1) * per_page, per_page)
+        cols = st.columns(6)
+        for i, row in enumerate(rows):
+            with cols[i % 6]:
+                st.image(str(imagedata.thumbnail_path(row["sha256"], row["ext"])), caption=row["original_name"][:28])
+                if st.button("Delete", key=f"del{row['id']}", icon=":material/delete:"):
+                    imagedata.delete_image(row["id"])
+                    st.rerun()
+
+with manage_tab:
+    c1, c2 = st.columns(2)
+    with c1, st.form("rename_dataset"):
+        new = st.text_input("Rename dataset", value=name)
+        if st.form_submit_button("Rename"):
+            with friendly_errors("rename dataset"):
+                state.dataset = imagedata.rename_dataset(name, new)
+                st.rerun()
+    with c2:
+        confirm = st.checkbox(f"Yes, delete {name!r} and its {sum(counts.values())} images")
+        if st.button("Delete dataset", type="primary", disabled=not confirm, icon=":material/delete_forever:"):
+            imagedata.delete_dataset(name)
+            state.pop("dataset", None)
+            st.rerun()
+    if counts:
+        c1, c2 = st.columns(2)
+        with c1, st.form("rename_class"):
+            old = st.selectbox("Class", list(counts))
+            new = st.text_input("New name")
+            if st.form_submit_button("Rename class"):
+                with friendly_errors("rename class"):
+                    imagedata.rename_class(name, old, new)
+                    st.rerun()
+        with c2, st.form("delete_class"):
+            victim = st.selectbox("Class to delete", list(counts))
+            if st.form_submit_button("Delete class and its images"):
+                imagedata.delete_class(name, victim)
+                st.rerun()

@@ -75,4 +75,7 @@ def curves(series: dict[str, list[dict]]):
         fig.update_layout(title=title, xaxis_title="epoch", height=320, margin=dict(l=10, r=10, t=40, b=10),
                           legend=dict(orientation="h", y=-0.25))
     acc.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    if max((len(rows) for rows in series.values()), default=0) <= 15:
+        for fig in (loss, acc):
+            fig.update_xaxes(tickmode="linear", dtick=1)  # whole epochs, no 1.5
     return loss, acc

@@ -1,0 +1,228 @@
+"""Fine-tune a pretrained ResNet: choose data, backbone and strategy, train in the background, inspect."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine import imagedata, runs, sources, vision, workspace
+from engine.errors import UserError
+from pages.common import curves, friendly_errors, manager, read_json
+
+D = vision.FinetuneConfig(data="")  # the engine's defaults are the form's defaults
+WEIGHTS = {"auto": "auto (best available)", "imagenet": "ImageNet", "mini": "bundled mini backbone",
+           "none": "none (random init)", "upload": "upload a .safetensors file"}
+LRS = sorted({1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, D.lr})
+
+st.title("Fine-tune")
+
+
+def saved_upload(up) -> str:
+    """Keep uploaded weights in the workspace under their content hash (never the upload's own name)."""
+    data = up.getvalue()
+    path = workspace.subdir("weights") / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+    if not path.exists():
+        workspace.atomic_write_bytes(path, data)
+    return str(path)
+
+
+def start_form(datasets: list[dict]) -> None:
+    by_name = {d["name"]: d for d in datasets}
+    left, right = st.columns(2, gap="large")
+    with right:
+        strategy = st.radio("Strategy", list(vision.STRATEGIES), captions=list(vision.STRATEGIES.values()), key="ft_strategy")
+        freeze = D.freeze
+        if strategy == "partial":
+            freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze",
+                               help="The first k stages keep their pretrained weights; the rest is trained.")
+    with left:
+        data = st.selectbox("Dataset", list(by_name), key="ft_data", format_func=lambda n: (
+            f"{n} · {count(by_name[n].get('classes'))} classes · {count(by_name[n].get('images'))} images"))
+        model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model")
+        scratch = strategy == "scratch"
+        choice = st.selectbox("Weights", list(WEIGHTS), format_func=WEIGHTS.get, key="ft_weights", disabled=scratch,
+                              help="Training from scratch always starts from random weights.")
+        weights = "none" if scratch else choice
+        if choice == "upload" and not scratch:
+            up = st.file_uploader("Backbone weights (a torchvision ResNet state dict)", type=["safetensors"], key="ft_upload")
+            weights = saved_upload(up) if up else None
+    with st.expander("Training options"):
+        a, b, c = st.columns(3)
+        epochs = a.number_input("Epochs", 1, 500, D.epochs, key="ft_epochs")
+        batch_size = a.select_slider("Batch size", [8, 16, 32, 64, 128, 256], D.batch_size, key="ft_batch")
+        early = a.number_input("Early stopping patience (epochs, 0 = off)", 0, 100, D.early_stopping, key="ft_early")
+        lr = b.select_slider("Learning rate (head)", LRS, D.lr, format_func=lambda v: f"{v:g}", key="ft_lr")
+        optimizer = b.radio("Optimiser", ["sgd", "adamw"], ["sgd", "adamw"].index(D.optimizer), horizontal=True,
+                            format_func={"sgd": "SGD + momentum", "adamw": "AdamW"}.get, key="ft_opt")
+        schedule = b.radio("Schedule", ["cosine", "onecycle", "constant"], ["cosine", "onecycle", "constant"].index(D.schedule),
+                           horizontal=True, key="ft_schedule")
+        image_size = c.selectbox("Image size", [None, 32, 64, 96, 128, 160, 224], key="ft_size",
+                                 format_func=lambda s: "from the weights" if s is None else f"{s} px")
+        seed = c.number_input("Seed", 0, 2**31 - 1, D.seed, key="ft_seed")
+        augment = c.multiselect("Augmentation", vision.AUGMENTATIONS, D.augment, key="ft_augment",
+                                help="Augmented images change every epoch, so they turn off the fast cached-feature path.")
+    if weights is None:
+        st.info("Upload a .safetensors file to use your own backbone weights.")
+        return
+    try:
+        src = sources.resolve_vision(model, weights)
+        st.info(f"**Weights:** {src.name} — {src.reason}", icon=":material/info:")
+    except UserError as err:
+        st.warning(str(err))
+        return
+    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", key="ft_start"):
+        with friendly_errors("finetune: start"):
+            cfg = vision.FinetuneConfig(
+                data=data, model=model, weights=weights, strategy=strategy, freeze=int(freeze), epochs=int(epochs),
+                batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, schedule=schedule, image_size=image_size,
+                seed=int(seed), augment=list(augment), early_stopping=int(early), val_fraction=D.val_fraction)
+            cfg.validate()
+            title = f"{data} · {model} · {strategy}" + (f" k={freeze}" if strategy == "partial" else "")
+            run_id = manager().submit("finetune", dataclasses.asdict(cfg), title)
+            show(run_id)
+            st.rerun()
+
+
+def count(v) -> int:
+    return len(v) if isinstance(v, (list, dict, tuple)) else int(v or 0)
+
+
+def show(run_id: str | None) -> None:
+    """Remember the run in the session and the URL, so a refresh finds it again."""
+    st.session_state["ft_run"] = run_id
+    if run_id:
+        st.query_params["run"] = run_id
+    else:
+        st.query_params.pop("run", None)
+
+
+def live(run_id: str, drawn_active: bool) -> None:
+    """Progress, cancel and curves; redrawn every second while the run is queued or running."""
+    run = runs.get(run_id)
+    if drawn_active and run["status"] not in runs.ACTIVE:
+        st.rerun()  # it just finished: redraw the whole page once, with results and without polling
+    prog = manager().progress(run_id) or {}
+    if run["status"] in runs.ACTIVE:
+        pos = manager().queue_position(run_id)
+        if pos is not None:
+            st.info(f"Queued — {pos} run(s) ahead of this one." if pos else "Queued — starts next.", icon=":material/schedule:")
+        epoch, epochs = prog.get("epoch") or 0, prog.get("epochs") or run["config"].get("epochs") or 1
+        step, steps = prog.get("step") or 0, prog.get("steps") or 0
+        if prog.get("phase") in ("training", "evaluating"):
+            frac = (max(epoch - 1, 0) + (step / steps if steps else 0)) / epochs
+            text = f"{prog['phase']} · epoch {epoch}/{epochs}" + (f" · step {step}/{steps}" if steps else "")
+        else:  # queued, loading, extracting (the frozen features, once), saving
+            frac = step / steps if prog.get("phase") == "extracting" and steps else 0.0
+            text = prog.get("message") or prog.get("phase") or run["status"]
+        st.progress(min(frac, 1.0), text=text)
+        m = st.columns(5)
+        m[0].metric("Loss", f"{prog['loss']:.3f}" if prog.get("loss") is not None else "–")
+        m[1].metric("Accuracy", f"{prog['acc']:.1%}" if prog.get("acc") is not None else "–")
+        m[2].metric("Images/s", f"{prog['img_s']:.0f}" if prog.get("img_s") else "–")
+        m[3].metric("ETA", f"{prog['eta_s']:.0f} s" if prog.get("eta_s") is not None else "–")
+        if m[4].button("Cancel", icon=":material/stop:", key="ft_cancel", help="Stops within one step and keeps what was learned."):
+            manager().cancel(run_id)
+    metrics = read_json(Path(run["dir"]) / "metrics.json", [])
+    if metrics:
+        loss, acc = curves({run["title"]: metrics})
+        a, b = st.columns(2)
+        a.plotly_chart(loss, key="ft_loss")
+        b.plotly_chart(acc, key="ft_acc")
+    elif run["status"] in runs.ACTIVE:
+        st.caption("Curves appear after the first epoch.")
+
+
+def results(run: dict) -> None:
+    """After the run: confusion matrix, per-class scores and the misclassified validation images."""
+    ev = read_json(Path(run["dir"]) / "eval.json")
+    if not ev:
+        return
+    classes = ev.get("classes") or read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
+    a, b = st.columns(2, gap="large")
+    cm = ev.get("confusion") or ev.get("confusion_matrix")
+    if cm:
+        fig = px.imshow(cm, x=classes, y=classes, text_auto=True, color_continuous_scale="Blues",
+                        labels={"x": "predicted", "y": "true", "color": "images"}, title="Confusion matrix (validation)")
+        fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10), coloraxis_showscale=False)
+        a.plotly_chart(fig, key="ft_cm")
+    per = ev.get("per_class")
+    if per:
+        df = pd.DataFrame.from_dict(per, orient="index") if isinstance(per, dict) else pd.DataFrame(per).set_index("class")
+        b.markdown("**Per class (validation)**")
+        b.dataframe(df, column_config={c: st.column_config.NumberColumn(format="%.2f") for c in ("precision", "recall", "f1")})
+    mistakes = ev.get("mistakes") or []
+    st.subheader(f"Misclassified validation images ({ev.get('n_mistakes', len(mistakes))})")
+    if not mistakes:
+        st.caption("None — every validation image was classified correctly.")
+    shown = [m for m in mistakes if image_path(m["file"])][:12]
+    for i in range(0, len(shown), 6):
+        for col, m in zip(st.columns(6), shown[i:i + 6]):
+            col.image(str(image_path(m["file"])), caption=f"true {m['true']} · predicted {m['pred']} ({m['conf']:.0%})")
+    if ev.get("n_mistakes", len(mistakes)) > len(shown):
+        st.caption(f"Showing the {len(shown)} most confident mistakes of {ev.get('n_mistakes', len(mistakes))}.")
+
+
+def image_path(file: str) -> Path | None:
+    """A mistake's image, only if it lies inside the workspace."""
+    home = workspace.home()
+    path = (home / file).resolve()
+    return path if path.is_relative_to(home) and path.is_file() else None
+
+
+def run_view(run_id: str) -> None:
+    run = runs.get(run_id)
+    info = read_json(Path(run["dir"]) / "run.json", {})
+    top = st.columns([4, 1])
+    top[0].subheader(run["title"])
+    if top[1].button("New run", icon=":material/add:", key="ft_new"):
+        show(None)
+        st.rerun()
+    src = info.get("weights") if isinstance(info.get("weights"), dict) else {}
+    st.caption(f"Run `{run_id}` · {run['status']}" + (f" · weights: {src.get('name')}" if src.get("name") else "")
+               + (f" · {run['device']}" if run.get("device") else ""))
+    active = run["status"] in runs.ACTIVE
+    st.fragment(run_every=1 if active else None)(live)(run_id, active)
+    if active:
+        return
+    if run["status"] == "failed":
+        st.error(f"The run failed: {run.get('error') or 'no reason recorded'}")
+    if run["status"] in ("interrupted", "cancelled"):
+        st.warning(f"This run was {run['status']}; Resume continues from its last epoch checkpoint.")
+        if st.button("Resume", type="primary", icon=":material/replay:", key="ft_resume"):
+            with friendly_errors("finetune: resume"):
+                manager().resume(run_id)
+                st.rerun()
+    summary = run.get("summary") or {}
+    if isinstance(summary.get("best_val_acc"), float) and math.isfinite(summary["best_val_acc"]):
+        st.success(f"Best validation accuracy **{summary['best_val_acc']:.1%}**.", icon=":material/check_circle:")
+        st.page_link("pages/predict.py", label="Try it on new images", icon=":material/arrow_forward:", query_params={"run": run_id})
+    results(run)
+
+
+run_id = st.query_params.get("run") or st.session_state.get("ft_run")  # a link or a refresh wins
+if run_id:
+    try:
+        runs.get(run_id)
+    except UserError:  # deleted, or a link from another workspace
+        run_id = None
+        show(None)
+if run_id:
+    with friendly_errors("finetune: run view"):
+        run_view(run_id)
+    st.divider()
+with friendly_errors("finetune: datasets"):
+    datasets = imagedata.list_datasets()
+    if not datasets:
+        st.info("No dataset yet. Add images on the **Images** page — or load the sample dataset there with one click.",
+                icon=":material/photo_library:")
+        st.page_link("pages/images.py", label="Go to Images", icon=":material/arrow_forward:")
+    else:
+        with st.container(border=True) if run_id else st.container():
+            if run_id:
+                st.markdown("**Start another run**")
+            start_form(datasets)

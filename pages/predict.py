@@ -1,0 +1,199 @@
+"""Predict with a trained model: images or camera -> top-k, a ZIP -> CSV; export and import models."""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import imagedata, runs, vision, workspace
+from engine.errors import UserError
+from pages.common import friendly_errors, loaded_model, read_json
+
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
+BATCH = 32
+MAX_SHOWN = 48  # images drawn with a chart each; more go through ZIP -> CSV
+
+st.title("Predict")
+
+
+def usable_runs() -> list[dict]:
+    """Finished runs (and imported models) that have weights to predict with."""
+    return [r for r in runs.list_runs() if r["kind"] in ("finetune", "imported") and r["status"] not in runs.ACTIVE
+            and (Path(r["dir"]) / "model.safetensors").is_file()]
+
+
+def label(run: dict) -> str:
+    acc = (run.get("summary") or {}).get("best_val_acc")
+    return run["title"] + (f" · {acc:.0%} val" if isinstance(acc, float) and math.isfinite(acc) else "") + f" · {run['id']}"
+
+
+def model_for(run: dict):
+    weights = Path(run["dir"]) / "model.safetensors"
+    return loaded_model(run["dir"], weights.stat().st_mtime)
+
+
+def decode_all(files: list[tuple[str, bytes]]) -> tuple[list[str], list, list[dict]]:
+    """Decode untrusted files; the bad ones get a per-file reason instead of stopping the rest."""
+    names, images, bad = [], [], []
+    for name, data in files:
+        try:
+            images.append(imagedata.decode_image(data, name))
+            names.append(name)
+        except UserError as err:
+            bad.append({"file": name, "reason": str(err)})
+    return names, images, bad
+
+
+def predict_all(model, images: list, top_k: int) -> list[list[tuple[str, float]]]:
+    out = []
+    for i in range(0, len(images), BATCH):
+        out += vision.predict(model, images[i:i + BATCH], top_k=top_k)
+    return out
+
+
+def bar(top: list[tuple[str, float]]) -> go.Figure:
+    top = top[::-1]  # highest at the top of a horizontal bar chart
+    fig = go.Figure(go.Bar(x=[p for _, p in top], y=[lbl for lbl, _ in top], orientation="h",
+                           text=[f"{p:.1%}" for _, p in top], textposition="auto", marker_color="#4C78A8"))
+    fig.update_layout(height=60 + 36 * len(top), margin=dict(l=10, r=10, t=10, b=10), xaxis=dict(range=[0, 1], tickformat=".0%"))
+    return fig
+
+
+def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str) -> None:
+    names, images, bad = decode_all(files)
+    for b in bad:
+        st.warning(f"**{b['file']}** skipped: {b['reason']}", icon=":material/broken_image:")
+    for i, (name, image, top) in enumerate(zip(names, images, predict_all(model, images, top_k))):
+        left, right = st.columns([1, 3], vertical_alignment="center")
+        left.image(image, caption=name, width=160)
+        right.markdown(f"**{top[0][0]}** · {top[0][1]:.1%}")
+        right.plotly_chart(bar(top), key=f"{key}_bar_{i}", config={"displayModeBar": False})
+
+
+def zip_members(data: bytes, limits: imagedata.Limits) -> list[tuple[str, bytes, str | None]]:
+    """The files of an untrusted ZIP, read in memory with caps (never extracted; names are only labels)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(f"not a valid ZIP file ({err})") from None
+    out, total = [], 0
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir() and not any(p.startswith(".") or p == "__MACOSX" for p in i.filename.split("/"))]
+        if len(infos) > limits.zip_max_members:
+            raise UserError(f"ZIP has {len(infos):,} files; the limit is {limits.zip_max_members:,}")
+        for info in infos:
+            try:
+                with zf.open(info) as f:
+                    blob = f.read(limits.max_file_bytes + 1)  # directory sizes can lie: cap the read itself
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as err:
+                out.append((info.filename, b"", f"unreadable ZIP member ({err})"))
+                continue
+            total += len(blob)
+            if total > limits.zip_max_bytes:
+                raise UserError(f"ZIP expands beyond {limits.zip_max_bytes // 2**20} MB; split it into smaller ZIPs")
+            out.append((info.filename, blob, None))
+    return out
+
+
+def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
+    rows, good = [], []
+    for name, blob, why in zip_members(data, imagedata.Limits()):
+        if why:
+            rows.append({"file": name, "error": why})
+            continue
+        try:
+            good.append((name, imagedata.decode_image(blob, name)))
+        except UserError as err:
+            rows.append({"file": name, "error": str(err)})
+    preds = predict_all(model, [im for _, im in good], top_k)
+    for (name, _), top in zip(good, preds):
+        row = {"file": name, "prediction": top[0][0], "probability": round(top[0][1], 4)}
+        for k, (lbl, p) in enumerate(top[1:], start=2):
+            row |= {f"top{k}": lbl, f"top{k}_probability": round(p, 4)}
+        rows.append(row | {"error": ""})
+    return pd.DataFrame(rows)
+
+
+def export_tab(run: dict) -> None:
+    onnx = st.checkbox("Include ONNX (runs anywhere with onnxruntime; takes a few seconds more)", value=True, key="pr_onnx")
+    if st.button("Build export ZIP", icon=":material/package_2:", key="pr_export"):
+        with friendly_errors("predict: export"), st.spinner("Exporting…"):
+            out = Path(run["dir"]) / "export" / f"{run['id']}{'-onnx' if onnx else ''}.zip"
+            st.session_state["pr_zip"] = str(vision.export_run(Path(run["dir"]), out, onnx=onnx))
+    path = st.session_state.get("pr_zip")
+    if path and Path(path).is_file() and Path(path).is_relative_to(Path(run["dir"])):
+        st.download_button(f"Download {Path(path).name} ({Path(path).stat().st_size / 2**20:.1f} MB)", Path(path).read_bytes(),
+                           file_name=Path(path).name, mime="application/zip", type="primary", icon=":material/download:", key="pr_download")
+        st.caption("Contains model.safetensors, labels, preprocessing, a model card" + (" and model.onnx." if "-onnx" in path else "."))
+
+
+def import_tab() -> None:
+    up = st.file_uploader("An exported model ZIP or a model.safetensors from this app", type=["zip", "safetensors"], key="pr_import")
+    if up is not None and st.button("Import model", icon=":material/upload:", key="pr_import_go"):
+        with friendly_errors("predict: import"):
+            data = up.getvalue()
+            suffix = ".zip" if up.name.lower().endswith(".zip") else ".safetensors"
+            # the upload's name is only a label: reduced to safe characters, inside a folder named by the content hash
+            stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(up.name).stem)[:60] or "model"
+            path = workspace.subdir("uploads") / hashlib.sha256(data).hexdigest()[:16] / f"{stem}{suffix}"
+            workspace.atomic_write_bytes(path, data)
+            run_id = vision.import_model(path)
+            st.session_state["pr_run"] = st.query_params["run"] = run_id
+            st.toast(f"Imported as {run_id}; it is now the selected model.", icon=":material/check_circle:")
+            st.rerun()
+
+
+def predict_tabs(run: dict) -> None:
+    model = model_for(run)
+    classes = read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
+    top_k = st.slider("Top-k", 1, max(2, min(10, len(classes) or 5)), min(3, len(classes) or 3), key="pr_topk")
+    images, camera, csv, export, imports = st.tabs(["Images", "Camera", "ZIP → CSV", "Export", "Import a model"])
+    with images:
+        ups = st.file_uploader("Images", type=IMAGE_TYPES, accept_multiple_files=True, key="pr_files")
+        if ups:
+            show_predictions(model, [(u.name, u.getvalue()) for u in ups[:MAX_SHOWN]], top_k, "up")
+            if len(ups) > MAX_SHOWN:
+                st.caption(f"Showing the first {MAX_SHOWN} of {len(ups)}; use ZIP → CSV for many images.")
+    with camera:
+        shot = st.camera_input("Take a picture", key="pr_camera")
+        if shot:
+            show_predictions(model, [("camera", shot.getvalue())], top_k, "cam")
+    with csv:
+        z = st.file_uploader("A ZIP of images (any folder layout)", type=["zip"], key="pr_zip_in")
+        if z:
+            key = (z.file_id, run["id"], top_k)  # predict once per upload, not on every rerun
+            if st.session_state.get("pr_csv", (None,))[0] != key:
+                st.session_state["pr_csv"] = (key, zip_to_csv(model, z.getvalue(), top_k))
+            df = st.session_state["pr_csv"][1]
+            n_bad = int((df["error"] != "").sum()) if "error" in df else 0
+            st.caption(f"{len(df) - n_bad} images predicted, {n_bad} skipped (reason in the `error` column).")
+            st.dataframe(df, hide_index=True)
+            st.download_button("Download predictions.csv", df.to_csv(index=False), file_name="predictions.csv",
+                               mime="text/csv", icon=":material/download:", key="pr_csv_dl")
+    with export:
+        export_tab(run)
+    with imports:
+        import_tab()
+
+
+with friendly_errors("predict"):
+    available = {r["id"]: r for r in usable_runs()}
+    if not available:
+        st.info("No trained model yet. Fine-tune one on the **Fine-tune** page (about a minute on the sample dataset), "
+                "or import a model exported from this app below.", icon=":material/model_training:")
+        st.page_link("pages/finetune.py", label="Go to Fine-tune", icon=":material/arrow_forward:")
+        st.subheader("Import a model")
+        import_tab()
+    else:
+        ids = list(available)
+        wanted = st.query_params.get("run") or st.session_state.get("pr_run")
+        run_id = st.selectbox("Model", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=lambda i: label(available[i]))
+        st.session_state["pr_run"] = st.query_params["run"] = run_id
+        predict_tabs(available[run_id])

@@ -1,0 +1,280 @@
+"""AppTest tests for the vision pages (Fine-tune, Predict, Runs) with a real tiny model.
+
+Pages are opened through app.py (st.navigation), as in the browser. Training runs are real but
+tiny: two generated colour classes, 32 px, resnet18 from random weights, 1-2 epochs.
+The live polling (st.fragment(run_every=1)) is exercised by the browser test; here the
+progress record it reads is checked directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import pages  # noqa: F401 - imported here, outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
+from engine import imagedata, jobs, runs
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (210, 40, 40), "blue": (40, 60, 210)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_manager():
+    """pages.common.manager() is cached per process; each test has its own workspace (and manager)."""
+    from pages.common import manager
+
+    manager.clear()
+    yield
+    manager.clear()
+
+
+def png(color, size=40, seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    a = np.clip(np.array(color) + rng.integers(-30, 30, (size, size, 3)), 0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_dataset(folder: Path, name: str = "tiny", per_class: int = 8) -> str:
+    for cls, color in COLORS.items():
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            (folder / cls / f"{cls}{i}.png").write_bytes(png(color, seed=i))
+    imagedata.import_path(folder, name)
+    return name
+
+
+def train_tiny(tmp_path: Path, epochs: int = 1) -> str:
+    from engine import vision
+
+    make_dataset(tmp_path / "imgs")
+    cfg = vision.FinetuneConfig(data="tiny", weights="none", epochs=epochs, image_size=32, batch_size=8, lr=1e-2)
+    m = jobs.get_manager()
+    run_id = m.submit("finetune", dataclasses.asdict(cfg), "tiny run", device="cpu")
+    assert m.wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
+    return run_id
+
+
+def open_page(page: str, **query) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page(page)
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("info", "warning", "success", "error", "markdown", "caption", "subheader") for e in at.get(kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+# ----------------------------------------------------------------------------- empty workspace
+@pytest.mark.parametrize("page, hint", [
+    ("pages/finetune.py", "Images"),
+    ("pages/predict.py", "Fine-tune"),
+    ("pages/runs.py", "Fine-tune"),
+])
+def test_empty_workspace_shows_guidance(page, hint):
+    at = open_page(page)
+    assert not at.exception
+    assert at.info and hint in at.info[0].value
+    assert any(hint.lower() in (link.label or "").lower() for link in at.get("page_link"))
+
+
+# ----------------------------------------------------------------------------- fine-tune
+def test_finetune_form_explains_strategies_and_weights(tmp_path):
+    from engine import vision
+
+    make_dataset(tmp_path / "imgs")
+    at = open_page("pages/finetune.py")
+    assert not at.exception
+    assert at.selectbox(key="ft_data").options == ["tiny · 2 classes · 16 images"]
+    radio = at.radio(key="ft_strategy")
+    assert radio.options == list(vision.STRATEGIES) and radio.value == "linear"
+    assert at.info and at.info[0].value.startswith("**Weights:**")  # which weights, and why, before training
+    assert not at.get("slider") or all(s.key != "ft_freeze" for s in at.slider)
+    radio.set_value("partial").run()
+    assert at.slider(key="ft_freeze").value == vision.FinetuneConfig(data="").freeze
+    at.radio(key="ft_strategy").set_value("scratch").run()
+    assert at.selectbox(key="ft_weights").disabled and "random" in at.info[0].value
+
+
+def test_finetune_start_submits_job_and_shows_results(tmp_path):
+    make_dataset(tmp_path / "imgs")
+    at = open_page("pages/finetune.py")
+    at.selectbox(key="ft_weights").set_value("none")
+    at.number_input(key="ft_epochs").set_value(1)
+    at.selectbox(key="ft_size").set_value(32)
+    at.select_slider(key="ft_batch").set_value(8)
+    at.run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception and not at.error
+    run_id = at.session_state["ft_run"]
+    assert at.query_params["run"] == run_id  # a refresh finds the run again
+    run = runs.get(run_id)
+    assert run["config"]["data"] == "tiny" and run["config"]["epochs"] == 1 and run["config"]["image_size"] == 32
+    assert jobs.get_manager().wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
+
+    at = open_page("pages/finetune.py", run=run_id)  # a fresh session: found via the URL alone
+    assert not at.exception
+    assert any("Best validation accuracy" in s.value for s in at.success)
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    titles = [c["layout"].get("title", {}).get("text") for c in charts]
+    assert "Loss" in titles and "Accuracy" in titles and "Confusion matrix (validation)" in titles
+    heat = next(c for c in charts if c["layout"].get("title", {}).get("text", "").startswith("Confusion"))
+    assert list(heat["data"][0]["x"]) == ["blue", "red"]
+    per_class = at.dataframe[0].value
+    assert list(per_class.index) == ["blue", "red"] and {"precision", "recall", "f1"} <= set(per_class.columns)
+
+
+def test_finetune_progress_record_has_what_the_page_shows(tmp_path):
+    """The fragment polls manager().progress(): check the worker fills the fields it reads."""
+    from engine import vision
+
+    make_dataset(tmp_path / "imgs")
+    cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="full", epochs=2, image_size=32, batch_size=4)
+    m = jobs.get_manager()
+    run_id = m.submit("finetune", dataclasses.asdict(cfg), "progress", device="cpu")
+    seen: dict = {}
+    while runs.get(run_id)["status"] in runs.ACTIVE:
+        seen |= {k: v for k, v in (m.progress(run_id) or {}).items() if v is not None}
+        time.sleep(0.01)
+    assert runs.get(run_id)["status"] == "done", runs.get(run_id)["error"]
+    assert seen.get("epochs") == 2 and 1 <= seen.get("epoch", 0) <= 2
+    assert seen.get("steps", 0) >= 1 and "loss" in seen
+
+
+def test_finetune_cancel_button_stops_a_running_job(tmp_path):
+    from engine import vision
+
+    make_dataset(tmp_path / "imgs")
+    cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="scratch", epochs=500, image_size=32, batch_size=2)
+    m = jobs.get_manager()
+    run_id = m.submit("finetune", dataclasses.asdict(cfg), "long", device="cpu")
+    at = open_page("pages/finetune.py", run=run_id)
+    assert not at.exception and at.get("progress")  # the live view (its first draw; polling is tested in the browser)
+    at.button(key="ft_cancel").click().run()
+    assert m.wait(run_id, timeout=60) == "cancelled"
+    at = open_page("pages/finetune.py", run=run_id)
+    assert any("cancelled" in w.value for w in at.warning) and at.button(key="ft_resume")
+
+
+def test_finetune_resume_button_continues_an_interrupted_run(tmp_path):
+    run_id = train_tiny(tmp_path)
+    runs.set_status(run_id, "interrupted")
+    at = open_page("pages/finetune.py", run=run_id)
+    assert any("interrupted" in w.value for w in at.warning)
+    at.button(key="ft_resume").click().run()
+    assert not at.exception
+    assert jobs.get_manager().wait(run_id, timeout=300) == "done"
+
+
+def test_finetune_unknown_run_in_url_is_ignored(tmp_path):
+    make_dataset(tmp_path / "imgs")
+    at = open_page("pages/finetune.py", run="no-such-run")
+    assert not at.exception and not at.error
+    assert at.button(key="ft_start")  # the form, no broken run view
+    assert "run" not in at.query_params
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_shows_probabilities_and_per_file_reasons(tmp_path):
+    run_id = train_tiny(tmp_path, epochs=2)
+    at = open_page("pages/predict.py")
+    assert not at.exception
+    assert at.selectbox[0].value == run_id
+    at.file_uploader(key="pr_files").set_value([
+        ("red.png", png(COLORS["red"], seed=99), "image/png"),
+        ("notes.png", b"this is not an image", "image/png"),
+    ])
+    at.run()
+    assert not at.exception
+    assert any("notes.png" in w.value and "not an image" in w.value for w in at.warning)
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(charts) == 1  # one chart per valid image
+    bar = charts[0]["data"][0]
+    assert sorted(bar["y"]) == ["blue", "red"] and abs(sum(bar["x"]) - 1) < 1e-4  # both classes, probabilities
+
+
+def test_predict_zip_gives_csv_with_reasons(tmp_path):
+    train_tiny(tmp_path)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("photos/a.png", png(COLORS["blue"], seed=5))
+        z.writestr("b.png", png(COLORS["red"], seed=6))
+        z.writestr("broken.jpg", b"\xff\xd8 truncated")
+        z.writestr("__MACOSX/._a.png", b"junk")
+    at = open_page("pages/predict.py")
+    at.file_uploader(key="pr_zip_in").set_value(("batch.zip", buf.getvalue(), "application/zip")).run()
+    assert not at.exception
+    df = at.dataframe[0].value.set_index("file")
+    assert set(df.index) == {"photos/a.png", "b.png", "broken.jpg"}
+    assert df.loc["broken.jpg", "error"] and not df.loc["b.png", "error"]
+    assert df.loc["b.png", "prediction"] in ("red", "blue") and 0 <= df.loc["b.png", "probability"] <= 1
+    assert any(d.label == "Download predictions.csv" for d in at.get("download_button"))
+
+
+def test_predict_export_then_import(tmp_path, workspace_home):
+    run_id = train_tiny(tmp_path)
+    at = open_page("pages/predict.py")
+    at.file_uploader(key="pr_files").set_value(("r.png", png(COLORS["red"]), "image/png")).run()
+    before = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    at.checkbox(key="pr_onnx").uncheck()
+    at.button(key="pr_export").click().run()
+    assert not at.exception and not at.error
+    download = at.get("download_button")
+    assert download and download[0].label.startswith(f"Download {run_id}")
+    exported = next(Path(runs.run_dir(run_id), "export").glob("*.zip"))
+    with zipfile.ZipFile(exported) as z:
+        assert "model.safetensors" in z.namelist() and "model.onnx" not in z.namelist()
+
+    at.file_uploader(key="pr_import").set_value(("../../evil name.zip", exported.read_bytes(), "application/zip")).run()
+    at.button(key="pr_import_go").click().run()
+    assert not at.exception and not at.error
+    new_id = at.selectbox[0].value
+    assert new_id != run_id and len(at.selectbox[0].options) == 2  # imported, selected, and the original still there
+    # the upload's name is only a label: nothing lands outside the workspace's uploads folder
+    assert all(p.is_relative_to(workspace_home / "uploads") for p in tmp_path.rglob("evil*"))
+    at.file_uploader(key="pr_files").set_value(("r.png", png(COLORS["red"]), "image/png")).run()
+    after = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    assert after["y"] == before["y"] and np.allclose(after["x"], before["x"], atol=1e-4)  # same model, same answer
+
+
+# ----------------------------------------------------------------------------- runs
+def test_runs_lists_compares_and_deletes_with_confirmation(tmp_path):
+    run_id = train_tiny(tmp_path)
+    at = open_page("pages/runs.py")
+    assert not at.exception
+    df = at.dataframe[0].value
+    row = df.set_index("id").loc[run_id]
+    assert row["dataset"] == "tiny" and row["backbone"] == "resnet18" and row["strategy"] == "linear"
+    assert row["status"] == "done" and row["epochs"] == "1/1" and 0 <= row["best val acc"] <= 1
+    assert at.multiselect(key="rn_compare").value == [run_id] and len(at.get("plotly_chart")) == 2
+    at.button(key="rn_delete").click().run()
+    assert any("cannot be undone" in w.value for w in at.warning)
+    assert runs.list_runs("finetune")  # nothing deleted before the confirmation
+    at.button(key="rn_no").click().run()
+    assert runs.list_runs("finetune") and not at.warning
+    at.button(key="rn_delete").click().run()
+    at.button(key="rn_yes").click().run()
+    assert not at.exception
+    assert runs.list_runs("finetune") == [] and not Path(runs.run_dir(run_id)).exists()
+    assert "No runs yet" in at.info[0].value
+
+
+def test_runs_resume_interrupted(tmp_path):
+    run_id = train_tiny(tmp_path)
+    runs.set_status(run_id, "interrupted")
+    at = open_page("pages/runs.py")
+    at.button(key="rn_resume").click().run()
+    assert not at.exception
+    assert jobs.get_manager().wait(run_id, timeout=300) == "done"

@@ -20,6 +20,7 @@ import stat
 import time
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def read_zip(data: bytes | Path, limits: Limits | None = None) -> Collected:
     limits = limits or Limits()
     try:
         zf = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as err:
         raise UserError(f"not a valid ZIP file ({err})") from None
     with zf:
         infos = zf.infolist()
@@ -262,7 +263,7 @@ def read_zip(data: bytes | Path, limits: Limits | None = None) -> Collected:
             try:
                 with zf.open(info) as f:
                     blob = f.read(limits.max_file_bytes + 1)  # sizes in the directory can lie: cap the read
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as err:
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError, zlib.error) as err:
                 out.rejected.append({"file": display, "reason": f"unreadable ZIP member ({err})"})
                 continue
             if len(blob) > limits.max_file_bytes:
@@ -378,7 +379,7 @@ def check_path(path: str | Path, limits: Limits | None = None) -> CheckReport:
 
 # ----------------------------------------------------------------------------- the dataset store
 def _clean_name(name: str, what: str) -> str:
-    name = (name or "").strip()
+    name = (name or "").encode("utf-8", "replace").decode("utf-8").strip()
     if not name:
         raise UserError(f"{what} name is empty")
     if len(name) > 80:
@@ -484,9 +485,18 @@ def _collect_garbage() -> None:
             f.unlink(missing_ok=True)
 
 
+def display_name(name: str) -> str:
+    """A user-supplied file name made safe to show and store: last path part only, valid
+    UTF-8 (undecodable bytes replaced), no control characters, at most 120 characters.
+    It is never used as a path: stored files are named by their content hash."""
+    name = name.encode("utf-8", "replace").decode("utf-8")
+    name = "".join(ch for ch in name if ord(ch) >= 32).replace("\\", "/").rsplit("/", 1)[-1]
+    return name[:120] or "image"
+
+
 def _insert(ds: int, cls: str, m_name: str, data: bytes, seen: set, limits: Limits) -> dict:
     """Store one image into class `cls` of dataset `ds`; the caller holds the transaction."""
-    name = Path(m_name.replace("\\", "/")).name[:200] or "image"
+    name = display_name(m_name)
     try:
         st = store_bytes(data, name, limits)
     except UserError as err:

@@ -5,8 +5,9 @@ import platform
 
 
 def collect() -> dict:
+    from importlib.metadata import version
+
     import PIL
-    import streamlit  # noqa: F401  (version only; the engine never uses Streamlit)
     import torch
     import torchvision
     import transformers
@@ -20,6 +21,7 @@ def collect() -> dict:
         "torchvision": torchvision.__version__,
         "transformers": transformers.__version__,
         "pillow": PIL.__version__,
+        "streamlit": version("streamlit"),
         "device": device.describe(dev),
         "weights": sources.available(),
         "workspace": str(workspace.home()),

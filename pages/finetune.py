@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import imagedata, runs, sources, vision, workspace
+from engine import export, imagedata, runs, sources, vision, workspace
 from engine.errors import UserError
 from pages.common import curves, friendly_errors, manager, read_json
 
@@ -22,9 +22,14 @@ LRS = sorted({1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, D.lr})
 st.title("Fine-tune")
 
 
-def saved_upload(up) -> str:
-    """Keep uploaded weights in the workspace under their content hash (never the upload's own name)."""
+def saved_upload(up) -> str | None:
+    """Check uploaded weights, keep them in the workspace under their content hash (never the upload's own name)."""
     data = up.getvalue()
+    try:
+        export.check_safetensors_header(data)  # a bad or lying header is refused before anything is stored
+    except UserError as err:
+        st.error(f"{up.name}: {err}")
+        return None
     path = workspace.subdir("weights") / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
     if not path.exists():
         workspace.atomic_write_bytes(path, data)
@@ -41,8 +46,8 @@ def start_form(datasets: list[dict]) -> None:
             freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze",
                                help="The first k stages keep their pretrained weights; the rest is trained.")
     with left:
-        data = st.selectbox("Dataset", list(by_name), key="ft_data", format_func=lambda n: (
-            f"{n} · {count(by_name[n].get('classes'))} classes · {count(by_name[n].get('images'))} images"))
+        data = st.selectbox("Dataset", list(by_name), key="ft_data",
+                            format_func=lambda n: f"{n} · {by_name[n]['classes']} classes · {by_name[n]['images']} images")
         model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model")
         scratch = strategy == "scratch"
         choice = st.selectbox("Weights", list(WEIGHTS), format_func=WEIGHTS.get, key="ft_weights", disabled=scratch,
@@ -67,29 +72,27 @@ def start_form(datasets: list[dict]) -> None:
         augment = c.multiselect("Augmentation", vision.AUGMENTATIONS, D.augment, key="ft_augment",
                                 help="Augmented images change every epoch, so they turn off the fast cached-feature path.")
     if weights is None:
-        st.info("Upload a .safetensors file to use your own backbone weights.")
+        st.info("Upload a .safetensors state dict of a torchvision ResNet to use your own backbone weights.")
         return
+    cfg = vision.FinetuneConfig(
+        data=data, model=model, weights=weights, strategy=strategy, freeze=int(freeze), epochs=int(epochs),
+        batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, schedule=schedule, image_size=image_size,
+        seed=int(seed), augment=list(augment), early_stopping=int(early), val_fraction=D.val_fraction)
     try:
         src = sources.resolve_vision(model, weights)
-        st.info(f"**Weights:** {src.name} — {src.reason}", icon=":material/info:")
+        size = vision.preprocessing_for(src, image_size).image_size
+        st.info(f"**Weights:** {src.name} — {src.reason} Images are used at {size} px.", icon=":material/info:")
     except UserError as err:
         st.warning(str(err))
         return
+    st.caption(vision.cache_plan(cfg)[1])  # whether the fast frozen-feature path applies, and why
     if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", key="ft_start"):
         with friendly_errors("finetune: start"):
-            cfg = vision.FinetuneConfig(
-                data=data, model=model, weights=weights, strategy=strategy, freeze=int(freeze), epochs=int(epochs),
-                batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, schedule=schedule, image_size=image_size,
-                seed=int(seed), augment=list(augment), early_stopping=int(early), val_fraction=D.val_fraction)
             cfg.validate()
             title = f"{data} · {model} · {strategy}" + (f" k={freeze}" if strategy == "partial" else "")
             run_id = manager().submit("finetune", dataclasses.asdict(cfg), title)
             show(run_id)
             st.rerun()
-
-
-def count(v) -> int:
-    return len(v) if isinstance(v, (list, dict, tuple)) else int(v or 0)
 
 
 def show(run_id: str | None) -> None:
@@ -103,6 +106,11 @@ def show(run_id: str | None) -> None:
 
 def live(run_id: str, drawn_active: bool) -> None:
     """Progress, cancel and curves; redrawn every second while the run is queued or running."""
+    with friendly_errors("finetune: live view"):  # a fragment rerun is outside the page's own error handler
+        live_view(run_id, drawn_active)
+
+
+def live_view(run_id: str, drawn_active: bool) -> None:
     run = runs.get(run_id)
     if drawn_active and run["status"] not in runs.ACTIVE:
         st.rerun()  # it just finished: redraw the whole page once, with results and without polling

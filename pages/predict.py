@@ -129,7 +129,8 @@ def export_tab(run: dict) -> None:
             st.session_state["pr_zip"] = str(vision.export_run(Path(run["dir"]), out, onnx=onnx))
     path = st.session_state.get("pr_zip")
     if path and Path(path).is_file() and Path(path).is_relative_to(Path(run["dir"])):
-        st.download_button(f"Download {Path(path).name} ({Path(path).stat().st_size / 2**20:.1f} MB)", Path(path).read_bytes(),
+        # a callable: the (large) file is read only when the button is clicked, not on every rerun
+        st.download_button(f"Download {Path(path).name} ({Path(path).stat().st_size / 2**20:.1f} MB)", lambda: Path(path).read_bytes(),
                            file_name=Path(path).name, mime="application/zip", type="primary", icon=":material/download:", key="pr_download")
         st.caption("Contains model.safetensors, labels, preprocessing, a model card" + (" and model.onnx." if "-onnx" in path else "."))
 
@@ -150,10 +151,10 @@ def import_tab() -> None:
             st.rerun()
 
 
-def predict_tabs(run: dict) -> None:
+def predict_tabs(run: dict, top_k_slot) -> None:
     model = model_for(run)
     classes = read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
-    top_k = st.slider("Top-k", 1, max(2, min(10, len(classes) or 5)), min(3, len(classes) or 3), key="pr_topk")
+    top_k = top_k_slot.slider("Top-k", 1, max(2, min(10, len(classes) or 5)), min(3, len(classes) or 3), key="pr_topk")
     images, camera, csv, export, imports = st.tabs(["Images", "Camera", "ZIP → CSV", "Export", "Import a model"])
     with images:
         ups = st.file_uploader("Images", type=IMAGE_TYPES, accept_multiple_files=True, key="pr_files")
@@ -194,6 +195,7 @@ with friendly_errors("predict"):
     else:
         ids = list(available)
         wanted = st.query_params.get("run") or st.session_state.get("pr_run")
-        run_id = st.selectbox("Model", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=lambda i: label(available[i]))
+        left, right = st.columns([3, 1])
+        run_id = left.selectbox("Model", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=lambda i: label(available[i]))
         st.session_state["pr_run"] = st.query_params["run"] = run_id
-        predict_tabs(available[run_id])
+        predict_tabs(available[run_id], right)

@@ -23,7 +23,7 @@ def row(run: dict) -> dict:
     end = run.get("finished") or (time.time() if run["status"] == "running" else None)
     strategy = cfg.get("strategy", "")
     return {
-        "id": run["id"],
+        "started": pd.to_datetime(run["created"], unit="s", utc=True),
         "dataset": cfg.get("data", ""),
         "backbone": cfg.get("model", ""),
         # an uploaded weights file is stored under a hash: show its name, never a path
@@ -34,7 +34,7 @@ def row(run: dict) -> dict:
         "duration": (end - run["started"]) if end and run.get("started") else None,
         "img/s": summary.get("img_s") or (sum(speeds) / len(speeds) if speeds else None),
         "status": run["status"],
-        "started": pd.to_datetime(run["created"], unit="s", utc=True),
+        "id": run["id"],
     }
 
 
@@ -69,27 +69,30 @@ def manage(all_runs: list[dict]) -> None:
     by_id = {r["id"]: r for r in all_runs}
     run_id = st.selectbox("Run", list(by_id), key="rn_target", format_func=lambda i: f"{by_id[i]['title']} · {by_id[i]['status']} · {i}")
     run = by_id[run_id]
-    a, b, c = st.columns(3)
-    a.page_link("pages/finetune.py", label="Open results", icon=":material/insights:", query_params={"run": run_id})
+    row = st.container(horizontal=True, vertical_alignment="center")
+    if run["kind"] == "imported":
+        row.page_link("pages/predict.py", label="Predict with it", icon=":material/center_focus_strong:", query_params={"run": run_id})
+    else:
+        row.page_link("pages/finetune.py", label="Open results", icon=":material/insights:", query_params={"run": run_id})
     if run["status"] in ("interrupted", "cancelled"):
-        if b.button("Resume", icon=":material/replay:", key="rn_resume", help="Continue from the last epoch checkpoint."):
+        if row.button("Resume", icon=":material/replay:", key="rn_resume", help="Continue from the last epoch checkpoint."):
             with friendly_errors("runs: resume"):
                 manager().resume(run_id)
                 st.switch_page("pages/finetune.py", query_params={"run": run_id})
     active = run["status"] in runs.ACTIVE
-    if c.button("Delete…", icon=":material/delete:", key="rn_delete", disabled=active,
+    if row.button("Delete…", icon=":material/delete:", key="rn_delete", disabled=active,
                 help="Cancel it on the Fine-tune page first." if active else "Deletes the run and all its files."):
         st.session_state["rn_confirm"] = run_id
     if st.session_state.get("rn_confirm") == run_id:
         st.warning(f"Delete **{run['title']}** (`{run_id}`) with its model and metrics? This cannot be undone.")
-        yes, no = st.columns(2)
-        if yes.button("Yes, delete", type="primary", key="rn_yes"):
+        confirm = st.container(horizontal=True)
+        if confirm.button("Yes, delete", type="primary", key="rn_yes"):
             with friendly_errors("runs: delete"):
                 runs.delete(run_id)
                 st.session_state.pop("rn_confirm")
                 st.toast(f"Deleted {run_id}.")
                 st.rerun()
-        if no.button("Keep it", key="rn_no"):
+        if confirm.button("Keep it", key="rn_no"):
             st.session_state.pop("rn_confirm")
             st.rerun()
 

@@ -72,9 +72,8 @@ def open_page(page: str, **query) -> AppTest:
     return at.run()
 
 
-def texts(at: AppTest) -> str:
-    parts = [e.value for kind in ("info", "warning", "success", "error", "markdown", "caption", "subheader") for e in at.get(kind)]
-    return "\n".join(str(p) for p in parts)
+def has_button(at: AppTest, key: str) -> bool:
+    return any(b.key == key for b in at.button)
 
 
 # ----------------------------------------------------------------------------- empty workspace
@@ -106,6 +105,26 @@ def test_finetune_form_explains_strategies_and_weights(tmp_path):
     assert at.slider(key="ft_freeze").value == vision.FinetuneConfig(data="").freeze
     at.radio(key="ft_strategy").set_value("scratch").run()
     assert at.selectbox(key="ft_weights").disabled and "random" in at.info[0].value
+
+
+def test_finetune_uploaded_weights_are_checked_and_stored_by_content(tmp_path, workspace_home):
+    import torch
+    import torchvision
+    from safetensors.torch import save
+
+    make_dataset(tmp_path / "imgs")
+    at = open_page("pages/finetune.py")
+    at.selectbox(key="ft_weights").set_value("upload").run()
+    assert not has_button(at, "ft_start")  # nothing to start with until weights are uploaded
+    at.file_uploader(key="ft_upload").set_value(("../../x.safetensors", b"\x80\x04 pickle, not safetensors", "application/octet-stream")).run()
+    assert at.error and "not a safetensors file" in at.error[0].value and not has_button(at, "ft_start")
+
+    state = {k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if v.dtype == torch.float32}
+    at.file_uploader(key="ft_upload").set_value(("../../mine.safetensors", save(state), "application/octet-stream")).run()
+    assert not at.error and has_button(at, "ft_start")
+    stored = list((workspace_home / "weights").glob("*.safetensors"))
+    assert len(stored) == 1 and "mine" not in stored[0].name  # stored by content hash, not by the upload's name
+    assert "uploaded" in at.info[0].value
 
 
 def test_finetune_start_submits_job_and_shows_results(tmp_path):
@@ -165,7 +184,7 @@ def test_finetune_cancel_button_stops_a_running_job(tmp_path):
     at.button(key="ft_cancel").click().run()
     assert m.wait(run_id, timeout=60) == "cancelled"
     at = open_page("pages/finetune.py", run=run_id)
-    assert any("cancelled" in w.value for w in at.warning) and at.button(key="ft_resume")
+    assert any("cancelled" in w.value for w in at.warning) and has_button(at, "ft_resume")
 
 
 def test_finetune_resume_button_continues_an_interrupted_run(tmp_path):
@@ -182,7 +201,7 @@ def test_finetune_unknown_run_in_url_is_ignored(tmp_path):
     make_dataset(tmp_path / "imgs")
     at = open_page("pages/finetune.py", run="no-such-run")
     assert not at.exception and not at.error
-    assert at.button(key="ft_start")  # the form, no broken run view
+    assert has_button(at, "ft_start")  # the form, no broken run view
     assert "run" not in at.query_params
 
 

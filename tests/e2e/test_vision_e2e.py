@@ -1,0 +1,84 @@
+"""A new user fine-tunes on the sample dataset, watches it learn, predicts and exports, in the browser."""
+import re
+import zipfile
+from pathlib import Path
+
+from tests.e2e.conftest import screenshot, wait_for_idle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tall_screenshot(page, name: str, height: int = 2000) -> None:
+    """Streamlit scrolls inside its main block, so a full-page shot needs a tall window."""
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": height})
+    page.wait_for_timeout(500)
+    screenshot(page, name)
+    page.set_viewport_size(size)
+
+
+def test_sample_finetune_predict_export(app_url, page, tmp_path):
+    page.goto(f"{app_url}/images")
+    wait_for_idle(page)
+    page.get_by_role("button", name="Load sample dataset").click()
+    wait_for_idle(page)
+
+    # fine-tune with tiny settings
+    page.goto(f"{app_url}/finetune")
+    wait_for_idle(page)
+    page.get_by_text("Training options").click()
+    epochs = page.get_by_label("Epochs", exact=True)
+    epochs.fill("3")
+    epochs.press("Enter")
+    wait_for_idle(page)
+    page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
+    page.get_by_role("option", name="64 px").click()
+    wait_for_idle(page)
+    assert page.get_by_text("Weights:").first.is_visible()  # which weights, and why, before training
+    tall_screenshot(page, "vision-1-form")
+    page.get_by_role("button", name="Start fine-tuning").click()
+
+    # the run id is in the URL: a refresh mid-run finds the run again
+    page.wait_for_url(re.compile(r"[?&]run="))
+    page.reload()
+    wait_for_idle(page)
+    page.get_by_text(re.compile(r"Fruit \(sample\) · resnet18 · linear")).first.wait_for()
+    screenshot(page, "vision-2-live")  # usually mid-run: progress bar, metrics, Cancel
+    # no more reloads: the results appear through the page's own polling
+    page.get_by_text("Best validation accuracy").wait_for(timeout=120_000)
+    wait_for_idle(page)
+    page.locator(".js-plotly-plot").filter(has_text="Confusion matrix").wait_for()
+    assert page.locator(".js-plotly-plot").filter(has_text="Loss").count() >= 1
+    assert page.locator(".js-plotly-plot").filter(has_text="Accuracy").count() >= 1
+    assert page.get_by_text("Per class (validation)").is_visible()
+    tall_screenshot(page, "vision-3-results", 2600)
+
+    # predict an image with the new model
+    page.get_by_role("link", name="Try it on new images").click()
+    wait_for_idle(page)
+    image = ROOT / "assets" / "sample" / "banana" / "banana_000.jpg"
+    page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(image))
+    wait_for_idle(page)
+    page.locator(".js-plotly-plot").first.wait_for()
+    assert page.get_by_text(re.compile(r"^(apple|banana|lemon|strawberry) · \d+\.\d%$")).first.is_visible()
+    tall_screenshot(page, "vision-4-predict")
+
+    # export downloads a ZIP with the model and its ONNX twin
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_role("button", name="Build export ZIP").click()
+    wait_for_idle(page)
+    with page.expect_download() as info:
+        page.get_by_role("button", name=re.compile(r"^Download .*\.zip")).click()
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    with zipfile.ZipFile(path) as z:
+        assert {"model.safetensors", "labels.json", "preprocessing.json", "model_card.md", "model.onnx"} <= set(z.namelist())
+    screenshot(page, "vision-5-export")
+
+    # the run is in the history
+    page.goto(f"{app_url}/runs")
+    wait_for_idle(page)
+    page.get_by_text("Compare").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+    assert page.get_by_text(re.compile(r"^Fruit \(sample\) · resnet18 · linear · ")).first.is_visible()  # listed, picked to compare
+    tall_screenshot(page, "vision-6-runs")

@@ -91,7 +91,204 @@ def cmd_data_make_sample(args) -> int:
 
 
 # --------------------------------------------------------------------------- vision (finetune, predict, export, bench finetune)
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def cmd_finetune(args) -> int:
+    import signal
+    from pathlib import Path
+
+    from engine import vision
+    from engine.jobs import JobContext
+
+    cfg = vision.FinetuneConfig(
+        data=args.data, model=args.model, weights=args.weights, strategy=args.strategy, freeze=args.freeze,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+        image_size=args.image_size, seed=args.seed, augment=_csv(args.augment), early_stopping=args.early_stopping,
+        val_fraction=args.val_fraction, cache=not args.no_cache,
+    ).validate()
+    out = Path(args.out)
+    if args.resume and not (out / "last.json").is_file():
+        raise UserError(f"nothing to resume in {out} (no last.json checkpoint)")
+    # progress goes to stdout, or to stderr with --json so stdout holds only the final object
+    stream = sys.stderr if args.json else sys.stdout
+    seen = {"epoch": None, "msg": None}
+
+    def on_report(p: dict) -> None:
+        if p.get("epoch_done") != seen["epoch"] and p.get("epoch_done"):
+            seen["epoch"] = p["epoch_done"]
+            print(p.get("message", ""), file=stream, flush=True)
+        elif p.get("phase") in ("loading", "extracting") and p.get("message") != seen["msg"] and p.get("step") in (None, p.get("steps")):
+            seen["msg"] = p.get("message")
+            print(p.get("message", ""), file=stream, flush=True)
+
+    ctx = JobContext(run_id=out.name, config=cfg.__dict__, run_dir=out, resume=args.resume, on_report=on_report)
+    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())  # Ctrl-C: stop and keep what was learned
+    try:
+        summary = vision.finetune(cfg, out, ctx)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    text = (f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), {summary['epochs_done']} epochs, "
+            f"{summary['seconds']:.1f}s, {summary['img_s']} img/s, weights: {summary['weights']['name']}"
+            + (" [cancelled]" if summary["cancelled"] else "") + f"\nwrote {out}")
+    emit(args, summary, text)
+    return 130 if summary["cancelled"] else 0
+
+
+def cmd_predict(args) -> int:
+    from engine import imagedata, vision
+
+    if args.top_k < 1:
+        raise UserError("--top-k must be >= 1")
+    loaded = vision.load_model(args.run)
+    results, failed = [], 0
+    for f in args.images:
+        try:
+            with open(f, "rb") as fh:
+                img = imagedata.decode_image(fh.read(), f)
+            top = vision.predict(loaded, [img], top_k=args.top_k)[0]
+            results.append({"file": f, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in top]})
+        except (UserError, OSError) as err:
+            failed += 1
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            results.append({"file": f, "error": reason})
+            if not args.json:
+                print(f"error: {f}: {reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            if "top" in r:
+                print(f"{r['file']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+    return 2 if failed else 0
+
+
+def cmd_export(args) -> int:
+    from engine import vision
+
+    path = vision.export_run(args.run, args.out, onnx=args.onnx)
+    emit(args, {"zip": str(path)}, f"wrote {path}")
+    return 0
+
+
+def cmd_import_model(args) -> int:
+    from engine import vision
+
+    run_id = vision.import_model(args.file, labels=_csv(args.labels) or None)
+    emit(args, {"run_id": run_id}, f"imported as run {run_id}")
+    return 0
+
+
+def cmd_bench_finetune(args) -> int:
+    from engine import bench
+
+    result = bench.bench_finetune(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs, threads=args.threads)
+    emit(args, result, bench.format_finetune(result))
+    return 0
+
+
 # --------------------------------------------------------------------------- text (generate, lm-finetune, bench generate)
+def cmd_generate(args) -> int:
+    from engine import text, textgen
+
+    cfg = textgen.GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        num_return_sequences=args.num_return_sequences, seed=args.seed, stop=args.stop or [],
+    ).validate()
+    text.check_prompt(args.prompt)
+    lm = text.load(args.model)
+    gen = textgen.generate(lm, args.prompt, cfg)
+    if gen.prompt_notice:
+        print(f"note: {gen.prompt_notice}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": lm.name, "samples": [s.text for s in gen.samples], "tokens_per_s": round(gen.tokens_per_s, 1),
+                          "seed": gen.seed, "completions": [s.completion for s in gen.samples], "finish": [s.finish for s in gen.samples],
+                          "new_tokens": gen.new_tokens, "seconds": round(gen.seconds, 3), "dtype": gen.dtype}))
+    else:
+        print("\n\n---\n\n".join(s.text for s in gen.samples))
+        # stdout holds only the texts (byte-identical for the same seed); the stats go to stderr
+        print(f"[{lm.name} · {gen.new_tokens} tokens in {gen.seconds:.2f} s · {gen.tokens_per_s:.1f} tokens/s · seed {gen.seed}]", file=sys.stderr)
+    return 0
+
+
+def cmd_lm_finetune(args) -> int:
+    import signal
+    from pathlib import Path
+
+    from engine import lmtrain
+    from engine.jobs import JobContext
+
+    cfg = lmtrain.LMFinetuneConfig(texts=args.text, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,
+                                   batch_size=args.batch_size, seed=args.seed, sample_prompt=args.prompt or "").validate()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stream = sys.stderr if args.json else sys.stdout
+    seen = {"epoch": None}
+
+    def on_report(p: dict) -> None:
+        if p.get("phase") in ("loading", "evaluating", "sampling", "resuming"):
+            print(p.get("message", ""), file=stream, flush=True)
+        elif p.get("phase") == "training" and (p["step"] == p["steps"] or p["epoch"] != seen["epoch"]):
+            seen["epoch"] = p["epoch"]
+            print(f"epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['steps']} loss {p['loss']:.3f} ({p['tokens_s']:.0f} tokens/s)", file=stream, flush=True)
+
+    ctx = JobContext(run_id=out.name, config=cfg.__dict__, run_dir=out, resume=args.resume, on_report=on_report)
+    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())  # Ctrl-C: stop, keep a resumable checkpoint
+    try:
+        summary = lmtrain.run_job(ctx)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if ctx.cancelled():
+        emit(args, summary, f"cancelled at step {summary['step']}/{summary['steps']}; continue with --resume")
+        return 130
+    text = (f"perplexity on the held-out text: before {summary['ppl_before']:.2f} -> after {summary['ppl_after']:.2f}\n"
+            f"prompt: {summary['sample_prompt']!r} (seed {summary['sample_seed']})\n"
+            f"base:       {summary['sample_base']!r}\nfine-tuned: {summary['sample_finetuned']!r}\nwrote {summary['model_dir']}")
+    emit(args, {k: v for k, v in summary.items() if k != "losses"}, text)
+    return 0
+
+
+def cmd_bench_generate(args) -> int:
+    from engine import bench
+
+    result = bench.bench_generate(new_tokens=args.tokens, repeats=args.repeats, threads=args.threads,
+                                  models=tuple(args.models) if args.models else ("gpt2-124m-random", "mini"))
+    emit(args, result, bench.format_generate(result))
+    return 0
+
+
+def cmd_pretrain_text(args) -> int:
+    from pathlib import Path
+
+    from engine import pretrain
+
+    logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
+    if args.steps is None and args.minutes <= 0:
+        raise UserError("--minutes must be > 0 (or give --steps)")
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be >= 1")
+    cfg = pretrain.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads)
+    if args.out:
+        cfg.out = Path(args.out)
+    card = pretrain.pretrain_text(cfg, resume=args.resume)
+    m = card["metrics"]
+    emit(args, card, f"validation perplexity {m['val_perplexity']:.1f} ({m['bits_per_byte']:.3f} bits/byte) after "
+                     f"{card['training']['steps']} steps\nsample: {card['sample']['text']!r}\nwrote {cfg.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- showcase (report, demo)
+def cmd_report(args) -> int:
+    from engine import report
+    from engine.vision import resolve_run
+
+    out = report.write_report(resolve_run(args.run), args.out)
+    emit(args, {"report": str(out), "bytes": out.stat().st_size}, f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, self-contained)")
+    return 0
+
+
 # --------------------------------------------------------------------------- pretrain
 def cmd_pretrain_vision(args) -> int:
     from engine import pretrain
@@ -143,7 +340,106 @@ def build_parser() -> Parser:
     s.set_defaults(func=cmd_data_make_sample)
 
     # (vision parsers)
+    # literal copies of engine.vision's names (importing it here would load torch for every command);
+    # tests/test_vision_cli.py checks they agree
+    VISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+    STRATEGIES = ("linear", "partial", "full", "two-phase", "scratch")
+    OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "onecycle", "constant")
+
+    s = sub.add_parser("finetune", help="fine-tune a ResNet on an image dataset")
+    s.add_argument("--data", required=True, help="workspace dataset name, folder of class subfolders, or .zip")
+    s.add_argument("--model", default="resnet18", choices=VISION_ARCHS)
+    s.add_argument("--weights", default="auto", help="auto | imagenet | mini | none | FILE.safetensors")
+    s.add_argument("--strategy", default="linear", choices=list(STRATEGIES))
+    s.add_argument("--freeze", type=int, default=3, help="partial: frozen stages among stem,layer1..layer4 (1..4)")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    s.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    s.add_argument("--image-size", type=int, default=None, help="default: the weights' own size")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--augment", default="", help="comma list of flip,crop,color,rotate (turns the feature cache off)")
+    s.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE")
+    s.add_argument("--val-fraction", type=float, default=0.2)
+    s.add_argument("--no-cache", action="store_true", help="run the frozen layers every step (no feature cache)")
+    s.add_argument("--out", required=True, metavar="RUN_DIR")
+    s.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("predict", help="top-k classes for images with a trained run")
+    s.add_argument("--run", required=True, help="run folder or run id")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--json", action="store_true", help='a list of {"file", "top": [{"label", "prob"}]} (or {"file", "error"})')
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("export", help="ZIP with safetensors, labels, preprocessing, model card (+ ONNX)")
+    s.add_argument("--run", required=True, help="run folder or run id")
+    s.add_argument("--out", required=True, metavar="FILE.zip")
+    s.add_argument("--onnx", action="store_true", help="include model.onnx (checked against PyTorch)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import-model", help="import an exported ZIP or .safetensors as a run usable by predict")
+    s.add_argument("file")
+    s.add_argument("--labels", default="", help="comma list of class names (when the file has none)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_import_model)
+
+    bench = sub.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    s = bench.add_parser("finetune", help="naive frozen-backbone loop vs the cached linear path")
+    s.add_argument("--per-class", type=int, default=75, help="generated images per class (4 classes)")
+    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_finetune)
+    # (bench generate parser: bench.add_parser("generate", ...))
+    s = bench.add_parser("generate", help="tokens/s: plain HF generate (fp32) vs the project's generation path")
+    s.add_argument("--tokens", type=int, default=64, help="new tokens per run on the 124M-shaped model (the mini makes twice as many)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    s.add_argument("--models", nargs="+", choices=("gpt2-124m-random", "mini"), default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_generate)
     # (text parsers)
+    s = sub.add_parser("generate", help="generate text with GPT-2 or the bundled mini model")
+    s.add_argument("--model", default="auto", help="auto | mini | gpt2 | distilgpt2 | hub id | PATH to a Hugging Face model folder")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=60)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=40, help="0 = off")
+    s.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    s.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 = off")
+    s.add_argument("--num-return-sequences", type=int, default=1, help="1..5")
+    s.add_argument("--seed", type=int, default=None, help="same seed + options -> the same text (default: a fresh seed, printed)")
+    s.add_argument("--stop", nargs="+", default=None, metavar="STR", help="end a sample when it produces one of these strings")
+    s.add_argument("--json", action="store_true", help='{"model", "samples", "tokens_per_s", "seed", ...}')
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("lm-finetune", help="fine-tune the language model on your own .txt files")
+    s.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 .txt files")
+    s.add_argument("--model", default="auto", help="auto | mini | gpt2 | hub id | PATH")
+    s.add_argument("--epochs", type=int, default=2)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prompt", default="", help="prompt for the base vs fine-tuned samples (default: start of the held-out text)")
+    s.add_argument("--out", required=True, metavar="DIR", help="run folder; the model goes to DIR/model")
+    s.add_argument("--resume", action="store_true", help="continue from DIR's last checkpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lm_finetune)
+    s = sub.add_parser("report", help="one self-contained HTML report of a run (opens offline)")
+    s.add_argument("--run", required=True, help="run folder or run id")
+    s.add_argument("--out", required=True, help="the .html file to write")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_report)
+    # (showcase parsers)
+
     # (pretrain parsers)
     pre = sub.add_parser("pretrain", help="reproducibly pretrain the bundled mini models").add_subparsers(dest="pretrain_command", required=True, parser_class=Parser)
     s = pre.add_parser("vision", help="pretrain the mini resnet18 (Fashion-MNIST + fractals) into assets/mini-resnet18")
@@ -157,6 +453,15 @@ def build_parser() -> Parser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pretrain_vision)
     # (pretrain text parser: pre.add_parser("text", ...))
+    s = pre.add_parser("text", help="pretrain the mini GPT-2 (own BPE, Debian fortunes) into assets/mini-gpt2")
+    s.add_argument("--minutes", type=float, default=30.0, help="time budget, turned into a fixed step count (default 30)")
+    s.add_argument("--steps", type=int, default=None, help="exact number of steps (reproducible; overrides --minutes)")
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    s.add_argument("--out", default="", help="output folder (default assets/mini-gpt2)")
+    s.add_argument("--resume", action="store_true", help="continue the last run from its saved optimizer state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pretrain_text)
     return p
 
 

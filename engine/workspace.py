@@ -113,6 +113,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; workspace files are ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -160,6 +160,7 @@ def store_bytes(data: bytes, name: str = "", limits: Limits | None = None) -> St
     sha = hashlib.sha256(encoded).hexdigest()
     path = image_path(sha, ext)
     if not path.exists():
+        workspace.ensure_space(len(encoded))
         workspace.atomic_write_bytes(path, encoded)
     w, h = Image.open(io.BytesIO(encoded)).size
     return StoredImage(sha, ext, w, h)

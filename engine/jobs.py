@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 
 RUNNERS = {
     "finetune": "engine.vision:run_job",
-    "lm-finetune": "engine.text:run_job",
+    "lm-finetune": "engine.lmtrain:run_job",
 }
-MAX_QUEUED = 8  # queued + running, per process; more is refused with a clear message
+# queued + running, per process; more is refused with a clear message
+MAX_QUEUED = int(os.environ.get("TRANSFER_STUDIO_MAX_JOBS", 8))
 
 
 @dataclass
@@ -122,6 +124,7 @@ class JobManager:
         with self._lock:
             if len(self._live) >= MAX_QUEUED:
                 raise UserError(f"{len(self._live)} jobs are already queued or running; try again when one has finished")
+        workspace.ensure_space()
         run_id = runs.create(kind, title, config)
         self._enqueue(run_id, kind, config, resume=False, device=device)
         return run_id

@@ -108,6 +108,33 @@ def db() -> sqlite3.Connection:
     return conn
 
 
+_usage: dict = {}
+
+
+def disk_usage(max_age: float = 30.0) -> int:
+    """Bytes used by the workspace (walked at most every `max_age` seconds)."""
+    import time
+
+    root = home()
+    cached = _usage.get(root)
+    if cached and time.time() - cached[0] < max_age:
+        return cached[1]
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
+    _usage[root] = (time.time(), total)
+    return total
+
+
+def ensure_space(extra_bytes: int = 0) -> None:
+    """Refuse new data when the workspace would exceed TRANSFER_STUDIO_MAX_WORKSPACE_GB (default 20)."""
+    from engine.errors import UserError
+
+    limit_gb = float(os.environ.get("TRANSFER_STUDIO_MAX_WORKSPACE_GB", 20))
+    used = disk_usage()
+    if used + extra_bytes > limit_gb * 2**30:
+        raise UserError(f"the workspace holds {used / 2**30:.1f} GB, over its {limit_gb:g} GB limit; delete runs or datasets "
+                        "(or raise TRANSFER_STUDIO_MAX_WORKSPACE_GB)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -118,3 +118,17 @@ def test_huge_declared_png_dimensions_refused_before_decoding():
     data[16:24] = struct.pack(">II", 100_000, 100_000)  # IHDR width/height (CRC now wrong too)
     with pytest.raises(UserError):
         imagedata.decode_image(bytes(data))
+
+
+def test_workspace_disk_limit_refuses_new_data_and_keeps_old(monkeypatch):
+    imagedata.create_dataset("d")
+    assert imagedata.add_images("d", "c", [("a.png", png(seed=1))])[0]["status"] == "accepted"
+    monkeypatch.setenv("TRANSFER_STUDIO_MAX_WORKSPACE_GB", "0.000001")  # ~1 KB
+    workspace._usage.clear()
+    rows = imagedata.add_images("d", "c", [("b.png", png(seed=2))])
+    assert rows[0]["status"] == "rejected" and "GB limit" in rows[0]["reason"]
+    assert imagedata.dataset_counts("d") == {"c": 1}
+    from engine import jobs
+
+    with pytest.raises(UserError, match="GB limit"):
+        jobs.get_manager().submit("finetune", {"data": "d"}, "too big")

@@ -1,0 +1,359 @@
+"""Language models: loading (once per process, best device, dtype measured), prompts, perplexity, text input.
+
+Generation lives in engine.textgen, LM fine-tuning in engine.lmtrain, generation history in
+engine.history. Models come from engine.sources.resolve_text: `auto`, `mini` (assets/mini-gpt2),
+a GPT-2-family hub id from the local Hugging Face cache, or a local HF folder. Never
+trust_remote_code; weights are safetensors (transformers refuses pickle unless asked).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine import sources, workspace
+from engine.device import best_device
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_BYTES = 5 * 2**20  # per uploaded / pasted text for fine-tuning
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LM:
+    """A loaded causal LM, shared read-only by every caller in the process.
+
+    `lock` serialises generation on it: two sessions sharing one model would otherwise fight over
+    the CPU cores, and it keeps the per-sample timing honest.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str          # what the UI shows
+    spec: str          # what the user asked for: auto, mini, gpt2, a folder
+    source: sources.Source
+    device: torch.device
+    dtype: torch.dtype
+    dtype_reason: str
+    context: int       # max positions (prompt + new tokens)
+    threads: int | None = None  # torch threads while decoding (None: leave as is); see decode_threads
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+_cache: dict[tuple, LM] = {}
+_cache_lock = threading.Lock()
+
+
+def load(spec: str = "auto", dtype: str | None = None) -> LM:
+    """Load (or return the already loaded) model for `spec`; `dtype` forces fp32/bf16/fp16."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    source = sources.resolve_text(spec)
+    key = (str(source.path or source.name), dtype or os.environ.get("TRANSFER_STUDIO_TEXT_DTYPE"), str(best_device()))
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = _load(spec, source, dtype)
+        return _cache[key]
+
+
+def quiet_transformers() -> None:
+    """No progress bars on stderr (CLI output, logs) and no advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _load(spec: str, source: sources.Source, dtype: str | None) -> LM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+
+    where = str(source.path) if source.path else source.name
+    offline = source.kind != "hub" or not sources.online()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=offline, dtype=torch.float32)
+    except OSError as err:
+        raise UserError(
+            f"could not load the language model {source.name!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}); "
+            "use --model mini, or place a Hugging Face model folder (config.json, model.safetensors, tokenizer files) and pass its path"
+        ) from None
+    except (ValueError, KeyError) as err:
+        raise UserError(f"{source.name!r} is not a causal language model transformers can load without remote code: {str(err)[:200]}") from None
+    # GPT-2 has no pad token: pad with end-of-text so batched / multi-sample generation works.
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{source.name!r} has no end-of-text token; only GPT-2-style causal models are supported")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Our sampling loop never pads (all rows of a batch share one length), so the forward pass needs
+    # no pad id; with one set, GPT-2 warns whenever an end-of-text token appears in its input.
+    model.config.pad_token_id = None
+    device = best_device()
+    model.to(device).eval()
+    model.requires_grad_(False)
+    threads = decode_threads(model, device)
+    with thread_count(threads):
+        chosen, reason = choose_dtype(model, device, key=f"{source.kind}:{where}", forced=dtype)
+    if chosen != torch.float32:
+        model.to(chosen)
+    context = int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024))
+    name = source.name
+    card = source.path / "model_card.json" if source.path else None
+    if card is not None and card.is_file():
+        try:
+            name = json.loads(card.read_text()).get("name") or name
+        except ValueError:
+            pass
+    log.info("loaded %s on %s in %s (%s)", name, device, chosen, reason)
+    return LM(model, tokenizer, name, spec, source, device, chosen, reason, context, threads)
+
+
+def model_choices() -> dict[str, str]:
+    """{spec: label} of the language models usable now: auto, the bundled mini, cached hub models, fine-tuned runs."""
+    from engine import runs
+
+    out = {"auto": "auto (best available)"}
+    if sources.mini_text_available():
+        out["mini"] = "mini-gpt2 (bundled, 2.6M parameters)"
+    for hub_id in sources.TEXT_HUB_IDS:
+        if sources.hf_cached(hub_id):
+            out[hub_id] = f"{hub_id} (Hugging Face cache)"
+    for run in runs.list_runs("lm-finetune"):
+        folder = Path(run["dir"]) / "model"
+        if (folder / "config.json").is_file():
+            out[str(folder)] = f"fine-tuned: {run['title']} ({run['id']})"
+    return out
+
+
+# ----------------------------------------------------------------------------- threads and dtype
+SMALL_MODEL_PARAMS = 30_000_000
+
+
+def decode_threads(model, device: torch.device) -> int | None:
+    """One CPU thread for decoding small models, else torch's default.
+
+    A decoding step of a few-million-parameter model is a handful of ~200x600 matmuls (tens of
+    microseconds each): splitting them over threads costs more in synchronisation than it saves,
+    and on a busy machine a 2-thread OpenMP barrier waits for a descheduled core. Measured here
+    on the 2-core CPU: 1 thread decoded a tiny GPT-2 ~8x faster than 2 while other work ran.
+    torch's thread count is per calling thread, so this does not slow other threads down.
+    """
+    if device.type != "cpu":
+        return None
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else None
+
+
+class thread_count:
+    """Context manager: torch intra-op threads for this thread only, restored on exit."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.prev = n, None
+
+    def __enter__(self):
+        if self.n and self.n != torch.get_num_threads():
+            self.prev = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            torch.set_num_threads(self.prev)
+
+
+def _decode_speed(model, device: torch.device, steps: int = 8) -> float:
+    """Seconds per generated token: a 16-token prompt, then `steps` single-token steps with the KV cache."""
+    ids = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, nxt = out.cache, ids[:, -1:]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            cache = out.cache
+    return (time.perf_counter() - t0) / steps
+
+
+def choose_dtype(model, device: torch.device, key: str, forced: str | None = None) -> tuple[torch.dtype, str]:
+    """fp32 or bf16 for inference, by measurement (once per model and machine, remembered in the workspace).
+
+    Measured on a 2-core CPU: bf16 makes a GPT-2-124M-shaped model 1.8x faster, but a few-million-
+    parameter model 10-20% slower (the matmuls are too small to win back the conversions). So we time
+    a few decoding steps in both and keep bf16 only when it is clearly (>= 1.2x) faster. CUDA uses
+    its AMP dtype directly; MPS stays fp32.
+    """
+    forced = forced or os.environ.get("TRANSFER_STUDIO_TEXT_DTYPE")
+    if forced:
+        return DTYPES[forced], f"{forced} requested"
+    if device.type == "cuda":
+        from engine.device import amp_dtype
+
+        dt = amp_dtype(device)
+        return dt, f"{str(dt).replace('torch.', '')} on CUDA"
+    if device.type != "cpu":
+        return torch.float32, "fp32 on this device"
+    n_params = sum(p.numel() for p in model.parameters())
+    memo_path = workspace.subdir("cache") / "text-dtype.json"
+    memo_key = f"{key}|{n_params}|{torch.__version__}|{torch.get_num_threads()}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key not in memo:
+        # Alternate the two and keep each one's best, so a busy neighbour hurts both alike.
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        _decode_speed(model, device, 2), _decode_speed(half, device, 2)  # warm-up
+        fp32 = bf16 = float("inf")
+        for _ in range(3):
+            fp32 = min(fp32, _decode_speed(model, device))
+            bf16 = min(bf16, _decode_speed(half, device))
+        del half
+        memo[memo_key] = {"fp32_s": fp32, "bf16_s": bf16, "measured": time.time()}
+        workspace.atomic_write_json(memo_path, memo)
+    m = memo[memo_key]
+    speedup = m["fp32_s"] / m["bf16_s"]
+    if speedup >= 1.2:
+        return torch.bfloat16, f"bf16: measured {speedup:.2f}x faster than fp32 on this CPU"
+    return torch.float32, f"fp32: bf16 measured {speedup:.2f}x (not worth it for this model size)"
+
+
+# ----------------------------------------------------------------------------- prompts
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str            # the prompt text actually used (after truncation)
+    notice: str | None   # set when the prompt had to be shortened
+
+
+def check_prompt(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty; type a few words for the model to continue")
+
+
+def encode_prompt(lm: LM, prompt: str, max_new_tokens: int) -> Prompt:
+    """Tokenize; refuse an empty prompt; keep the last tokens that fit with room for max_new_tokens."""
+    check_prompt(prompt)
+    room = lm.context - max_new_tokens
+    if room < 1:
+        raise UserError(f"{max_new_tokens} new tokens do not fit in {lm.name}'s context of {lm.context} tokens; ask for at most {lm.context - 1}")
+    ids = lm.tokenizer(prompt)["input_ids"]
+    if len(ids) <= room:
+        return Prompt(ids, prompt, None)
+    kept = ids[-room:]
+    notice = (
+        f"The prompt is {len(ids)} tokens but {lm.name} sees at most {lm.context} tokens; "
+        f"kept its last {room} tokens so that {max_new_tokens} new tokens fit."
+    )
+    return Prompt(kept, lm.tokenizer.decode(kept), notice)
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class TokenScore:
+    token: str
+    prob: float                        # the model's probability of this token (before sampling settings)
+    alternatives: list[tuple[str, float]]  # top tokens at this position, most likely first
+
+
+@torch.inference_mode()
+def score_tokens(lm: LM, prompt_ids: list[int], new_ids: list[int], top: int = 5) -> tuple[list[TokenScore], float]:
+    """Each new token's probability and the top alternatives, and the perplexity of the new text.
+
+    One forward pass over prompt + output after generation (so streaming stays fast); the
+    probabilities are the model's own distribution, before temperature / top-k / top-p.
+    """
+    if not new_ids:
+        return [], float("nan")
+    ids = torch.tensor([prompt_ids + new_ids], device=lm.device)[:, -lm.context :]
+    n = len(new_ids)
+    with lm.lock:
+        logits = lm.model(input_ids=ids).logits[0, -n - 1 : -1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    target = torch.tensor(new_ids, device=logp.device)
+    chosen = logp.gather(1, target[:, None])[:, 0]
+    top_lp, top_ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    out = []
+    for i in range(n):
+        alts = [(lm.tokenizer.decode([t]), math.exp(v)) for t, v in zip(top_ids[i].tolist(), top_lp[i].tolist())]
+        out.append(TokenScore(lm.tokenizer.decode([new_ids[i]]), math.exp(chosen[i].item()), alts))
+    return out, math.exp(-chosen.mean().item())
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids: list[int] | torch.Tensor, block_size: int, batch_size: int = 8, device: torch.device | None = None) -> float:
+    """exp(mean next-token loss) over a token stream cut into non-overlapping blocks."""
+    data = torch.as_tensor(token_ids, dtype=torch.long)
+    if len(data) < 2:
+        raise UserError("the text is too short to measure perplexity (fewer than 2 tokens)")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # Full blocks in batches, then the remainder; y is x shifted by one token.
+    n_full = (len(data) - 1) // block_size
+    xs = data[: n_full * block_size].view(n_full, block_size)
+    ys = data[1 : n_full * block_size + 1].view(n_full, block_size)
+    pieces = [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, n_full, batch_size)]
+    if len(data) - 1 > n_full * block_size:
+        pieces.append((data[n_full * block_size : -1][None], data[n_full * block_size + 1 :][None]))
+    total, count = 0.0, 0
+    for x, y in pieces:
+        logits = model(input_ids=x.to(device)).logits.float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- text input
+def decode_text(data: bytes, name: str = "text") -> str:
+    """UTF-8 text from an upload or paste, with a message naming the byte offset when it is not UTF-8."""
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {MAX_TEXT_BYTES // 2**20} MB per text")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = data[err.start : err.start + 4].hex(" ")
+        hint = "it looks like UTF-16; save it as UTF-8" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "save it as UTF-8 (e.g. in your editor's Save As dialog)"
+        raise UserError(f"{name} is not valid UTF-8: invalid byte(s) {bad} at byte offset {err.start}; {hint}") from None
+    if "\x00" in text:
+        raise UserError(f"{name} contains NUL characters at offset {text.index(chr(0))}; it looks like a binary file, not text")
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise UserError(f"{name} is empty")
+    return text
+
+
+def read_text_files(paths: list[str | Path]) -> str:
+    """Several .txt files joined with blank lines, each validated by decode_text."""
+    parts = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise UserError(f"text file not found: {p}")
+        parts.append(decode_text(path.read_bytes(), path.name))
+    return "\n\n".join(parts)

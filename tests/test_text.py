@@ -1,0 +1,216 @@
+"""Text engine on a tiny random GPT-2 made in the test: loading, generation knobs, stop, scores, prompts, input text."""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from engine import history, text, textgen
+from engine.errors import UserError
+from tests.text_helpers import make_tiny_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture
+def lm(tiny_dir):
+    return text.load(str(tiny_dir))
+
+
+def cfg(**kw) -> textgen.GenerationConfig:
+    return textgen.GenerationConfig(**{"max_new_tokens": 20, "seed": 1, **kw})
+
+
+def ids(gen) -> list[list[int]]:
+    return [s.token_ids for s in gen.samples]
+
+
+def test_load_pads_with_eos_and_runs_in_eval_mode(lm):
+    assert lm.tokenizer.pad_token_id == lm.eos_id
+    assert lm.model.generation_config.pad_token_id == lm.eos_id
+    assert not lm.model.training and lm.context == 64
+    assert text.load(lm.spec) is lm  # loaded once per process
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserError, match="could not load|not a causal"):
+        text.load(str(tmp_path / "broken"))
+    with pytest.raises(UserError, match="no network"):
+        text.load("gpt2-medium")
+
+
+def test_same_seed_same_text_other_seed_other_text(lm):
+    a = textgen.generate(lm, "the cat", cfg(num_return_sequences=3, seed=42))
+    b = textgen.generate(lm, "the cat", cfg(num_return_sequences=3, seed=42))
+    c = textgen.generate(lm, "the cat", cfg(num_return_sequences=3, seed=43))
+    assert [s.text for s in a.samples] == [s.text for s in b.samples]
+    assert ids(a) != ids(c)
+    assert len({tuple(x) for x in ids(a)}) > 1  # the samples of one call differ from each other
+    assert all(s.text.startswith("the cat") for s in a.samples)
+
+
+def test_no_seed_picks_one_and_reports_it(lm):
+    gen = textgen.generate(lm, "the cat", cfg(seed=None))
+    assert isinstance(gen.seed, int) and gen.settings["seed"] == gen.seed
+    again = textgen.generate(lm, "the cat", textgen.GenerationConfig.from_dict(gen.settings))
+    assert ids(again) == ids(gen)
+
+
+def test_seed_is_private_to_the_generation(lm):
+    """Someone else drawing from torch's global RNG (a training job) must not change the text."""
+    import torch
+
+    a = textgen.generate(lm, "the dog", cfg(seed=5))
+    torch.manual_seed(123)
+    torch.rand(1000)
+    b = textgen.generate(lm, "the dog", cfg(seed=5))
+    assert ids(a) == ids(b)
+
+
+def test_greedy_ignores_the_seed(lm):
+    a = textgen.generate(lm, "the cat", cfg(temperature=0.0, seed=1))
+    b = textgen.generate(lm, "the cat", cfg(temperature=0.0, seed=2))
+    assert ids(a) == ids(b)
+
+
+def test_stop_event_ends_generation_early(lm):
+    stop = threading.Event()
+    seen = []
+
+    def on_token(t):
+        seen.append(t)
+        if len(seen) == 3:
+            stop.set()
+
+    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3), stop_event=stop, on_token=on_token)
+    full = textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3))
+    assert gen.samples[0].finish == "stopped"
+    assert len(gen.samples[0].token_ids) == 3 < len(full.samples[0].token_ids)
+    assert gen.samples[0].token_ids == full.samples[0].token_ids[:3]
+
+
+def test_stream_yields_text_and_leaving_early_stops_the_backend(lm):
+    s = textgen.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
+    chunks = list(s)
+    assert "".join(chunks) == s.result.samples[0].completion
+    early = textgen.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
+    for _ in early:
+        break  # the page went away (Stop button, rerun)
+    early.thread.join(timeout=10)
+    assert not early.thread.is_alive()
+    assert early.stop_event.is_set()
+    assert early.result.samples[0].finish == "stopped" or len(early.result.samples[0].token_ids) < 60
+
+
+def test_stream_reports_a_failed_worker(lm):
+    s = textgen.Stream(lm, "the cat", cfg())
+    s.lm = None  # the worker will crash on its first line
+    with pytest.raises(AttributeError):
+        list(s)
+
+
+def test_stop_string_ends_a_sample_and_is_cut(lm):
+    full = textgen.generate(lm, "the cat", cfg(max_new_tokens=40, seed=9))
+    toks = full.samples[0].token_ids
+    # a stop string made of one generated token's text, some way into the output
+    k = next(i for i in range(5, len(toks)) if lm.tokenizer.decode([toks[i]]).strip().isalpha())
+    stop = lm.tokenizer.decode([toks[k]]).strip()
+    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=40, seed=9, stop=[stop]))
+    s = gen.samples[0]
+    assert s.finish == "stop string"
+    assert toks[: len(s.token_ids)] == s.token_ids and len(s.token_ids) <= k + 1
+    assert stop in lm.tokenizer.decode(s.token_ids) and stop not in s.completion
+
+
+def test_no_repeat_ngram(lm):
+    gen = textgen.generate(lm, "the", cfg(max_new_tokens=60, no_repeat_ngram_size=2, temperature=0.0, repetition_penalty=1.0))
+    seq = gen.prompt_ids + gen.samples[0].token_ids
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_token_view_probabilities_and_perplexity(lm):
+    gen = textgen.generate(lm, "the cat sat", cfg(max_new_tokens=15, seed=2))
+    scores, ppl = textgen.token_view(lm, gen)
+    assert len(scores) == len(gen.samples[0].token_ids)
+    for s in scores:
+        assert 0 < s.prob <= 1
+        probs = [p for _, p in s.alternatives]
+        assert probs == sorted(probs, reverse=True) and probs[0] >= s.prob - 1e-6
+        assert sum(probs) <= 1 + 1e-4
+    assert math.isfinite(ppl) and ppl >= 1
+    assert ppl == pytest.approx(math.exp(-sum(math.log(s.prob) for s in scores) / len(scores)), rel=1e-4)
+
+
+def test_empty_prompt_is_refused(lm):
+    for p in ("", "   \n"):
+        with pytest.raises(UserError, match="prompt is empty"):
+            textgen.generate(lm, p, cfg())
+
+
+def test_long_prompt_keeps_its_last_tokens(lm):
+    prompt = " ".join(["the cat sat on the mat"] * 40)
+    gen = textgen.generate(lm, prompt, cfg(max_new_tokens=10))
+    assert gen.prompt_notice and "kept its last 54 tokens" in gen.prompt_notice
+    assert len(gen.prompt_ids) == 54 and gen.prompt_ids == lm.tokenizer(prompt)["input_ids"][-54:]
+    assert len(gen.prompt_ids) + len(gen.samples[0].token_ids) <= lm.context
+    with pytest.raises(UserError, match="context of 64"):
+        textgen.generate(lm, "the cat", cfg(max_new_tokens=64))
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_new_tokens": 0}, {"max_new_tokens": 513}, {"temperature": -1}, {"top_k": -1}, {"top_p": 0},
+    {"repetition_penalty": 0.5}, {"num_return_sequences": 6}, {"seed": -1}, {"stop": [""]},
+    {"temperature": 0, "num_return_sequences": 2}, {"no_repeat_ngram_size": 11},
+])
+def test_bad_settings_are_user_errors(bad):
+    with pytest.raises(UserError):
+        textgen.GenerationConfig(**bad).validate()
+
+
+def test_presets_are_valid_and_distinct():
+    for values in textgen.PRESETS.values():
+        textgen.GenerationConfig(**values).validate()
+    temps = [v["temperature"] for v in textgen.PRESETS.values()]
+    assert temps == sorted(temps) and len(set(temps)) == 3
+
+
+def test_history_roundtrip(lm):
+    gen = textgen.generate(lm, "the cat", cfg(num_return_sequences=2))
+    gid = history.save_generation("tiny", gen)
+    row = history.get(gid)
+    assert row["prompt"] == "the cat" and row["model"] == "tiny"
+    assert row["outputs"] == [s.completion for s in gen.samples]
+    assert row["settings"]["seed"] == gen.seed and row["stats"]["new_tokens"] == gen.new_tokens
+    assert history.recent(5)[0]["id"] == gid
+    rerun = textgen.generate(lm, row["prompt"], textgen.GenerationConfig.from_dict(row["settings"]))
+    assert [s.completion for s in rerun.samples] == row["outputs"]
+
+
+def test_decode_text_explains_bad_input():
+    assert text.decode_text("héllo\r\nworld".encode()) == "héllo\nworld"
+    assert text.decode_text(b"\xef\xbb\xbfbom") == "bom"
+    with pytest.raises(UserError, match=r"byte offset 3") as err:
+        text.decode_text(b"abc\xff\xfedef", "notes.txt")
+    assert "notes.txt" in str(err.value) and "ff fe" in str(err.value)
+    with pytest.raises(UserError, match="UTF-16"):
+        text.decode_text("hi".encode("utf-16"))
+    with pytest.raises(UserError, match="empty"):
+        text.decode_text(b"  \n ")
+    with pytest.raises(UserError, match="limit"):
+        text.decode_text(b"a" * (text.MAX_TEXT_BYTES + 1))
+
+
+def test_small_models_decode_on_one_thread(lm):
+    import torch
+
+    assert lm.threads == 1
+    before = torch.get_num_threads()
+    textgen.generate(lm, "the cat", cfg(max_new_tokens=3))
+    assert torch.get_num_threads() == before  # restored for the caller

@@ -1,0 +1,38 @@
+"""A tiny GPT-2 + byte-level BPE tokenizer saved as an HF folder, for fast text tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ("the cat sat on the mat and the dog ran to the park while a bird sang in the tree "
+         "every morning she reads a book about ships and stars and the sea is calm today").split()
+
+
+def corpus(n_sentences: int = 200, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + "." for _ in range(n_sentences))
+
+
+def make_tiny_lm(folder: Path, n_positions: int = 64, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide GPT-2 with random weights and a ~300-token BPE, saved to `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus().split("\n"), trainer=trainer)
+    eos = "<|endoftext|>"
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(hf_tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder

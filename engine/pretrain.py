@@ -516,7 +516,9 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
 
     from engine import workspace
     from engine.errors import UserError
+    from engine.text import quiet_transformers
 
+    quiet_transformers()
     torch.set_num_threads(cfg.threads)
     fortunes, files = load_fortunes()
     # A fixed shuffle of whole fortunes, then 95% / 5%: validation fortunes are never trained on.

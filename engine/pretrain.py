@@ -48,7 +48,8 @@ class VisionPretrainConfig:
     threads: int = 1
     out: str = ""                  # default: assets/mini-resnet18
     probe: bool = True             # run the linear-probe transfer measurement afterwards
-    extra: dict = field(default_factory=dict)
+    fmnist_dir: str = ""           # default FMNIST_DIR
+    eval_fractals: int = 1024      # fresh fractal renders for the fractal accuracy
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -120,8 +121,8 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else sources.MINI_VISION
-    tr_x, tr_y = load_fashion_mnist("train")
-    te_x, te_y = load_fashion_mnist("test")
+    tr_x, tr_y = load_fashion_mnist("train", cfg.fmnist_dir or None)
+    te_x, te_y = load_fashion_mnist("test", cfg.fmnist_dir or None)
     systems = fractals.make_systems(N_FRACTAL_CLASSES, cfg.seed)
     rng = np.random.default_rng([cfg.seed, 2024])
     torch.manual_seed(cfg.seed)
@@ -200,11 +201,11 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
             correct += int((model(x)[:, :10].argmax(1).numpy() == te_y[i:i + 500]).sum())
         erng = np.random.default_rng([cfg.seed, 99])
         fc = 0
-        for _ in range(4):
-            fx, fy = fractals.fractal_batch(systems, 256, size, erng)
+        for i in range(0, cfg.eval_fractals, 256):
+            fx, fy = fractals.fractal_batch(systems, min(256, cfg.eval_fractals - i), size, erng)
             fc += int((model(_to_tensor(None, fx, size, mean, std))[:, 10:].argmax(1).numpy() == fy).sum())
     fmnist_acc = correct / len(te_x)
-    fractal_acc = fc / 1024
+    fractal_acc = fc / max(1, cfg.eval_fractals)
 
     # ---- write fp16 weights + card (atomically)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}

@@ -1,0 +1,280 @@
+"""Benchmarks (`python -m engine bench ...`): ratios measured in one run, never thresholds in tests.
+
+One function per benchmark, each returning a JSON-able dict, plus a `format_*` for the terminal.
+
+bench_finetune: on the same generated data (coloured shapes written to a temp folder) and the
+same backbone, the naive seed loop — every epoch a full fp32 forward of the frozen network,
+backward into fc only, batch 32 — against the project's `linear` strategy (features computed
+once, cached, head trained on them), 10 epochs each, same optimiser (SGD lr 1e-3 momentum 0.9,
+constant lr), same seed and batch order. Also: extraction img/s vs a plain fp32 forward.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def _naive_linear(cfg, data, source, pp) -> dict:
+    """The seed's loop: a new fc on a frozen network, every epoch a full forward of every image.
+
+    Like the seeds, the images are decoded and transformed again every epoch (ImageFolder +
+    DataLoader style, here without worker processes) and everything runs in fp32, NCHW.
+    The only deviation: frozen BatchNorm stays in eval mode (as in the project), so both paths
+    compute the same function and their accuracies can be compared.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from engine import vision
+
+    model = vision.build_model(cfg.model, len(data.classes), source, seed=cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.fc.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(model.fc.parameters(), lr=cfg.lr, momentum=0.9)
+    train_paths, train_y = [p for p, _ in data.train], torch.tensor([y for _, y in data.train])
+    val_paths, val_y = [p for p, _ in data.val], torch.tensor([y for _, y in data.val])
+
+    def load(paths):  # decode + resize + centre-crop + normalise, as a torchvision transform pipeline would
+        return vision.normalize(vision.center_crop(vision.load_images(paths, pp.resize), pp.image_size), pp).contiguous()
+
+    t0 = time.time()
+    accs = []
+    for epoch in range(cfg.epochs):
+        model.eval()  # frozen BN in eval mode; fc has no BN
+        gen = vision._epoch_gen(cfg.seed, epoch)
+        for idx in vision._batches(len(train_paths), cfg.batch_size, gen):
+            x = load([train_paths[i] for i in idx])
+            loss = F.cross_entropy(model(x), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = torch.cat([model(load(val_paths[i:i + 32])) for i in range(0, len(val_paths), 32)])
+        accs.append((logits.argmax(1) == val_y).float().mean().item())
+    return {"seconds": time.time() - t0, "best_val_acc": max(accs), "final_val_acc": accs[-1]}
+
+
+def _forward_rates(model, images, pp, dev) -> dict:
+    """img/s of a plain fp32 NCHW forward vs the project's extraction path on the same images."""
+    import torch
+
+    from engine import features, vision
+
+    model.eval()
+    x = vision.normalize(vision.center_crop(images, pp.image_size), pp).contiguous()  # NCHW
+    with torch.no_grad():
+        model(x[:8])
+        t = time.time()
+        for i in range(0, len(x), 32):
+            model(x[i:i + 32])
+        plain = len(x) / (time.time() - t)
+    dtype = features.extraction_dtype(dev)
+    prefix = features.frozen_prefix(model, 5, dev)
+    features.extract(prefix, images[:8], pp, dev, dtype)
+    t = time.time()
+    features.extract(prefix, images, pp, dev, dtype)
+    fast = len(images) / (time.time() - t)
+    return {"plain_fp32_img_s": round(plain, 1), "extraction_img_s": round(fast, 1), "speedup": round(fast / plain, 2),
+            "extraction_dtype": str(dtype or torch.float32).replace("torch.", "")}
+
+
+def bench_finetune(n_per_class: int = 75, image_size: int = 96, epochs: int = 10, threads: int = 0,
+                   n_classes: int = 4, weights: str = "auto") -> dict:
+    """Naive seed loop vs the project's linear path; see the module docstring."""
+    import torch
+
+    from engine import device as devices
+    from engine import fractals, imagedata, sources, vision
+
+    if threads:
+        torch.set_num_threads(threads)
+    old_home = os.environ.get("TRANSFER_STUDIO_HOME")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRANSFER_STUDIO_HOME"] = str(Path(tmp) / "workspace")  # keep the user's workspace clean
+        try:
+            folder = fractals.write_shapes_dataset(Path(tmp) / "shapes", n_per_class, size=image_size, seed=0,
+                                                   shapes=fractals.SHAPES[:n_classes])
+            cfg = vision.FinetuneConfig(data=str(folder), weights=weights, strategy="linear", epochs=epochs, batch_size=32,
+                                        lr=1e-3, optimizer="sgd", schedule="constant", image_size=image_size, seed=0)
+            data = imagedata.training_data(cfg.data, cfg.val_fraction, cfg.seed)
+            source = sources.resolve_vision(cfg.model, cfg.weights)
+            pp = vision.preprocessing_for(source, cfg.image_size)
+            dev = devices.best_device()
+
+            naive = _naive_linear(cfg, data, source, pp)
+            t = time.time()
+            fast = vision.finetune(cfg, Path(tmp) / "run")
+            fast_seconds = time.time() - t
+            # a second run with another learning rate reuses the cached features (the common "try again" case)
+            t = time.time()
+            warm = vision.finetune(vision.FinetuneConfig(**{**cfg.__dict__, "lr": 2e-3}), Path(tmp) / "run2")
+            warm_seconds = time.time() - t
+
+            model = vision.build_model(cfg.model, len(data.classes), source, seed=0)
+            images = vision.load_images([p for p, _ in data.train + data.val], pp.resize)
+            rates = _forward_rates(model, images, pp, dev)
+        finally:
+            if old_home is None:
+                os.environ.pop("TRANSFER_STUDIO_HOME", None)
+            else:
+                os.environ["TRANSFER_STUDIO_HOME"] = old_home
+    return {
+        "data": f"{n_classes} classes x {n_per_class} generated coloured shapes, {image_size} px ({len(data.train)} train / {len(data.val)} val)",
+        "backbone": f"{cfg.model}, weights {source.name}",
+        "device": devices.label(dev),
+        "epochs": epochs,
+        "naive_seconds": round(naive["seconds"], 2),
+        "linear_seconds": round(fast_seconds, 2),
+        "ratio": round(naive["seconds"] / fast_seconds, 1),
+        "naive_val_acc": round(naive["best_val_acc"], 4),
+        "linear_val_acc": round(fast["best_val_acc"], 4),
+        "acc_diff_points": round(100 * (fast["best_val_acc"] - naive["best_val_acc"]), 2),
+        "linear_warm_cache_seconds": round(warm_seconds, 2),
+        "ratio_warm_cache": round(naive["seconds"] / warm_seconds, 1),
+        **rates,
+    }
+
+
+def format_finetune(r: dict) -> str:
+    return "\n".join([
+        f"data: {r['data']}; backbone: {r['backbone']}; device: {r['device']}; {r['epochs']} epochs each",
+        f"naive seed loop (fp32 forward of the frozen net every epoch): {r['naive_seconds']:.2f} s, val acc {r['naive_val_acc']:.4f}",
+        f"linear path (features once, cached; head on features):      {r['linear_seconds']:.2f} s, val acc {r['linear_val_acc']:.4f}",
+        f"ratio: {r['ratio']}x (goal >= 20x); accuracy difference {r['acc_diff_points']:+.2f} points",
+        f"again with the cache warm (another lr): {r['linear_warm_cache_seconds']:.2f} s -> {r['ratio_warm_cache']}x",
+        f"extraction: {r['extraction_img_s']} img/s ({r['extraction_dtype']}, channels_last, inference mode) vs plain fp32 forward "
+        f"{r['plain_fp32_img_s']} img/s -> {r['speedup']}x",
+    ])
+
+
+# ----------------------------------------------------------------------------- bench generate
+# On the same model and prompt: tokens/s of plain Hugging Face `model.generate` (fp32, the model's
+# default settings, i.e. greedy) against the project's path (engine.textgen: dtype chosen per
+# model by measurement, a lean KV-cache loop with a private RNG). Both make exactly the same
+# number of new tokens (HF: min_new_tokens; ours: end-of-text masked). Best of `repeats` runs,
+# alternating, so a noisy neighbour on a shared CPU hurts both alike.
+
+class _IdTokenizer:
+    """Stands in for a tokenizer on the random-weight GPT-2-124M-shaped model (no vocab files offline)."""
+
+    eos_token_id = 50256
+    pad_token_id = 50256
+
+    def decode(self, ids, **_) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def _gen_case(name: str, model, tokenizer, prompt_ids: list[int], new_tokens: int, repeats: int, memo_key: str) -> dict:
+    import torch
+
+    from engine import sources, text, textgen
+    from engine.device import best_device
+
+    dev = best_device()
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    eos = tokenizer.eos_token_id
+    ids = torch.tensor([prompt_ids], device=dev)
+
+    def plain() -> float:  # plain HF generate, fp32, default (greedy) settings
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=eos, eos_token_id=eos)
+        assert out.shape[1] - ids.shape[1] == new_tokens
+        return new_tokens / (time.perf_counter() - t)
+
+    # The project's path on its own copy (it may convert the weights to bf16).
+    import copy
+
+    ours = copy.deepcopy(model)
+    threads = text.decode_threads(ours, dev)
+    with text.thread_count(threads):
+        dtype, reason = text.choose_dtype(ours, dev, key=memo_key)
+    ours.to(dtype)
+    ctx_len = int(getattr(model.config, "n_positions", 1024))
+    lm = text.LM(ours, tokenizer, name, name, sources.Source("bench", name, ""), dev, dtype, reason, ctx_len, threads)
+
+    def project(settings: dict) -> float:
+        cfg = textgen.GenerationConfig(max_new_tokens=new_tokens, seed=0, **settings)
+        t = time.perf_counter()
+        with text.thread_count(lm.threads):
+            samples = textgen._decode(lm, prompt_ids, cfg, 0, None, None, ignore_eos=True)
+        assert len(samples[0].token_ids) == new_tokens
+        return new_tokens / (time.perf_counter() - t)
+
+    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+    balanced = textgen.PRESETS["Balanced"]
+    plain(), project(greedy)  # warm-up: allocator, kernels, first-call overheads
+    best = {"plain": 0.0, "greedy": 0.0, "balanced": 0.0}
+    for _ in range(repeats):
+        best["plain"] = max(best["plain"], plain())
+        best["greedy"] = max(best["greedy"], project(greedy))
+        best["balanced"] = max(best["balanced"], project(balanced))
+    return {
+        "model": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": new_tokens,
+        "plain_hf_fp32_tokens_per_s": round(best["plain"], 1),
+        "project_tokens_per_s": round(best["greedy"], 1),
+        "ratio": round(best["greedy"] / best["plain"], 2),
+        "project_balanced_tokens_per_s": round(best["balanced"], 1),
+        "ratio_balanced": round(best["balanced"] / best["plain"], 2),
+        "project_dtype": str(dtype).replace("torch.", ""),
+        "project_threads": threads or torch.get_num_threads(),
+        "plain_threads": torch.get_num_threads(),
+        "dtype_reason": reason,
+    }
+
+
+def bench_generate(new_tokens: int = 64, repeats: int = 3, threads: int = 0, models: tuple[str, ...] = ("gpt2-124m-random", "mini")) -> dict:
+    """Plain HF generate vs the project's path on a GPT-2-124M-shaped model (random weights) and the bundled mini."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from engine import device as devices
+    from engine import sources
+    from engine.errors import UserError
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not (1 <= new_tokens <= 200):
+        raise UserError("--tokens must be 1..200")
+    cases = []
+    prompt = "The meaning of life is"
+    for name in models:
+        if name == "gpt2-124m-random":
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small's shape: 12 layers, 768 wide, 50257 tokens
+            model.config.pad_token_id = None
+            ids = torch.randint(0, 50000, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+            cases.append(_gen_case("GPT-2-124M-shaped (random weights)", model, _IdTokenizer(), ids, new_tokens, repeats, "bench:gpt2-124m-random"))
+        elif name == "mini":
+            if not sources.mini_text_available():
+                raise UserError(f"bundled mini GPT-2 missing at {sources.MINI_TEXT}; run `python -m engine pretrain text`")
+            tok = AutoTokenizer.from_pretrained(sources.MINI_TEXT, local_files_only=True)
+            model = GPT2LMHeadModel.from_pretrained(sources.MINI_TEXT, local_files_only=True, dtype=torch.float32)
+            model.config.pad_token_id = None
+            ids = tok(prompt)["input_ids"]
+            cases.append(_gen_case("mini-gpt2 (bundled)", model, tok, ids, min(new_tokens * 2, 200), repeats, f"mini:{sources.MINI_TEXT}"))
+        else:
+            raise UserError(f"unknown bench model {name!r}")
+    return {"device": devices.label(), "repeats": repeats, "cases": cases}
+
+
+def format_generate(r: dict) -> str:
+    lines = [f"device: {r['device']}; best of {r['repeats']} alternating runs; same prompt and number of new tokens"]
+    for c in r["cases"]:
+        lines += [
+            f"{c['model']} ({c['parameters'] / 1e6:.1f}M parameters, {c['prompt_tokens']} prompt + {c['new_tokens']} new tokens):",
+            f"  plain HF generate, fp32, default (greedy):   {c['plain_hf_fp32_tokens_per_s']:8.1f} tokens/s",
+            f"  project path, greedy ({c['project_dtype']}):{' ' * max(0, 20 - len(c['project_dtype']))}{c['project_tokens_per_s']:8.1f} tokens/s  -> {c['ratio']}x",
+            f"  project path, Balanced sampling:             {c['project_balanced_tokens_per_s']:8.1f} tokens/s  -> {c['ratio_balanced']}x",
+            f"  dtype: {c['dtype_reason']}; threads: project {c['project_threads']}, plain {c['plain_threads']}",
+        ]
+    return "\n".join(lines)

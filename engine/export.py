@@ -1,0 +1,319 @@
+"""Export a run as a ZIP that works elsewhere, import one back, and check untrusted safetensors.
+
+    model.zip
+        model.safetensors    fp32 state dict of the whole network (labels etc. also in its metadata)
+        labels.json          ["class0", "class1", ...] (index = output)
+        preprocessing.json   {"arch", "image_size", "resize", "mean", "std", "interpolation", "steps"}
+        model_card.md        data, strategy, weights, metrics
+        model.onnx           same network, input (N, 3, S, S) float normalised, output logits
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+from engine import workspace
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+MAX_HEADER_BYTES = 10 * 2**20
+MAX_MODEL_BYTES = 1024 * 2**20
+MAX_JSON_BYTES = 2**20
+
+
+# ============================================================================= safetensors checks
+def check_safetensors_header(path_or_bytes: Path | bytes) -> dict:
+    """Parse and check a safetensors header without trusting it; return {name: (dtype, shape)}.
+
+    Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the data. A lying header
+    (sizes that do not add up, ranges outside the file, overlaps, absurd header sizes) is refused.
+    """
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        total = len(path_or_bytes)
+        head = bytes(path_or_bytes[:8])
+        read_header = lambda n: bytes(path_or_bytes[8:8 + n])  # noqa: E731
+        name = "upload"
+    else:
+        p = Path(path_or_bytes)
+        if not p.is_file():
+            raise UserError(f"weights file not found: {p}")
+        name, total = p.name, p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            header_bytes = f.read(min(n, MAX_HEADER_BYTES)) if n else b""
+        read_header = lambda n: header_bytes  # noqa: E731
+    if len(head) < 8:
+        raise UserError(f"{name}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head)
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > total:
+        raise UserError(f"{name}: not a safetensors file (bad header length {n})")
+    try:
+        header = json.loads(read_header(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{name}: not a safetensors file (header is not JSON; pickle checkpoints are refused)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{name}: bad safetensors header")
+    data_len = total - 8 - n
+    out, ranges = {}, []
+    for key, spec in header.items():
+        if key == "__metadata__":
+            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                raise UserError(f"{name}: bad safetensors metadata")
+            continue
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{name}: bad safetensors entry for {key!r}") from None
+        if dtype not in DTYPE_BYTES:
+            raise UserError(f"{name}: tensor {key!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
+            raise UserError(f"{name}: tensor {key!r} has a bad shape {shape!r}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+            raise UserError(f"{name}: tensor {key!r} points outside the file (a truncated or lying header)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * DTYPE_BYTES[dtype] != end - begin:
+            raise UserError(f"{name}: tensor {key!r} header says {shape} {dtype} but has {end - begin} bytes")
+        ranges.append((begin, end, key))
+        out[key] = (dtype, tuple(shape))
+    ranges.sort()
+    for (b1, e1, k1), (b2, e2, k2) in zip(ranges, ranges[1:]):
+        if b2 < e1:
+            raise UserError(f"{name}: tensors {k1!r} and {k2!r} overlap in the file")
+    if not out:
+        raise UserError(f"{name}: the safetensors file holds no tensors")
+    return out
+
+
+def safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# ============================================================================= export
+def _model_card(info: dict, metrics: list[dict], ev: dict | None, onnx_diff: float | None) -> str:
+    s = info.get("summary", {})
+    cfg = info.get("config", {})
+    w = info.get("weights", {})
+    pp = info["preprocessing"]
+    lines = [
+        f"# {info.get('arch', 'resnet')} fine-tuned with Transfer Studio",
+        "",
+        f"- Classes ({len(info['classes'])}): {', '.join(info['classes'])}",
+        f"- Data: {cfg.get('data', '?')} ({info.get('data', {}).get('train_images', '?')} train / {info.get('data', {}).get('val_images', '?')} validation images)",
+        f"- Backbone: torchvision {info.get('arch')}; starting weights: {w.get('name', '?')} ({w.get('reason', '')})",
+        f"- Strategy: {cfg.get('strategy', info.get('kind'))} — {info.get('strategy', {}).get('description', '')}",
+        f"- Training: {s.get('epochs_done', '?')} epochs, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, "
+        f"{cfg.get('optimizer')} / {cfg.get('schedule')}, augmentation {', '.join(cfg.get('augment') or []) or 'none'}, seed {cfg.get('seed')}",
+        f"- Best validation accuracy: {s.get('best_val_acc', '?')} (epoch {s.get('best_epoch', '?')})",
+        "",
+        "## Preprocessing",
+        f"Resize the shorter side to {pp['resize']} px ({pp.get('interpolation', 'bilinear')}), centre-crop "
+        f"{pp['image_size']}x{pp['image_size']}, RGB scaled to [0, 1], normalised with mean {pp['mean']} and std {pp['std']}.",
+        "",
+        "## Files",
+        "- `model.safetensors`: PyTorch state dict for `torchvision.models." + str(info.get("arch")) + "` with `fc` replaced by "
+        f"`Linear(in_features, {len(info['classes'])})`.",
+        "- `labels.json`: class names in output order; `preprocessing.json`: the preprocessing above.",
+    ]
+    if onnx_diff is not None:
+        lines.append(f"- `model.onnx`: input `input` (N, 3, {pp['image_size']}, {pp['image_size']}) normalised, output `logits`; "
+                     f"max |ONNX - PyTorch| on a test batch: {onnx_diff:.2e}.")
+    if metrics:
+        lines += ["", "## Per-epoch metrics", "", "| epoch | train loss | val loss | val acc |", "|---|---|---|---|"]
+        lines += [f"| {m['epoch']} | {m['train_loss']} | {m['val_loss']} | {m['val_acc']} |" for m in metrics]
+    if ev:
+        lines += ["", "## Validation per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {c['class']} | {c['precision']} | {c['recall']} | {c['f1']} | {c['support']} |" for c in ev.get("per_class", [])]
+    return "\n".join(lines) + "\n"
+
+
+def export_onnx(loaded, path: Path, batch: int = 4) -> float:
+    """Write model.onnx and return max |onnxruntime - PyTorch| on a random test batch."""
+    import numpy as np
+    import torch
+
+    model = loaded.model.to("cpu").float().eval()
+    S = loaded.preprocessing.image_size
+    x = torch.randn(batch, 3, S, S, generator=torch.Generator().manual_seed(0))
+    tmp = workspace.atomic_path(path)
+    # TorchScript-based exporter: the dynamo exporter needs onnxscript, which is not a dependency
+    torch.onnx.export(model, (x.contiguous(),), str(tmp), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    os.replace(tmp, path)
+    loaded.model.to(loaded.device)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return float("nan")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input": x.numpy()})[0]
+    with torch.inference_mode():
+        want = model(x).numpy()
+    loaded.model.to(loaded.device)
+    return float(np.abs(got - want).max())
+
+
+def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True) -> Path:
+    """Write the export ZIP for a run (folder or id); returns its path."""
+    import tempfile
+
+    from engine import vision
+
+    run_dir = vision.resolve_run(run_dir)
+    loaded = vision.load_model(run_dir)
+    info = loaded.info
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
+    ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
+    pp = loaded.preprocessing.to_dict() | {
+        "arch": loaded.arch,
+        "steps": ["resize shorter side to `resize` (bilinear)", "centre-crop `image_size`", "RGB to [0,1]", "(x - mean) / std"],
+    }
+    out_zip = Path(out_zip)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        vision.save_weights(tmp / "model.safetensors", loaded.model,
+                            {"classes": loaded.classes, "arch": loaded.arch, "preprocessing": loaded.preprocessing.to_dict()})
+        onnx_diff = None
+        if onnx:
+            onnx_diff = export_onnx(loaded, tmp / "model.onnx")
+            if not onnx_diff < 1e-4:
+                log.warning("ONNX output differs from PyTorch by %.2e", onnx_diff)
+        files = {
+            "model.safetensors": (tmp / "model.safetensors").read_bytes(),
+            "labels.json": json.dumps(loaded.classes, indent=2).encode(),
+            "preprocessing.json": json.dumps(pp, indent=2).encode(),
+            "model_card.md": _model_card(info, metrics, ev, onnx_diff).encode(),
+        }
+        if onnx:
+            files["model.onnx"] = (tmp / "model.onnx").read_bytes()
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+        workspace.atomic_write_bytes(out_zip, buf.getvalue())
+    return out_zip
+
+
+# ============================================================================= import
+def _read_member(z: zipfile.ZipFile, name: str, cap: int) -> bytes | None:
+    """One member by exact name, reading at most cap bytes (sizes in the directory can lie)."""
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        return None
+    with z.open(info) as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise UserError(f"{name} in the ZIP is larger than {cap // 2**20} MB")
+    return data
+
+
+def _infer_arch(shapes: dict) -> str:
+    """resnet18/34/50 from the tensor names and shapes of a state dict."""
+    from engine.sources import VISION_ARCHS
+
+    if "layer1.0.conv3.weight" in shapes:
+        return "resnet50"
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("layer3.")}
+    return "resnet34" if len(blocks) >= 6 else "resnet18" if "layer1.0.conv1.weight" in shapes else VISION_ARCHS[0]
+
+
+def import_model(file: str | Path, labels: list[str] | None = None, title: str | None = None) -> str:
+    """An exported ZIP, or a bare .safetensors (labels from its metadata or `labels`) -> a new run id.
+
+    The run (kind "imported") has run.json + model.safetensors, so load_model/predict/export work on it.
+    """
+    import tempfile
+
+    from engine import runs, vision
+
+    file = Path(file)
+    if not file.is_file():
+        raise UserError(f"file not found: {file}")
+    suffix = file.suffix.lower()
+    pp_dict = None
+    if suffix == ".zip":
+        try:
+            with zipfile.ZipFile(file) as z:
+                weights = _read_member(z, "model.safetensors", MAX_MODEL_BYTES)
+                lab = _read_member(z, "labels.json", MAX_JSON_BYTES)
+                ppb = _read_member(z, "preprocessing.json", MAX_JSON_BYTES)
+        except zipfile.BadZipFile:
+            raise UserError(f"{file.name} is not a valid ZIP") from None
+        if weights is None:
+            raise UserError(f"{file.name} has no model.safetensors; export a run from Transfer Studio to get one")
+        try:
+            labels = labels or (json.loads(lab) if lab else None)
+            pp_dict = json.loads(ppb) if ppb else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{file.name}: labels.json or preprocessing.json is not valid JSON") from None
+    elif suffix == ".safetensors":
+        if file.stat().st_size > MAX_MODEL_BYTES:
+            raise UserError(f"{file.name} is larger than {MAX_MODEL_BYTES // 2**20} MB")
+        weights = file.read_bytes()
+    else:
+        raise UserError(f"{file.name}: upload an exported .zip or a .safetensors file (pickle checkpoints such as .pt/.pth are refused)")
+
+    shapes = {k: s for k, (_, s) in check_safetensors_header(weights).items()}
+    if "fc.weight" not in shapes or len(shapes["fc.weight"]) != 2:
+        raise UserError(f"{file.name}: no classifier layer (fc.weight) found; is this a torchvision ResNet state dict?")
+    n_classes = shapes["fc.weight"][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        wpath = Path(tmp) / "model.safetensors"
+        wpath.write_bytes(weights)
+        meta = safetensors_metadata(wpath)
+        try:
+            labels = labels or (json.loads(meta["classes"]) if "classes" in meta else None)
+            pp_dict = pp_dict or (json.loads(meta["preprocessing"]) if "preprocessing" in meta else None)
+            arch = json.loads(meta["arch"]) if "arch" in meta else _infer_arch(shapes)
+        except (json.JSONDecodeError, TypeError):
+            raise UserError(f"{file.name}: unreadable metadata in the safetensors header") from None
+        if labels is None:
+            labels = [f"class_{i}" for i in range(n_classes)]
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) != n_classes:
+            raise UserError(f"{file.name}: {len(labels) if isinstance(labels, list) else '?'} labels for a model with {n_classes} outputs")
+        if arch not in ("resnet18", "resnet34", "resnet50"):
+            raise UserError(f"{file.name}: unsupported architecture {arch!r}")
+        if pp_dict is None:
+            pp = vision.Preprocessing(224, 256, vision.IMAGENET_MEAN, vision.IMAGENET_STD)
+        else:
+            try:
+                pp = vision.Preprocessing(int(pp_dict["image_size"]), int(pp_dict["resize"]), [float(v) for v in pp_dict["mean"]],
+                                          [float(v) for v in pp_dict["std"]], str(pp_dict.get("interpolation", "bilinear")))
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{file.name}: preprocessing.json is incomplete (image_size, resize, mean, std)") from None
+            if not (16 <= pp.image_size <= 1024 and pp.image_size <= pp.resize <= 2048 and len(pp.mean) == 3 and len(pp.std) == 3 and min(pp.std) > 0):
+                raise UserError(f"{file.name}: preprocessing.json has impossible values")
+        info = {
+            "kind": "imported",
+            "arch": arch,
+            "classes": labels,
+            "preprocessing": pp.to_dict(),
+            "weights": {"kind": "file", "name": file.name, "reason": "Imported model."},
+            "config": {"data": f"imported from {file.name}", "model": arch, "strategy": "imported"},
+        }
+        run_id = runs.create("imported", f"imported {file.name}", info["config"])
+        run_dir = runs.run_dir(run_id)
+        try:
+            workspace.atomic_write_bytes(run_dir / "model.safetensors", weights)
+            workspace.atomic_write_json(run_dir / "run.json", info)
+            vision.load_model(run_dir)  # the shapes must fit the architecture: fail now, not at predict time
+        except UserError as err:
+            runs.set_status(run_id, "failed", error=str(err))
+            runs.delete(run_id)
+            raise
+    runs.set_status(run_id, "done", summary={"imported_from": file.name, "classes": labels, "arch": arch})
+    return run_id

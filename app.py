@@ -1,4 +1,5 @@
 """Transfer Studio: navigation and the sidebar status. Pages live in pages/."""
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -35,16 +36,29 @@ if deep_link:
 
 
 @st.cache_resource(show_spinner=False)
-def weight_sources() -> dict:
-    return sources.available()
+def environment() -> dict:
+    """Device and weight sources, found in a background thread: torch takes seconds to import
+    on a cold start and the first page should not wait for it."""
+    found: dict = {}
+
+    def probe() -> None:
+        found["weights"] = sources.available()
+        found["device"] = device.label()
+
+    threading.Thread(target=probe, name="environment-probe", daemon=True).start()
+    return found
 
 
 with st.sidebar:
-    st.caption(f"**Device** · {device.label()}")
-    avail = weight_sources()
-    vision = "ImageNet" if any(avail["vision"]["imagenet_cached"].values()) else ("bundled mini" if avail["vision"]["mini"] else "none")
-    text = next((m for m, ok in avail["text"]["hf_cached"].items() if ok), "bundled mini" if avail["text"]["mini"] else "none")
-    st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
+    env = environment()
+    if "device" not in env:
+        st.caption("**Device** · detecting…")
+    else:
+        avail = env["weights"]
+        vision = "ImageNet" if any(avail["vision"]["imagenet_cached"].values()) else ("bundled mini" if avail["vision"]["mini"] else "none")
+        text = next((m for m, ok in avail["text"]["hf_cached"].items() if ok), "bundled mini" if avail["text"]["mini"] else "none")
+        st.caption(f"**Device** · {env['device']}")
+        st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
     st.caption(f"**Workspace** · `{workspace.home().name}/`")
     for job in manager().active():
         phase = job.get("phase", "queued")

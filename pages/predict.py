@@ -7,6 +7,7 @@ import math
 import re
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -77,13 +78,13 @@ def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str
         right.plotly_chart(bar(top), key=f"{key}_bar_{i}", config={"displayModeBar": False})
 
 
-def zip_members(data: bytes, limits: imagedata.Limits) -> list[tuple[str, bytes, str | None]]:
-    """The files of an untrusted ZIP, read in memory with caps (never extracted; names are only labels)."""
+def zip_members(data: bytes, limits: imagedata.Limits) -> Iterator[tuple[str, bytes | None, str]]:
+    """(name, bytes, "") or (name, None, reason) per file of an untrusted ZIP: read in memory with caps, never extracted."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise UserError(f"not a valid ZIP file ({err})") from None
-    out, total = [], 0
+    total = 0
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir() and not any(p.startswith(".") or p == "__MACOSX" for p in i.filename.split("/"))]
         if len(infos) > limits.zip_max_members:
@@ -93,32 +94,38 @@ def zip_members(data: bytes, limits: imagedata.Limits) -> list[tuple[str, bytes,
                 with zf.open(info) as f:
                     blob = f.read(limits.max_file_bytes + 1)  # directory sizes can lie: cap the read itself
             except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as err:
-                out.append((info.filename, b"", f"unreadable ZIP member ({err})"))
+                yield info.filename, None, f"unreadable ZIP member ({err})"
                 continue
             total += len(blob)
             if total > limits.zip_max_bytes:
                 raise UserError(f"ZIP expands beyond {limits.zip_max_bytes // 2**20} MB; split it into smaller ZIPs")
-            out.append((info.filename, blob, None))
-    return out
+            yield info.filename, blob, ""
 
 
 def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
-    rows, good = [], []
+    """One row per file, in ZIP order; images are decoded and predicted a batch at a time (bounded memory)."""
+    rows: list[dict] = []
+    batch: list[tuple[int, object]] = []  # (row index, image)
+
+    def flush() -> None:
+        for (i, _), top in zip(batch, vision.predict(model, [im for _, im in batch], top_k=top_k)):
+            rows[i] |= {"prediction": top[0][0], "probability": round(top[0][1], 4)}
+            for k, (lbl, p) in enumerate(top[1:], start=2):
+                rows[i] |= {f"top{k}": lbl, f"top{k}_probability": round(p, 4)}
+        batch.clear()
+
     for name, blob, why in zip_members(data, imagedata.Limits()):
-        if why:
-            rows.append({"file": name, "error": why})
-            continue
-        try:
-            good.append((name, imagedata.decode_image(blob, name)))
-        except UserError as err:
-            rows.append({"file": name, "error": str(err)})
-    preds = predict_all(model, [im for _, im in good], top_k)
-    for (name, _), top in zip(good, preds):
-        row = {"file": name, "prediction": top[0][0], "probability": round(top[0][1], 4)}
-        for k, (lbl, p) in enumerate(top[1:], start=2):
-            row |= {f"top{k}": lbl, f"top{k}_probability": round(p, 4)}
-        rows.append(row | {"error": ""})
-    return pd.DataFrame(rows)
+        rows.append({"file": name, "error": why})
+        if blob is not None:
+            try:
+                batch.append((len(rows) - 1, imagedata.decode_image(blob, name)))
+            except UserError as err:
+                rows[-1]["error"] = str(err)
+        if len(batch) == BATCH:
+            flush()
+    flush()
+    extra = [c for k in range(2, top_k + 1) for c in (f"top{k}", f"top{k}_probability")]
+    return pd.DataFrame(rows).reindex(columns=["file", "prediction", "probability", *extra, "error"]).dropna(axis=1, how="all")
 
 
 def export_tab(run: dict) -> None:
@@ -169,15 +176,18 @@ def predict_tabs(run: dict, top_k_slot) -> None:
     with csv:
         z = st.file_uploader("A ZIP of images (any folder layout)", type=["zip"], key="pr_zip_in")
         if z:
-            key = (z.file_id, run["id"], top_k)  # predict once per upload, not on every rerun
-            if st.session_state.get("pr_csv", (None,))[0] != key:
-                st.session_state["pr_csv"] = (key, zip_to_csv(model, z.getvalue(), top_k))
-            df = st.session_state["pr_csv"][1]
-            n_bad = int((df["error"] != "").sum()) if "error" in df else 0
-            st.caption(f"{len(df) - n_bad} images predicted, {n_bad} skipped (reason in the `error` column).")
-            st.dataframe(df, hide_index=True)
-            st.download_button("Download predictions.csv", df.to_csv(index=False), file_name="predictions.csv",
-                               mime="text/csv", icon=":material/download:", key="pr_csv_dl")
+            with friendly_errors("predict: zip"):  # a bad ZIP is reported here; the other tabs still work
+                key = (z.file_id, run["id"], top_k)  # predict once per upload, not on every rerun
+                if st.session_state.get("pr_csv", (None,))[0] != key:
+                    with st.spinner("Predicting…"):
+                        st.session_state["pr_csv"] = (key, zip_to_csv(model, z.getvalue(), top_k))
+                df = st.session_state["pr_csv"][1]
+                n_bad = int((df["error"] != "").sum()) if "error" in df else 0
+                st.caption(f"{len(df) - n_bad} images predicted, {n_bad} skipped (reason in the `error` column).")
+                if len(df):
+                    st.dataframe(df, hide_index=True)
+                    st.download_button("Download predictions.csv", df.to_csv(index=False), file_name="predictions.csv",
+                                       mime="text/csv", icon=":material/download:", key="pr_csv_dl")
     with export:
         export_tab(run)
     with imports:

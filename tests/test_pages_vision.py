@@ -223,6 +223,11 @@ def test_predict_shows_probabilities_and_per_file_reasons(tmp_path):
     bar = charts[0]["data"][0]
     assert sorted(bar["y"]) == ["blue", "red"] and abs(sum(bar["x"]) - 1) < 1e-4  # both classes, probabilities
 
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png(COLORS["blue"], seed=7))).save(buf, "JPEG")
+    at.camera_input(key="pr_camera").set_value(("photo.jpg", buf.getvalue(), "image/jpeg")).run()
+    assert not at.exception and len(at.get("plotly_chart")) == 2  # the camera photo gets its own chart
+
 
 def test_predict_zip_gives_csv_with_reasons(tmp_path):
     train_tiny(tmp_path)
@@ -240,6 +245,9 @@ def test_predict_zip_gives_csv_with_reasons(tmp_path):
     assert df.loc["broken.jpg", "error"] and not df.loc["b.png", "error"]
     assert df.loc["b.png", "prediction"] in ("red", "blue") and 0 <= df.loc["b.png", "probability"] <= 1
     assert any(d.label == "Download predictions.csv" for d in at.get("download_button"))
+    at.file_uploader(key="pr_zip_in").set_value(("fake.zip", b"PK not really", "application/zip")).run()
+    assert not at.exception and "not a valid ZIP" in at.error[0].value
+    assert at.button(key="pr_export")  # the other tabs still render
 
 
 def test_predict_export_then_import(tmp_path, workspace_home):

@@ -119,7 +119,7 @@ def cmd_finetune(args) -> int:
         if p.get("epoch_done") != seen["epoch"] and p.get("epoch_done"):
             seen["epoch"] = p["epoch_done"]
             print(p.get("message", ""), file=stream, flush=True)
-        elif p.get("phase") in ("loading", "extracting") and p.get("message") != seen["msg"] and p.get("step") in (None, p.get("steps")):
+        elif p.get("phase") == "extracting" and p.get("message") != seen["msg"] and p.get("step") == p.get("steps"):
             seen["msg"] = p.get("message")
             print(p.get("message", ""), file=stream, flush=True)
 

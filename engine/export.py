@@ -145,15 +145,20 @@ def export_onnx(loaded, path: Path, batch: int = 4) -> float:
     import numpy as np
     import torch
 
-    model = loaded.model.to("cpu").float().eval()
+    import copy
+
+    model = copy.deepcopy(loaded.model).to("cpu").float().eval()  # the loaded model may be shared (app cache)
     S = loaded.preprocessing.image_size
     x = torch.randn(batch, 3, S, S, generator=torch.Generator().manual_seed(0))
     tmp = workspace.atomic_path(path)
     # TorchScript-based exporter: the dynamo exporter needs onnxscript, which is not a dependency
-    torch.onnx.export(model, (x.contiguous(),), str(tmp), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x.contiguous(),), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
     os.replace(tmp, path)
-    loaded.model.to(loaded.device)
     try:
         import onnxruntime as ort
     except ImportError:
@@ -162,7 +167,6 @@ def export_onnx(loaded, path: Path, batch: int = 4) -> float:
     got = sess.run(["logits"], {"input": x.numpy()})[0]
     with torch.inference_mode():
         want = model(x).numpy()
-    loaded.model.to(loaded.device)
     return float(np.abs(got - want).max())
 
 
@@ -200,9 +204,10 @@ def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True) -> Path:
         if onnx:
             files["model.onnx"] = (tmp / "model.onnx").read_bytes()
         buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with zipfile.ZipFile(buf, "w") as z:
             for name, data in files.items():
-                z.writestr(name, data)
+                # float weights barely compress: store them (fast); deflate the text files
+                z.writestr(name, data, compress_type=zipfile.ZIP_STORED if name.startswith("model.") and name != "model_card.md" else zipfile.ZIP_DEFLATED)
         workspace.atomic_write_bytes(out_zip, buf.getvalue())
     return out_zip
 

@@ -542,10 +542,10 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     # AMP: bf16 autocast on CUDA for training; on CPU training stays fp32 (see engine/device.py)
     train_amp = devices.amp_dtype(dev) if dev.type == "cuda" else None
 
+    weights = "none" if cfg.strategy == "scratch" else cfg.weights
+    source = sources.resolve_vision(cfg.model, weights)  # bad weights fail before any image is read
     ctx.report(phase="loading", message="reading images")
     data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    weights = "none" if cfg.strategy == "scratch" else cfg.weights
-    source = sources.resolve_vision(cfg.model, weights)
     pp = preprocessing_for(source, cfg.image_size)
     n_classes = len(data.classes)
     model = build_model(cfg.model, n_classes, source, seed=cfg.seed)
@@ -686,9 +686,10 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
         if val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"]):
             best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
             best_state = {n: v.detach().clone() for n, v in trainable_state(model, k).items()}
-        workspace.atomic_write_json(out_dir / "metrics.json", metrics)
+        # checkpoint first: metrics.json never lists an epoch that a resume would not start after
         save_checkpoint(out_dir, model, opt, {"epoch": epoch + 1, "metrics": metrics, "best": best, "opt_phase_k": k,
                                               "start_hash": start_hash}, k, best_state)
+        workspace.atomic_write_json(out_dir / "metrics.json", metrics)
         ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, epoch_done=epoch + 1, train_loss=row["train_loss"],
                    val_loss=row["val_loss"], val_acc=row["val_acc"],
                    message=f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}")

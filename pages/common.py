@@ -79,3 +79,19 @@ def curves(series: dict[str, list[dict]]):
         for fig in (loss, acc):
             fig.update_xaxes(tickmode="linear", dtick=1)  # whole epochs, no 1.5
     return loss, acc
+
+
+# ----------------------------------------------------------------------------- text
+@st.cache_resource(max_entries=3, show_spinner="Loading the language model…")
+def language_model(spec: str):
+    """A loaded language model shared by every session: read-only, generation serialised by its lock."""
+    from engine import text
+
+    return text.load(spec)
+
+
+def md_escape(s: str) -> str:
+    """User or model text for st.markdown, shown literally: ASCII punctuation escaped, line breaks kept."""
+    import re
+
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^&\"'%@,;?/])", r"\\\1", s).replace("\n", "  \n")

@@ -8,12 +8,7 @@ import pytest
 
 from engine import history, text, textgen
 from engine.errors import UserError
-from tests.text_helpers import make_tiny_lm
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+from tests.text_helpers import tiny_dir  # noqa: F401 - a fixture
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ class VisionPretrainConfig:
     probe: bool = True             # run the linear-probe transfer measurement afterwards
     fmnist_dir: str = ""           # default FMNIST_DIR
     eval_fractals: int = 1024      # fresh fractal renders for the fractal accuracy
+    stats_sample: int = 512        # images of each source used for the normalisation mean/std
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -96,7 +97,7 @@ def _to_tensor(gray28: np.ndarray | None, rgb: np.ndarray | None, size: int, mea
 
     parts = []
     if gray28 is not None and len(gray28):
-        g = torch.from_numpy(np.ascontiguousarray(gray28)).float().div_(255).unsqueeze(1)
+        g = torch.from_numpy(np.array(gray28, dtype=np.uint8)).float().div_(255).unsqueeze(1)
         g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         parts.append(g.expand(-1, 3, -1, -1))
     if rgb is not None and len(rgb):
@@ -130,8 +131,8 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
 
     # normalisation statistics of the training mix, from a fixed sample
     srng = np.random.default_rng([cfg.seed, 5])
-    g, _ = _fmnist_batch(tr_x, tr_y, 512, srng, train=False)
-    f, _ = fractals.fractal_batch(systems, 512, size, srng)
+    g, _ = _fmnist_batch(tr_x, tr_y, cfg.stats_sample, srng, train=False)
+    f, _ = fractals.fractal_batch(systems, cfg.stats_sample, size, srng)
     sample = _to_tensor(g, f, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     mean = [round(v, 3) for v in sample.mean(dim=(0, 2, 3)).tolist()]
     std = [round(v, 3) for v in sample.std(dim=(0, 2, 3)).tolist()]
@@ -310,7 +311,7 @@ class TextPretrainConfig:
     weight_decay: float = 0.1
     dropout: float = 0.0           # a few epochs only: dropout cost 25% speed and did not help
     val_fraction: float = 0.05
-    eval_every: int = 150          # evaluate and write a usable checkpoint this often
+    eval_every: int = 120          # evaluate and write a usable checkpoint this often
     threads: int = 1               # on a shared 2-core machine one thread was 2-4x faster than two
     state_dir: Path | None = None  # optimizer state for --resume (defaults to workspace/cache)
 

@@ -289,6 +289,79 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    import os
+
+    if args.workspace:
+        os.environ["TRANSFER_STUDIO_HOME"] = args.workspace
+    from engine import demo
+
+    done = demo.prepare(force=args.force, epochs=args.epochs)
+    added = ", ".join(done["added"]) or "nothing (already complete)"
+    emit(args, done, f"demo workspace {done['workspace']}: added {added}")
+    return 0
+
+
+# --------------------------------------------------------------------------- lab
+def _ints(value: str | None, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be a comma list of integers, e.g. 1,5,10 (got {value!r})") from None
+
+
+def cmd_lab(args) -> int:
+    import signal
+
+    from engine import lab, runs
+    from engine.jobs import JobContext
+
+    cfg = lab.LabConfig(
+        experiment=args.lab_command, data=args.data, preset=args.preset, weights=args.weights,
+        epochs=getattr(args, "epochs", None), seeds=getattr(args, "seeds", None), image_size=getattr(args, "image_size", None),
+        batch_size=getattr(args, "batch_size", None), lr=getattr(args, "lr", None), ks=_ints(getattr(args, "ks", None), "--ks"),
+        sizes=_ints(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
+        ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None))
+    resolved = cfg.resolved()  # bad options fail here, before a run is recorded
+    run_id = runs.create("lab", f"Lab · {lab.EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}",
+                         {k: v for k, v in vars(cfg).items() if v is not None})
+    stream = sys.stderr if args.json else sys.stdout
+    seen = set()
+
+    def on_report(p: dict) -> None:  # one line per finished epoch (or phase message)
+        msg = p.get("message")
+        if msg and msg not in seen and p.get("phase") in ("training", "pretraining", "measuring", "loading"):
+            seen.add(msg)
+            print(msg, file=stream, flush=True)
+
+    ctx = JobContext(run_id=run_id, config=vars(resolved), run_dir=runs.run_dir(run_id), on_report=on_report)
+    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())  # Ctrl-C: stop, keep finished runs
+    runs.set_status(run_id, "running")
+    try:
+        summary = lab.run_lab(cfg, ctx.run_dir, ctx)
+    except BaseException as err:
+        runs.set_status(run_id, "failed", error=str(err)[:300])
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    runs.set_status(run_id, "cancelled" if ctx.cancelled() else "done", summary=summary)
+    state = lab.read_result(ctx.run_dir) or {}
+    emit(args, lab.cli_object(run_id, state), lab.format_text(run_id, state))
+    return 130 if ctx.cancelled() else 0
+
+
+def cmd_lab_demo_data(args) -> int:
+    from engine import demodata
+
+    keys = args.keys or list(demodata.DEMOS)
+    done = [demodata.import_demo(k) for k in keys]
+    emit(args, {"datasets": done}, "\n".join(f"{d['dataset']!r}: " + ", ".join(f"{c} {n}" for c, n in d["classes"].items())
+                                             + (" (already there)" if d["existed"] else "") for d in done))
+    return 0
+
+
 # --------------------------------------------------------------------------- pretrain
 def cmd_pretrain_vision(args) -> int:
     from engine import pretrain
@@ -438,7 +511,47 @@ def build_parser() -> Parser:
     s.add_argument("--out", required=True, help="the .html file to write")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_report)
+    s = sub.add_parser("demo", help="prepare a demo workspace: sample data, a finished run, a comparison, generations")
+    s.add_argument("--workspace", help="folder to use (default: TRANSFER_STUDIO_HOME or ./workspace)")
+    s.add_argument("--force", action="store_true", help="add the demo even if the workspace holds your own data")
+    s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_demo)
     # (showcase parsers)
+
+    # (lab parsers)
+    lab_p = sub.add_parser("lab", help="Transfer Lab experiments: compare, freeze, data-size, unsupervised, advise").add_subparsers(
+        dest="lab_command", required=True, parser_class=Parser)
+    for name, what in (("compare", "pretrained vs from scratch: both curves and start / slope / asymptote"),
+                       ("freeze", "sweep k frozen stages (5 = linear probe ... 0 = all train) + the lr/10 rule"),
+                       ("data-size", "accuracy vs labelled images per class, pretrained vs scratch"),
+                       ("unsupervised", "autoencoder pretrained without labels, fine-tuned with few labels, vs scratch"),
+                       ("advise", "size x similarity -> scenario and recommended strategy")):
+        s = lab_p.add_parser(name, help=what)
+        s.add_argument("--data", default="Fruit (sample)", help="workspace dataset, folder/ZIP, 'sample' or a demo key (lab demo-data)")
+        s.add_argument("--preset", default="quick", choices=["quick", "thorough"])
+        s.add_argument("--weights", default="auto", help="the pretrained side: auto | imagenet | mini | FILE.safetensors")
+        s.add_argument("--image-size", type=int, default=None, help="pixels (default: the preset's)")
+        if name == "advise":
+            s.add_argument("--max-per-class", type=int, default=None, help="images per class used to measure similarity")
+        else:
+            s.add_argument("--epochs", type=int, default=None)
+            s.add_argument("--seeds", type=int, default=None, help="runs per setting, averaged (spread shown)")
+            s.add_argument("--batch-size", type=int, default=None)
+            s.add_argument("--lr", type=float, default=None, help="learning rate of the new output layer")
+        if name == "freeze":
+            s.add_argument("--ks", default=None, help="frozen stages to try, e.g. 5,4,3,2,1,0")
+        if name == "data-size":
+            s.add_argument("--sizes", default=None, help="labelled images per class, e.g. 1,5,10,0 (0 = all)")
+        if name == "unsupervised":
+            s.add_argument("--labels-per-class", type=int, default=None)
+            s.add_argument("--ae-epochs", type=int, default=None, help="autoencoder pretraining epochs")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=cmd_lab)
+    s = lab_p.add_parser("demo-data", help="import the built-in similar/different demo datasets into the workspace")
+    s.add_argument("keys", nargs="*", help="similar-small, similar-large, different-small, different-large (default: all)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lab_demo_data)
 
     # (pretrain parsers)
     pre = sub.add_parser("pretrain", help="reproducibly pretrain the bundled mini models").add_subparsers(dest="pretrain_command", required=True, parser_class=Parser)

@@ -1,0 +1,94 @@
+"""An instant demo workspace: every page has something to show seconds after start-up.
+
+`prepare()` adds, each only when missing (so running it twice changes nothing):
+  - the bundled sample dataset,
+  - one finished fine-tuning run on it (curves, confusion matrix, mistakes),
+  - a pretrained-vs-scratch comparison from the Transfer Lab, when the Lab is available,
+  - a few text generations in the history.
+A workspace that holds the user's own data is left alone unless `force=True`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from engine import runs, sample, workspace
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEMO_RUN_TITLE = "Demo: fruit, linear probe from the bundled backbone"
+DEMO_LAB_TITLE = "Demo: pretrained vs from scratch"
+DEMO_PROMPTS = ["The meaning of life is", "A good programmer", "Love is"]
+
+
+def user_data(home: Path | None = None) -> list[str]:
+    """What in this workspace the demo did not make (datasets, runs, generations)."""
+    from engine import history, imagedata
+
+    found = [f"dataset {d['name']!r}" for d in imagedata.list_datasets() if d["name"] != sample.SAMPLE_NAME]
+    found += [f"run {r['title']!r}" for r in runs.list_runs() if not r["title"].startswith("Demo:")]
+    found += [f"generation {g['id']}" for g in history.recent(500) if not g["settings"].get("demo")]
+    return found
+
+
+def _run_in_foreground(kind: str, title: str, config: dict) -> str:
+    """Create a run record and execute it here (not in a worker), so the CLI can wait for it."""
+    from engine import jobs
+
+    run_id = runs.create(kind, title, config)
+    runs.set_status(run_id, "running", device="cpu" if os.environ.get("TRANSFER_STUDIO_DEVICE") == "cpu" else None)
+    ctx = jobs.JobContext(run_id=run_id, config=config, run_dir=runs.run_dir(run_id))
+    status, summary, error = jobs.execute(kind, ctx)
+    runs.set_status(run_id, status, error=error, summary=summary or None)
+    if status != "done":
+        raise UserError(f"the demo {kind} run failed: {error}")
+    return run_id
+
+
+def _has_run(kind: str, title: str) -> bool:
+    return any(r["title"] == title and r["status"] == "done" for r in runs.list_runs(kind))
+
+
+def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab: bool = True) -> dict:
+    """Fill the current workspace (TRANSFER_STUDIO_HOME) with demo content; idempotent."""
+    from engine import vision
+
+    mine = user_data()
+    if mine and not force:
+        raise UserError(f"this workspace holds your own data ({', '.join(mine[:3])}{'…' if len(mine) > 3 else ''}); "
+                        "use another --workspace, or --force to add the demo beside it")
+    done = {"workspace": str(workspace.home()), "added": []}
+    ds = sample.load_sample()
+    if not ds.get("existed"):
+        done["added"].append("sample dataset")
+
+    if not _has_run("finetune", DEMO_RUN_TITLE):
+        cfg = vision.FinetuneConfig(data=sample.SAMPLE_NAME, weights="auto", strategy="linear", epochs=epochs, lr=0.01)
+        _run_in_foreground("finetune", DEMO_RUN_TITLE, asdict(cfg))
+        done["added"].append("fine-tuning run")
+
+    if lab and not _has_run("lab", DEMO_LAB_TITLE):
+        try:
+            from engine import lab as lab_mod
+        except ImportError:
+            lab_mod = None
+        if lab_mod is not None and hasattr(lab_mod, "demo_config"):
+            _run_in_foreground("lab", DEMO_LAB_TITLE, lab_mod.demo_config(sample.SAMPLE_NAME))
+            done["added"].append("pretrained-vs-scratch comparison")
+
+    if generations:
+        from engine import history, text, textgen
+
+        have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
+        todo = [p for p in DEMO_PROMPTS if p not in have]
+        if todo:
+            lm = text.load("auto")
+            for i, prompt in enumerate(todo):
+                cfg = textgen.GenerationConfig(max_new_tokens=40, seed=1000 + i, **textgen.PRESETS["Balanced"])
+                gen = textgen.generate(lm, prompt, cfg)
+                history.save("auto", gen.prompt, {**gen.settings, "demo": True}, [s.completion for s in gen.samples], gen.stats())
+            done["added"].append(f"{len(todo)} generations")
+    return done

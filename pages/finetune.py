@@ -223,6 +223,13 @@ if run_id:
     with friendly_errors("finetune: run view"):
         run_view(run_id)
     st.divider()
+else:  # e.g. a second browser tab: point at what the worker is doing
+    for job in (j for j in manager().active() if j["kind"] == "finetune"):
+        note = st.container(horizontal=True, vertical_alignment="center")
+        note.caption(f"A fine-tuning run is {job.get('phase', 'queued')}: `{job['run_id']}`")
+        if note.button("Watch it", key=f"ft_watch_{job['run_id']}"):
+            show(job["run_id"])
+            st.rerun()
 with friendly_errors("finetune: datasets"):
     datasets = imagedata.list_datasets()
     if not datasets:

@@ -179,7 +179,9 @@ def test_finetune_cancel_button_stops_a_running_job(tmp_path):
     cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="scratch", epochs=500, image_size=32, batch_size=2)
     m = jobs.get_manager()
     run_id = m.submit("finetune", dataclasses.asdict(cfg), "long", device="cpu")
-    at = open_page("pages/finetune.py", run=run_id)
+    at = open_page("pages/finetune.py")  # another session, without the run in its URL: it is pointed at it
+    at.button(key=f"ft_watch_{run_id}").click().run()
+    assert at.query_params["run"] == run_id
     assert not at.exception and at.get("progress")  # the live view (its first draw; polling is tested in the browser)
     at.button(key="ft_cancel").click().run()
     assert m.wait(run_id, timeout=60) == "cancelled"

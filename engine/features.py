@@ -56,7 +56,7 @@ def weights_hash(model: torch.nn.Module, k: int) -> str:
     for st in stages(model)[:k]:
         for name, t in st.state_dict().items():
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy when contiguous
     return h.hexdigest()[:16]
 
 

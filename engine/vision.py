@@ -272,11 +272,14 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], what: 
     """Load every layer but fc from `state`; names and shapes must match exactly."""
     want = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     got = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing = sorted(set(want) - set(got))
+    # older torchvision checkpoints have no BatchNorm step counters; they only matter with momentum=None
+    want_required = {k for k in want if not k.endswith("num_batches_tracked")}
+    missing = sorted(want_required - set(got))
     extra = sorted(set(got) - set(want))
     if missing or extra:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise UserError(f"{what} does not fit this architecture ({detail}); check --model")
+    want = {k: v for k, v in want.items() if k in got}
     for k, v in want.items():
         if tuple(got[k].shape) != tuple(v.shape):
             raise UserError(f"{what}: tensor {k} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}; check --model")
@@ -289,8 +292,17 @@ def build_model(arch: str, n_classes: int, source: sources.Source, seed: int = 0
     """torchvision `arch` with `source` weights in every layer but fc, and a new fc (n_classes, seeded)."""
     import torchvision
 
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)(weights=None)
+    if source.kind in ("imagenet", "mini", "file"):
+        # every backbone tensor is overwritten below: skip the random init (build on the meta device)
+        with torch.device("meta"):
+            model = getattr(torchvision.models, arch)(weights=None)
+        model = model.to_empty(device="cpu")
+        for name, buf in model.named_buffers():
+            if name.endswith("num_batches_tracked"):
+                buf.zero_()
+    else:
+        torch.manual_seed(seed)
+        model = getattr(torchvision.models, arch)(weights=None)
     if source.kind == "imagenet":
         load_backbone_state(model, _load_imagenet(arch, source), f"ImageNet weights for {arch}")
     elif source.kind in ("mini", "file"):
@@ -549,6 +561,7 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     pp = preprocessing_for(source, cfg.image_size)
     n_classes = len(data.classes)
     model = build_model(cfg.model, n_classes, source, seed=cfg.seed)
+    start_hash = features.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
     model = model.to(dev, memory_format=torch.channels_last)
 
     train_x = load_images([p for p, _ in data.train], pp.resize)
@@ -581,7 +594,6 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     start_epoch, best = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
     resume_state = None
     best_state: dict[str, torch.Tensor] = {}  # best weights so far: the part that was trainable then
-    start_hash = features.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
     if getattr(ctx, "resume", False) and (out_dir / "last.json").is_file():
         meta = json.loads((out_dir / "last.json").read_text())
         if meta.get("start_hash") != start_hash:

@@ -213,12 +213,9 @@ def run_view(run_id: str) -> None:
 
 
 run_id = st.query_params.get("run") or st.session_state.get("ft_run")  # a link or a refresh wins
-if run_id:
-    try:
-        runs.get(run_id)
-    except UserError:  # deleted, or a link from another workspace
-        run_id = None
-        show(None)
+if run_id and not any(r["id"] == run_id for r in runs.list_runs("finetune")):
+    run_id = None  # deleted, a link from another workspace, or not a fine-tuning run
+    show(None)
 if run_id:
     with friendly_errors("finetune: run view"):
         run_view(run_id)

@@ -161,8 +161,33 @@ def preprocessing_for(source: sources.Source, image_size: int | None) -> Preproc
         pp = json.loads(card_path.read_text())["preprocessing"] if card_path and card_path.is_file() else {"image_size": 64, "resize": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
         size = image_size or pp["image_size"]
         return Preprocessing(size, round(size * pp["resize"] / pp["image_size"]), pp["mean"], pp["std"])
+    if source.kind == "file" and source.path is not None:
+        # a .safetensors may carry its preprocessing (our exports and pretraining write it in the
+        # metadata), or sit next to a model_card.json like the bundled backbone
+        pp = _file_preprocessing(Path(source.path))
+        if pp:
+            size = image_size or int(pp["image_size"])
+            return Preprocessing(size, round(size * pp["resize"] / pp["image_size"]), list(pp["mean"]), list(pp["std"]))
     size = image_size or 224
     return Preprocessing(size, round(size * 256 / 224), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _file_preprocessing(path: Path) -> dict | None:
+    from engine.export import check_safetensors_header, safetensors_metadata
+
+    try:
+        check_safetensors_header(path)
+        meta = safetensors_metadata(path)
+        pp = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
+        card = path.parent / "model_card.json"
+        if pp is None and card.is_file():
+            pp = json.loads(card.read_text()).get("preprocessing")
+        if pp and 16 <= int(pp["image_size"]) <= 1024 and int(pp["resize"]) >= int(pp["image_size"]) \
+                and len(pp["mean"]) == 3 and len(pp["std"]) == 3 and min(pp["std"]) > 0:
+            return pp
+    except (UserError, ValueError, KeyError, TypeError, OSError):
+        pass  # unreadable files fail later with a clear message when the weights are loaded
+    return None
 
 
 def load_square(img, resize: int) -> torch.Tensor:

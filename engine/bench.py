@@ -114,7 +114,8 @@ def bench_finetune(n_per_class: int = 75, image_size: int = 96, epochs: int = 10
     with temporary_workspace() as tmp:
         folder = fractals.write_shapes_dataset(Path(tmp) / "shapes", n_per_class, size=image_size, seed=0,
                                                shapes=fractals.SHAPES[:n_classes])
-        cfg = vision.FinetuneConfig(data=str(folder), weights=weights, strategy="linear", epochs=epochs, batch_size=32,
+        imagedata.import_path(folder, "bench-shapes")  # a workspace dataset, as in the app: both loops read the same stored files
+        cfg = vision.FinetuneConfig(data="bench-shapes", weights=weights, strategy="linear", epochs=epochs, batch_size=32,
                                     lr=1e-3, optimizer="sgd", schedule="constant", image_size=image_size, seed=0)
         data = imagedata.training_data(cfg.data, cfg.val_fraction, cfg.seed)
         source = sources.resolve_vision(cfg.model, cfg.weights)

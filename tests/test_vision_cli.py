@@ -127,3 +127,14 @@ def test_exit_code_and_error_line_in_a_real_process(tmp_path):
     p = subprocess.run([sys.executable, "-m", "engine", "finetune", "--data", "x", "--out", str(tmp_path / "r"), "--epochs", "0"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == "error: epochs must be an integer from 1 to 1000 (got 0)"
+
+
+def test_bench_finetune_smoke(capsys, workspace_home):
+    # a benchmark, not a timed test: only that it runs end to end and reports what it promises
+    code, stdout, _ = run(["bench", "finetune", "--per-class", "5", "--image-size", "32", "--epochs", "2", "--json"], capsys)
+    assert code == 0
+    r = json.loads(stdout)
+    for key in ("naive_seconds", "linear_seconds", "ratio", "naive_val_acc", "linear_val_acc", "extraction_img_s", "plain_fp32_img_s"):
+        assert key in r, key
+    assert abs(r["naive_val_acc"] - r["linear_val_acc"]) <= 0.01  # same optimisation, computed two ways
+    assert not list(workspace_home.glob("images/*/*"))  # generated data stayed out of the user's workspace

@@ -690,6 +690,8 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
             with devices.autocast(dev, train_amp):
                 logits = forward_from(model, x, k) if cached else model(x)
                 loss = F.cross_entropy(logits.float(), y)
+            if not math.isfinite(loss.item()):
+                raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not a number); lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -186,7 +186,8 @@ def test_partial_keeps_frozen_stages_identical(data, tmp_path):
 
 
 def test_early_stopping(data, tmp_path):
-    s = vision.finetune(cfg_for(data, epochs=40, lr=5.0, early_stopping=1), tmp_path / "es")
+    # AdamW at lr 1 with a constant schedule makes the head jump around: the validation loss soon stops improving
+    s = vision.finetune(cfg_for(data, epochs=40, lr=1.0, optimizer="adamw", schedule="constant", early_stopping=1), tmp_path / "es")
     metrics = json.loads((tmp_path / "es" / "metrics.json").read_text())
     assert s["early_stopped"] and s["epochs_done"] == len(metrics) < 40
 

@@ -92,7 +92,8 @@ if go:
     with friendly_errors("generate"):
         stream = textgen.Stream(lm, prompt, cfg)
         ss.g_stream = {"stream": stream, "spec": spec}
-        st.button("Stop", icon=":material/stop:", help="Stops the model after the current token.")
+        stop_slot = st.empty()
+        stop_slot.button("Stop", icon=":material/stop:", help="Stops the model after the current token.")
         live, shown, last = st.empty(), "", 0.0
         for chunk in stream:
             shown += chunk
@@ -100,6 +101,7 @@ if go:
                 live.markdown(md_escape(prompt + shown) + " ▌")
                 last = time.monotonic()
         live.empty()
+        stop_slot.empty()
         ss.pop("g_stream", None)
         ss.g_last = {"gen": stream.result, "spec": spec, "stopped": False}
         history.save_generation(spec, stream.result)
@@ -134,9 +136,9 @@ if last:
                 colour = next(c for limit, c in COLOURS if s.prob >= limit)
                 body = s.token.lstrip(" ")
                 lead = " " * (len(s.token) - len(body))
-                parts.append(lead + (f":{colour}-background[{md_escape(body)}]" if body.strip() else md_escape(body)))
+                parts.append(lead + (f":{colour}[{md_escape(body)}]" if body.strip() else md_escape(body)))
             st.markdown("".join(parts) or "_no tokens_")
-            st.caption("Background = the model's probability of the token it produced (before temperature/top-k/top-p): "
+            st.caption("Colour = the model's probability of the token it produced (before temperature/top-k/top-p): "
                        "green ≥ 50% · blue ≥ 20% · orange ≥ 5% · red < 5%.")
             st.dataframe(pd.DataFrame({
                 "token": [repr(s.token) for s in scores],

@@ -59,6 +59,7 @@ with st.container(border=True):
                                            block_size=block, batch_size=batch, seed=int(seed), sample_prompt=prompt).validate()
             title = f"{choices[model].split(' (')[0]} on {', '.join(u.name for u in ss.get('tf_files') or []) or 'pasted text'}"
             ss.tf_run = manager().submit("lm-finetune", dataclasses.asdict(cfg), title)
+            st.query_params["run"] = ss.tf_run  # a browser refresh finds the run again
             st.toast("Fine-tuning started in the background.")
 
 
@@ -95,7 +96,8 @@ def results(run: dict) -> None:
             st.caption(title)
             st.markdown(md_escape(body))
     if s.get("losses"):
-        st.plotly_chart(px.line(y=s["losses"], labels={"x": "step", "y": "training loss"}, height=260), width="stretch")
+        st.plotly_chart(px.line(x=list(range(1, len(s["losses"]) + 1)), y=s["losses"], markers=True,
+                                labels={"x": "step", "y": "training loss"}, height=260), width="stretch")
     with st.form(f"tf_compare_{run['id']}", border=False):
         q = st.text_input("Try another prompt on both", value=s["sample_prompt"])
         if st.form_submit_button("Generate with both"):
@@ -119,9 +121,12 @@ if not all_runs:
     st.caption("No text fine-tuning runs yet.")
     st.stop()
 ids = [r["id"] for r in all_runs]
-run_id = st.selectbox("Run", ids, index=ids.index(ss.tf_run) if ss.get("tf_run") in ids else 0, key="tf_pick",
-                      format_func=lambda i: next(f"{r['title']} · {r['status']} · {i}" for r in all_runs if r["id"] == i))
+wanted = ss.get("tf_run") or st.query_params.get("run")
+run_id = st.selectbox("Run", ids, index=ids.index(wanted) if wanted in ids else 0, key="tf_pick",
+                      format_func=lambda i: next(f"{r['title']} · {i}" for r in all_runs if r["id"] == i))
 run = runs.get(run_id)
+st.caption(f"Status: **{run['status']}** · base model `{run['config'].get('model')}` · {run['config'].get('epochs')} epochs · "
+           f"lr {run['config'].get('lr'):g} · block {run['config'].get('block_size')} tokens")
 if run["status"] in runs.ACTIVE or manager().progress(run_id) is not None:
     live(run_id)
 elif run["status"] == "done":

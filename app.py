@@ -9,6 +9,13 @@ from pages.common import manager
 
 st.set_page_config(page_title="Transfer Studio", page_icon="🧪", layout="wide")
 
+PROJECTOR_CSS = """<style>
+.stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer label { font-size: 1.3rem !important; }
+.stMainBlockContainer h1 { font-size: 3.4rem !important; }
+.stMainBlockContainer h3 { font-size: 2rem !important; }
+.stMainBlockContainer button p { font-size: 1.2rem !important; }
+</style>"""
+
 # (file, title, icon, section); a page whose file does not exist yet is simply absent.
 PAGES = [
     ("pages/images.py", "Images", ":material/photo_library:", "Vision"),
@@ -18,21 +25,30 @@ PAGES = [
     ("pages/generate.py", "Generate text", ":material/edit_note:", "Text"),
     ("pages/text_finetune.py", "Fine-tune text", ":material/tune:", "Text"),
     ("pages/lab.py", "Transfer Lab", ":material/science:", "Learn"),
+    ("pages/tour.py", "Guided tour", ":material/slideshow:", "Learn"),
 ]
+# Presentation mode (?present=1, bookmarkable): bigger type, expert controls hidden, the tour first.
+presenting = st.query_params.get("present") == "1"
 root = Path(__file__).parent
 sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
     if (root / file).is_file():
         sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon))
 nav = st.navigation(sections)
+if presenting and nav.url_path == "" and not st.session_state.get("_toured"):
+    st.session_state["_toured"] = True  # a presenter landing on the app starts with the tour, once
+    st.switch_page("pages/tour.py", query_params=st.query_params.to_dict())
+if presenting:
+    st.html(PROJECTOR_CSS)
 
 # A bookmark opened as the server's very first request (see pages/__init__.py).
 deep_link = st.session_state.pop("_deep_link", None)
 if deep_link:
-    wanted = deep_link.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+    url, params = deep_link
+    wanted = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
     for page in (p for group in sections.values() for p in group):
         if page.url_path == wanted and page.url_path != nav.url_path:
-            st.switch_page(page)
+            st.switch_page(page, query_params=params)
 
 
 @st.cache_resource(show_spinner=False)
@@ -50,6 +66,13 @@ def environment() -> dict:
 
 
 with st.sidebar:
+    if st.toggle("Presentation mode", value=presenting, help="Bigger text for a projector, expert controls hidden, the guided tour first. Bookmark it: ?present=1"):
+        if not presenting:
+            st.query_params["present"] = "1"
+            st.rerun()
+    elif presenting:
+        st.query_params.pop("present", None)
+        st.rerun()
     env = environment()
     if "device" not in env:
         st.caption("**Device** · detecting…")

@@ -11,5 +11,5 @@ from streamlit.runtime.pages_manager import PagesManager
 
 if PagesManager.uses_pages_directory:
     PagesManager.uses_pages_directory = False
-    st.session_state["_deep_link"] = st.context.url
+    st.session_state["_deep_link"] = (st.context.url, st.query_params.to_dict())
     st.switch_page("app.py")

@@ -19,6 +19,11 @@ def manager() -> jobs.JobManager:
     return jobs.get_manager()
 
 
+def presenting() -> bool:
+    """Presentation mode (?present=1): pages hide expert controls."""
+    return st.query_params.get("present") == "1"
+
+
 @contextmanager
 def friendly_errors(context: str):
     """Show expected failures as a short message; log unexpected ones with a reference."""

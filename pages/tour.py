@@ -1,0 +1,130 @@
+"""Guided tour: the transfer-learning story in seven steps, with Next/Back, for a live audience."""
+from dataclasses import asdict
+from pathlib import Path
+
+import plotly.express as px
+import streamlit as st
+
+from engine import imagedata, report, runs, sample, sources, vision
+from pages.common import curves, friendly_errors, loaded_model, manager, md_escape, read_json
+
+STEPS = [
+    ("Bring images", "A few labelled photos per class are all it takes: here, four kinds of fruit."),
+    ("Start from a pretrained network", "We reuse a network that already learned to see and only teach it our classes."),
+    ("Watch it learn", "Each point is one pass over the images: accuracy climbs within seconds because the features are already good."),
+    ("See its mistakes", "The confusion matrix shows which fruit it mixes up, and the pictures show why."),
+    ("Predict a new photo", "Show it a photo it has never seen, from the camera or a file."),
+    ("Pretrained vs from scratch", "The same network trained from random weights starts lower, learns slower and ends lower."),
+    ("Generate text", "Transfer works for language too: a pretrained GPT-2-style model continues any sentence."),
+]
+
+step = int(st.query_params.get("step", 1))
+step = min(max(step, 1), len(STEPS))
+title, sentence = STEPS[step - 1]
+st.progress(step / len(STEPS), text=f"Step {step} of {len(STEPS)}")
+st.title(title)
+st.subheader(sentence, divider="blue")
+
+
+def latest_run(status: str | None = None) -> dict | None:
+    done = [r for r in runs.list_runs("finetune") if status is None or r["status"] == status]
+    return done[0] if done else None
+
+
+if step == 1:
+    with friendly_errors("tour sample"):
+        sample.load_sample()
+        counts = imagedata.dataset_counts(sample.SAMPLE_NAME)
+        cols = st.columns(len(counts))
+        for col, (cls, n) in zip(cols, counts.items()):
+            col.image([str(imagedata.thumbnail_path(r["sha256"], r["ext"])) for r in imagedata.list_images(sample.SAMPLE_NAME, cls, 0, 4)],
+                      width=90)
+            col.metric(cls, f"{n} images")
+
+elif step == 2:
+    st.write("The backbone is a ResNet-18. We freeze it and train only a new last layer: the **linear probe**.")
+    source = sources.resolve_vision("resnet18", "auto")
+    st.caption(f"Weights: {source.name}. {source.reason}")
+    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:"):
+        with friendly_errors("tour start"):
+            sample.load_sample()
+            cfg = vision.FinetuneConfig(data=sample.SAMPLE_NAME, strategy="linear", epochs=10, lr=0.01)
+            st.session_state.tour_run = manager().submit("finetune", asdict(cfg), "Tour: linear probe on fruit")
+            st.query_params["step"] = 3
+            st.rerun()
+
+elif step == 3:
+    run_id = st.session_state.get("tour_run") or (latest_run() or {}).get("id")
+
+    @st.fragment(run_every=1)
+    def watch() -> None:
+        if not run_id:
+            st.info("No run yet: go back one step and start one.")
+            return
+        run = runs.get(run_id)
+        p = manager().progress(run_id) or {}
+        st.caption(f"{run['title']} · {p.get('phase', run['status'])}" + (f" · epoch {p['epoch']}/{p['epochs']}" if p.get("epoch") else ""))
+        metrics = read_json(Path(run["dir"]) / "metrics.json", [])
+        if metrics:
+            _, acc = curves({"run": metrics})
+            acc.update_layout(height=420)
+            st.plotly_chart(acc, width="stretch")
+    watch()
+
+elif step == 4:
+    run = latest_run("done")
+    ev = read_json(Path(run["dir"]) / "eval.json", {}) if run else {}
+    if not ev:
+        st.info("Finish a run first (step 2).")
+    else:
+        left, right = st.columns([3, 2])
+        left.plotly_chart(report.confusion_figure(ev), width="stretch")
+        with right:
+            for m in ev["mistakes"][:6]:
+                if Path(m["file"]).is_file():
+                    st.image(m["file"], width=120, caption=f"{m['true']} → {m['pred']} ({m['conf']:.0%})")
+
+elif step == 5:
+    run = latest_run("done")
+    if not run:
+        st.info("Finish a run first (step 2).")
+    else:
+        photo = st.camera_input("Take a photo") or st.file_uploader("…or choose an image", type=["png", "jpg", "jpeg", "webp"])
+        if photo:
+            with friendly_errors("tour predict"):
+                img = imagedata.decode_image(photo.getvalue(), photo.name)
+                model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
+                top = vision.predict(model, [img], top_k=3)[0]
+                c1, c2 = st.columns([1, 2])
+                c1.image(img, width=220)
+                c2.plotly_chart(px.bar(x=[p for _, p in top], y=[label for label, _ in top], orientation="h",
+                                       labels={"x": "probability", "y": ""}, range_x=[0, 1], height=260), width="stretch")
+
+elif step == 6:
+    labs = [r for r in runs.list_runs("lab") if r["status"] == "done"]
+    result = read_json(Path(labs[0]["dir"]) / "result.json", {}) if labs else {}
+    if result.get("curves"):
+        curves_ = {k: v["mean"] if isinstance(v, dict) else v for k, v in result["curves"].items()}
+        st.plotly_chart(report.comparison_figure(curves_, "Validation accuracy per epoch"), width="stretch")
+    else:
+        st.info("No comparison yet: the Transfer Lab runs one in about a minute.")
+    st.page_link("pages/lab.py", label="Open the Transfer Lab", icon=":material/science:")
+
+elif step == 7:
+    from engine import text, textgen
+
+    prompt = st.text_input("Start a sentence", "The best thing about machine learning is")
+    if st.button("Continue it", type="primary"):
+        with friendly_errors("tour generate"):
+            lm = text.load("auto")
+            gen = textgen.generate(lm, prompt, textgen.GenerationConfig(max_new_tokens=40, seed=7, **textgen.PRESETS["Balanced"]))
+            st.info(md_escape(gen.samples[0].text))
+            st.caption(f"{lm.name} · {gen.tokens_per_s:.0f} tokens/s")
+
+back, _, forward = st.columns([1, 4, 1])
+if back.button("Back", disabled=step == 1, icon=":material/arrow_back:", width="stretch"):
+    st.query_params["step"] = step - 1
+    st.rerun()
+if forward.button("Next", disabled=step == len(STEPS), icon=":material/arrow_forward:", type="primary", width="stretch"):
+    st.query_params["step"] = step + 1
+    st.rerun()

@@ -325,6 +325,7 @@ def cmd_lab(args) -> int:
         sizes=_ints(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
         ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None))
     resolved = cfg.resolved()  # bad options fail here, before a run is recorded
+    lab.check_data(cfg.data)
     run_id = runs.create("lab", f"Lab · {lab.EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}",
                          {k: v for k, v in vars(cfg).items() if v is not None})
     stream = sys.stderr if args.json else sys.stdout

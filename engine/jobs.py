@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RUNNERS = {
     "finetune": "engine.vision:run_job",
     "lm-finetune": "engine.lmtrain:run_job",
+    "lab": "engine.lab:run_job",
 }
 # queued + running, per process; more is refused with a clear message
 MAX_QUEUED = int(os.environ.get("TRANSFER_STUDIO_MAX_JOBS", 8))

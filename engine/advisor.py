@@ -1,0 +1,215 @@
+"""Strategy advisor: how big is the dataset, how similar is it to what the backbone was pretrained
+on, and therefore which fine-tuning strategy fits (the four scenarios of CS231n's transfer notes).
+
+Size: labelled images per class (the median over classes).
+
+Similarity: we cannot look at the pretraining data (ImageNet is not on this machine; the mini
+backbone's data is generated), so we measure its *consequence*: do the backbone's frozen
+pretrained features already separate the new classes? A linear probe (logistic regression) is
+cross-validated on three representations of the same images:
+
+    raw pixels (16x16 RGB)            what the images give for free
+    a randomly initialised backbone   what the architecture alone gives (random conv features
+                                      are surprisingly good)
+    the pretrained backbone           what pretraining adds
+
+    similarity = (acc_pretrained - acc_random) / (1 - acc_random)
+
+i.e. the share of the errors left by random features that pretrained features remove: 0 = the
+pretraining taught nothing useful for these classes, 1 = it removes every error. Same
+architecture, same probe, same folds: only the weights differ, so the number is about the
+pretraining, not about how hard the task is.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Thresholds (stated in the UI): rules of thumb, tuned so the built-in demo tasks land in their
+# scenarios. Below SMALL_MAX_PER_CLASS labelled images per class, training many parameters
+# overfits; at or above SIMILAR_MIN, the pretrained features remove most of the random-feature errors.
+SMALL_MAX_PER_CLASS = 100
+SIMILAR_MIN = 0.5
+PIXELS = 16  # raw-pixel baseline: images resized to 16x16x3 = 768 numbers (about the 512 of resnet18 features)
+
+
+@dataclass
+class Advice:
+    scenario: str              # e.g. "small + similar"
+    size: str                  # "small" | "large"
+    similar: bool
+    strategy: str              # a vision.STRATEGIES key
+    headline: str
+    reasons: list[str]
+    config: dict = field(default_factory=dict)  # FinetuneConfig fields to use (besides data/weights)
+    alternative: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def advise(images_per_class: float, similarity: float) -> Advice:
+    """Map (labelled images per class, similarity in [0, 1]) to a scenario and a strategy. Pure."""
+    if not (isinstance(images_per_class, (int, float)) and math.isfinite(images_per_class) and images_per_class >= 0):
+        raise UserError(f"images per class must be a number >= 0 (got {images_per_class!r})")
+    if not (isinstance(similarity, (int, float)) and math.isfinite(similarity)):
+        raise UserError(f"similarity must be a finite number (got {similarity!r})")
+    small = images_per_class < SMALL_MAX_PER_CLASS
+    similar = similarity >= SIMILAR_MIN
+    size = "small" if small else "large"
+    n = f"{images_per_class:.0f} images per class"
+    if small and similar:
+        return Advice("small + similar", size, True, "linear", "Train only a new output layer on the frozen backbone (linear probe).", [
+            f"Few labels ({n}): training millions of weights on them would memorise the images (overfitting).",
+            "The pretrained features already separate your classes, so a new output layer on top is enough.",
+            "It is also the fastest: the frozen features are computed once and cached.",
+        ], {"strategy": "linear", "epochs": 20, "lr": 1e-2})
+    if not small and similar:
+        return Advice("large + similar", size, True, "full", "Fine-tune the whole network, with a small learning rate for the pretrained layers.", [
+            f"Enough labels ({n}) to adjust all layers without overfitting much.",
+            "The features are already good, so the pretrained layers learn 10x slower than the new output layer: adjusted, not overwritten.",
+            "If time is short, fine-tuning only the top layers (partial, k=3) gets most of the gain.",
+        ], {"strategy": "full", "epochs": 10, "lr": 1e-2}, alternative="partial (k=3)")
+    if small and not similar:
+        return Advice("small + different", size, False, "partial", "Keep the early layers frozen, train the later ones, and augment the images.", [
+            f"Few labels ({n}): the whole network would overfit them.",
+            "The pretrained high-level features do not fit your images, but the early layers (edges, colours, textures) are generic and worth keeping.",
+            "Augmentation (flips, crops) makes the few images go further.",
+        ], {"strategy": "partial", "freeze": 2, "epochs": 15, "lr": 1e-2, "augment": ["flip", "crop"]})
+    return Advice("large + different", size, False, "full", "Fine-tune everything (or train from scratch).", [
+        f"Many labels ({n}): the network can afford to learn features for your images.",
+        "The pretrained features fit them poorly, so every layer must change; starting from pretrained weights still usually converges faster than random ones.",
+        "With enough data and time, training from scratch is a fair alternative.",
+    ], {"strategy": "full", "epochs": 15, "lr": 3e-2}, alternative="scratch")
+
+
+def recommended_config(data: str, advice: Advice, weights: str = "auto", image_size: int | None = None):
+    """The FinetuneConfig the advice stands for (what the one-click button submits): the weights
+    and image size that were measured, the strategy and its settings from the advice."""
+    from engine.vision import FinetuneConfig
+
+    return FinetuneConfig(data=data, weights=weights, image_size=image_size, **advice.config).validate()
+
+
+# ----------------------------------------------------------------------------- measuring
+def _folds(y: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Stratified fold id per sample: within each class, a seeded permutation dealt round-robin."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty_like(y)
+    for c in y.unique():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        fold[idx] = torch.arange(len(idx)) % k
+    return fold
+
+
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, seed: int = 0, l2: float = 1e-3) -> float:
+    """Cross-validated accuracy of an L2-regularised logistic regression on features x (N, D).
+
+    Features are standardised with the training fold's statistics; the probe is fitted with
+    L-BFGS to convergence (a convex problem, so no learning rate to tune).
+    """
+    x = x.float().flatten(1)
+    y = y.long()
+    n_classes = int(y.max()) + 1
+    k = max(2, min(folds, int(torch.bincount(y).min())))
+    if torch.bincount(y).min() < 2:
+        raise UserError("every class needs at least 2 images to measure similarity")
+    fold = _folds(y, k, seed)
+    correct = 0
+    for f in range(k):
+        tr, te = fold != f, fold == f
+        mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
+        xtr, xte = (x[tr] - mean) / std, (x[te] - mean) / std
+        w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+        b = torch.zeros(n_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, history_size=10, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(xtr @ w + b, y[tr]) + l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            correct += int(((xte @ w + b).argmax(1) == y[te]).sum())
+    return correct / len(y)
+
+
+@torch.inference_mode()
+def frozen_features(model, k: int, images_uint8: torch.Tensor, pp, dev: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Output of the first k stages (k=5: the pooled feature vector) for uint8 images, float32 on the CPU."""
+    from engine.vision import center_crop, forward_until, normalize
+
+    model.eval()
+    out = [forward_until(model, normalize(center_crop(images_uint8[i:i + batch_size], pp.image_size), pp).to(dev), k).float().cpu()
+           for i in range(0, len(images_uint8), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def similarity_score(acc_pretrained: float, acc_random: float) -> float:
+    """Share of the random-feature errors that the pretrained features remove, clipped to [0, 1]."""
+    if acc_random >= 1.0:
+        return 1.0 if acc_pretrained >= 1.0 else 0.0
+    return max(0.0, min(1.0, (acc_pretrained - acc_random) / (1.0 - acc_random)))
+
+
+def measure(data: str, weights: str = "auto", arch: str = "resnet18", max_per_class: int = 60, seed: int = 0,
+            image_size: int | None = None, ctx=None) -> dict:
+    """Size and similarity of a dataset, the scenario, and the advice. See the module docstring."""
+    from engine import device as devices
+    from engine import imagedata, sources, vision
+
+    ctx = ctx or vision._Quiet()
+    ctx.report(phase="loading", message="reading images")
+    td = imagedata.training_data(data, seed=seed)
+    items = td.train + td.val
+    counts = {c: sum(1 for _, y in items if y == i) for i, c in enumerate(td.classes)}
+    per_class = statistics.median(counts.values())
+    # a bounded sample keeps the measurement to seconds on a CPU
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for i in range(len(td.classes)):
+        mine = [p for p in items if p[1] == i]
+        order = torch.randperm(len(mine), generator=g).tolist()[:max_per_class]
+        picked += [mine[j] for j in sorted(order)]
+    y = torch.tensor([lab for _, lab in picked])
+    source = sources.resolve_vision(arch, weights)
+    if source.kind == "none":
+        raise UserError("the advisor needs pretrained weights to compare with; choose weights other than none")
+    pp = vision.preprocessing_for(source, image_size)
+    images = vision.load_images([p for p, _ in picked], pp.resize)
+    dev = torch.device(getattr(ctx, "device", None) or devices.best_device())
+
+    accs = {}
+    small = F.interpolate(vision.center_crop(images, pp.image_size).float() / 255, size=(PIXELS, PIXELS), mode="bilinear", antialias=True)
+    accs["pixels"] = probe_accuracy(small, y, seed=seed)
+    for name, src in (("random", sources.resolve_vision(arch, "none")), ("pretrained", source)):
+        if ctx.cancelled():
+            return {}
+        ctx.report(phase="extracting", message=f"features of the {name} backbone")
+        model = vision.build_model(arch, len(td.classes), src, seed=seed).to(dev)
+        feats = frozen_features(model, 5, images, pp, dev)
+        accs[name] = probe_accuracy(feats.cpu(), y, seed=seed)
+    sim = similarity_score(accs["pretrained"], accs["random"])
+    adv = advise(per_class, sim)
+    ctx.report(phase="finished", message="measured")
+    return {
+        "data": data, "classes": counts, "images_per_class": per_class, "probe_images": len(picked),
+        "weights": {"kind": source.kind, "name": source.name, "reason": source.reason, "requested": weights},
+        "requested_image_size": image_size,
+        "image_size": pp.image_size, "probe_accuracy": {k: round(v, 4) for k, v in accs.items()},
+        "chance": round(1 / len(td.classes), 4), "similarity": round(sim, 4),
+        "thresholds": {"small_below_images_per_class": SMALL_MAX_PER_CLASS, "similar_at_or_above": SIMILAR_MIN},
+        "advice": adv.to_dict(),
+    }

@@ -1,0 +1,185 @@
+"""Built-in demo tasks for the Transfer Lab: one *similar* and one *different* target task, each
+in a small and a large version, so all four advisor scenarios can be shown without an upload.
+
+similar    Clothing: Fashion-MNIST *test-split* images (never seen in pretraining, but the same
+           kind of picture the bundled mini backbone was pretrained on). A subset is bundled in
+           assets/lab-demo/clothing.npz (MIT licence, Zalando Research); regenerate it with
+           `make_clothing_asset()` where Debian's dataset-fashion-mnist is installed.
+different  Shapes: outlines of simple shapes drawn with thin lines on a plain background,
+           generated here (no files, no fonts). Neither fractal point clouds nor grey clothing
+           silhouettes look like this.
+
+Each version is a normal workspace dataset once imported (`import_demo(key)`), so every page
+(Images, Fine-tune, Lab) can use it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine import imagedata
+from engine.errors import UserError
+from engine.sources import ASSETS
+
+log = logging.getLogger(__name__)
+
+CLOTHING_ASSET = ASSETS / "lab-demo" / "clothing.npz"
+FMNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLOTHING_CLASSES = {"pullover": 2, "coat": 4, "shirt": 6, "sneaker": 7}  # folder name -> Fashion-MNIST label
+CLOTHING_PER_CLASS = 120
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+@dataclass(frozen=True)
+class Demo:
+    key: str
+    name: str          # the workspace dataset name
+    kind: str          # "similar" | "different"
+    per_class: int
+    blurb: str
+
+
+DEMOS: dict[str, Demo] = {d.key: d for d in (
+    Demo("similar-small", "Demo: clothing, 12 per class", "similar", 12,
+         "Grey clothing photos like those the mini backbone was pretrained on; only a few labels."),
+    Demo("similar-large", "Demo: clothing, 120 per class", "similar", CLOTHING_PER_CLASS,
+         "The same clothing task with many labels."),
+    Demo("different-small", "Demo: line shapes, 12 per class", "different", 12,
+         "Thin line drawings of shapes: nothing like the pretraining images; only a few labels."),
+    Demo("different-large", "Demo: line shapes, 120 per class", "different", 120,
+         "The same shapes task with many labels."),
+)}
+
+
+# ----------------------------------------------------------------------------- similar: clothing
+def make_clothing_asset(out: Path = CLOTHING_ASSET, per_class: int = CLOTHING_PER_CLASS) -> Path:
+    """Write the bundled subset from Debian's Fashion-MNIST test split (maintainers only)."""
+    from engine.pretrain import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    keep_x, keep_y = [], []
+    for i, label in enumerate(CLOTHING_CLASSES.values()):
+        idx = np.flatnonzero(labels == label)[:per_class]
+        keep_x.append(images[idx])
+        keep_y.append(np.full(len(idx), i, dtype=np.uint8))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=np.concatenate(keep_x), labels=np.concatenate(keep_y),
+                        classes=np.array(list(CLOTHING_CLASSES)))
+    return out
+
+
+def clothing_images(per_class: int) -> dict[str, list[np.ndarray]]:
+    """class -> the first `per_class` grey 28x28 images of the bundled subset."""
+    if not CLOTHING_ASSET.is_file():
+        raise UserError(f"the clothing demo data is missing from {CLOTHING_ASSET}")
+    with np.load(CLOTHING_ASSET, allow_pickle=False) as z:  # plain arrays only: no pickle
+        images, labels, classes = z["images"], z["labels"], [str(c) for c in z["classes"]]
+    return {c: list(images[labels == i][:per_class]) for i, c in enumerate(classes)}
+
+
+# ----------------------------------------------------------------------------- different: line shapes
+def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "circle":
+        t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    elif shape == "square":
+        t = np.pi / 4 + np.arange(4) * np.pi / 2
+    elif shape == "triangle":
+        t = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+    else:
+        raise ValueError(shape)
+    t = t + angle
+    return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in t]
+
+
+def shape_image(shape: str, rng: np.random.Generator, size: int = 64):
+    """One line drawing: a thin outline at a random place, size and angle, ink on paper."""
+    from PIL import Image, ImageDraw
+
+    paper = rng.uniform(200, 255, 3)
+    ink = paper * rng.uniform(0.0, 0.45)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in paper))
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.18, 0.36) * size
+    cx, cy = rng.uniform(r + 2, size - r - 2, 2)
+    angle = rng.uniform(0, 2 * np.pi)
+    width = int(rng.integers(1, 3))
+    colour = tuple(int(v) for v in ink)
+    if shape == "cross":
+        for a in (angle, angle + np.pi / 2):
+            dx, dy = r * np.cos(a), r * np.sin(a)
+            draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=colour, width=width)
+    else:
+        pts = _shape_points(shape, cx, cy, r, angle)
+        draw.line(pts + [pts[0]], fill=colour, width=width, joint="curve")
+    arr = np.asarray(img, dtype=np.float64) + rng.normal(0, 4, (size, size, 3))  # a little paper grain
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+# ----------------------------------------------------------------------------- import
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def demo_members(key: str, seed: int = 0) -> imagedata.Collected:
+    """The demo's images as in-memory class members (deterministic for a given seed)."""
+    from PIL import Image
+
+    demo = DEMOS.get(key)
+    if demo is None:
+        raise UserError(f"unknown demo {key!r}; choose one of {', '.join(DEMOS)}")
+    col = imagedata.Collected()
+    if demo.kind == "similar":
+        for cls, images in clothing_images(demo.per_class).items():
+            for i, a in enumerate(images):
+                col.members.append(imagedata.Member(cls, f"{cls}/{cls}_{i:03d}.png", _png(Image.fromarray(a, "L"))))
+    else:
+        rng = np.random.default_rng([seed, 7])
+        for cls in SHAPES:
+            for i in range(demo.per_class):
+                col.members.append(imagedata.Member(cls, f"{cls}/{cls}_{i:03d}.png", _png(shape_image(cls, rng))))
+    return col
+
+
+def import_demo(key: str) -> dict:
+    """Import a demo as a workspace dataset (idempotent: an existing dataset of that name is kept)."""
+    demo = DEMOS.get(key)
+    if demo is None:
+        raise UserError(f"unknown demo {key!r}; choose one of {', '.join(DEMOS)}")
+    if any(d["name"] == demo.name for d in imagedata.list_datasets()):
+        return {"dataset": demo.name, "classes": imagedata.dataset_counts(demo.name), "existed": True}
+    col = demo_members(key)
+    imagedata.create_dataset(demo.name)
+    try:
+        results = imagedata.import_collected(demo.name, col)
+        counts = imagedata.dataset_counts(demo.name)
+        why = imagedata.usability(counts)
+        if why:
+            raise UserError(why)
+    except BaseException:
+        imagedata.delete_dataset(demo.name)
+        raise
+    bad = [r for r in results if r["status"] != "accepted"]
+    if bad:
+        log.info("demo %s: %d images not accepted (%s)", key, len(bad), bad[0]["reason"])
+    return {"dataset": demo.name, "classes": counts, "existed": False}
+
+
+def ensure_dataset(data: str) -> str:
+    """Make a name usable: the sample and the demos are imported on first use; others pass through."""
+    from engine import sample
+
+    names = {d["name"] for d in imagedata.list_datasets()}
+    if data in names:
+        return data
+    if data in ("sample", sample.SAMPLE_NAME):
+        return sample.load_sample()["dataset"]
+    for demo in DEMOS.values():
+        if data in (demo.key, demo.name):
+            return import_demo(demo.key)["dataset"]
+    return data

@@ -1,0 +1,188 @@
+"""Transfer Lab: watch, with real training runs, what pretraining buys and which strategy fits a dataset."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import streamlit as st
+
+from engine import advisor, demodata, imagedata, lab, runs, sample
+from pages import lab_charts as charts
+from pages.common import friendly_errors, manager
+
+st.title("Transfer Lab")
+st.caption("Real training runs, side by side. Each experiment runs in the background and its curves fill in while it learns.")
+
+TABS = {
+    "compare": ("Pretrained vs scratch", "Does starting from pretrained weights help?",
+                "The same network, data, epochs and optimiser twice: once from pretrained weights, once from random ones."),
+    "freeze": ("How much to freeze", "How many layers should keep their pretrained weights?",
+               "k = how many of the 5 stages stay frozen: k=5 trains only a new output layer (a linear probe), k=0 trains everything."),
+    "data-size": ("Less data", "What if you only have a few labelled images?",
+                  "Pretrained and from-scratch networks trained on 1, 5, 10 … labelled images per class, tested on the same held-out images."),
+    "unsupervised": ("Learning without labels", "Can a network learn useful features from images without any labels?",
+                     "A small autoencoder learns to redraw the images (no labels), then its encoder is trained with a few labels, vs the same encoder from random weights."),
+    "advise": ("Strategy advisor", "Which fine-tuning strategy fits this dataset?",
+               "Measures how many images per class you have and how much the pretrained features already separate your classes."),
+}
+
+
+# ----------------------------------------------------------------------------- data and options
+def choose_data() -> str | None:
+    names = [d["name"] for d in imagedata.list_datasets()]
+    a, b = st.columns([3, 2], vertical_alignment="bottom")
+    if not names:
+        a.info("No dataset yet: load the bundled sample (4 fruit classes) or the demo tasks.", icon=":material/photo_library:")
+    if b.button("Load the sample and the 4 demo tasks", icon=":material/download:", key="lab_demo",
+                help="Fruit sample; clothing photos (similar to the pretraining images) and line drawings (different), "
+                     "each with 12 or 120 images per class."):
+        with friendly_errors("lab: demo data"), st.spinner("Adding datasets…"):
+            sample.load_sample()
+            for key in demodata.DEMOS:
+                demodata.import_demo(key)
+            st.rerun()
+    if not names:
+        return None
+    default = names.index(sample.SAMPLE_NAME) if sample.SAMPLE_NAME in names else 0
+    return a.selectbox("Dataset", names, index=default, key="lab_data")
+
+
+def options() -> dict:
+    with st.expander("Options"):
+        c = st.columns(3)
+        preset = c[0].radio("Preset", lab.PRESET_NAMES, horizontal=True, key="lab_preset",
+                            captions=["about a minute", "several minutes, more seeds"])
+        epochs = c[1].number_input("Epochs (0 = preset)", 0, 200, 0, key="lab_epochs")
+        seeds = c[2].number_input("Seeds to average (0 = preset)", 0, 10, 0, key="lab_seeds")
+    return {"preset": preset, "epochs": int(epochs) or None, "seeds": int(seeds) or None}
+
+
+# ----------------------------------------------------------------------------- results
+def numbers(state: dict) -> None:
+    """The three benefits beside the curves: pretrained value, difference to scratch, one-line reading."""
+    b = (state.get("result") or {}).get("benefits") or {}
+    g, readings = b.get("groups") or {}, b.get("readings") or {}
+    for key, title, fmt in (("start", "Higher start · after epoch 1", "{:.0%}"),
+                            ("slope", f"Higher slope · points/epoch, first {b.get('early_epochs', 3)}", "{:.0f}"),
+                            ("asymptote", "Higher asymptote · best accuracy", "{:.0%}")):
+        p, s = (g.get(side, {}).get(key, {}) for side in ("pretrained", "scratch"))
+        if p.get("mean") is None or s.get("mean") is None:
+            st.metric(title, "–")
+            continue
+        scale = 100 if key == "slope" else 1
+        delta = (p["mean"] - s["mean"]) * 100
+        st.metric(title, fmt.format(p["mean"] * scale), f"{delta:+.0f} points vs scratch ({fmt.format(s['mean'] * scale)})",
+                  help=f"Spread over seeds: ± {p['std'] * 100:.0f} points (pretrained), ± {s['std'] * 100:.0f} (scratch)")
+        if readings.get(key):
+            st.caption(readings[key])
+
+
+def show_result(state: dict, run_dir: Path) -> None:
+    exp = state.get("experiment")
+    res = state.get("result") or {}
+    if exp == "advise":
+        return show_advice(res) if res.get("advice") else None
+    if exp == "unsupervised" and state.get("ae"):
+        a, b = st.columns([2, 3])
+        a.plotly_chart(charts.ae_loss_figure(state), key="lab_ae_loss")
+        if (run_dir / "reconstructions.png").is_file():
+            b.image(str(run_dir / "reconstructions.png"), caption="Top: held-out images · bottom: the autoencoder's redrawing of them (it never saw a label)")
+    if exp in ("compare", "unsupervised"):
+        left, right = st.columns([3, 1], gap="large")
+        names = ({"pretrained": "pretrained encoder (no labels used)", "scratch": "same encoder, random start"} if exp == "unsupervised"
+                 else {"pretrained": f"pretrained ({(state.get('weights') or {}).get('name', '')})", "scratch": "from scratch (random weights)"})
+        left.plotly_chart(charts.curves_figure(state, "Accuracy while training (band = spread over seeds)", names), key=f"lab_curves_{exp}")
+        with right:
+            numbers(state)
+    elif exp == "freeze":
+        a, b = st.columns(2)
+        a.plotly_chart(charts.freeze_figure(state), key="lab_freeze")
+        b.plotly_chart(charts.lr_rule_figure(state), key="lab_rule")
+        if res.get("lr_rule"):
+            r = res["lr_rule"]
+            b.caption(f"Pretrained layers at lr/10: best {r['rule']:.0%} · one learning rate for all: {r['one_lr']:.0%}.")
+    elif exp == "data-size":
+        st.plotly_chart(charts.data_size_figure(state), key="lab_size")
+        gaps = res.get("gap") or []
+        if gaps:
+            st.caption("Gap (pretrained − scratch): " + " · ".join(f"{g['x']:.0f}/class: {g['gap'] * 100:+.0f} points" for g in gaps))
+
+
+def show_advice(res: dict) -> None:
+    adv = res["advice"]
+    a, b = st.columns(2)
+    a.plotly_chart(charts.advisor_figure(res), key="lab_quadrants")
+    b.plotly_chart(charts.probe_figure(res), key="lab_probe")
+    st.success(f"**{adv['scenario']}** → **{adv['strategy']}**: {adv['headline']}", icon=":material/recommend:")
+    for r in adv["reasons"]:
+        st.markdown(f"- {r}")
+    acc = res["probe_accuracy"]
+    st.caption(f"{res['images_per_class']:.0f} labelled images per class (small below {res['thresholds']['small_below_images_per_class']}); "
+               f"similarity {res['similarity']:.2f} = share of the random network's mistakes that the pretrained features fix "
+               f"({acc['random']:.0%} → {acc['pretrained']:.0%}; similar at ≥ {res['thresholds']['similar_at_or_above']}). "
+               f"Weights: {res['weights']['name']}.")
+    cfg = advisor.recommended_config(res["data"], advisor.Advice(**adv), res["weights"].get("requested", "auto"),
+                                     res.get("requested_image_size"))
+    label = f"Start this run on the Fine-tune page ({cfg.strategy}" + (f", k={cfg.freeze}" if cfg.strategy == "partial" else "") + f", {cfg.epochs} epochs)"
+    if st.button(label, type="primary", icon=":material/play_arrow:", key="lab_start_advised"):
+        with friendly_errors("lab: start advised run"):
+            run_id = manager().submit("finetune", dataclasses.asdict(cfg), f"{cfg.data} · resnet18 · {cfg.strategy} (advised)")
+            st.session_state["ft_run"] = run_id
+            st.switch_page("pages/finetune.py", query_params={"run": run_id})
+
+
+def live(run_id: str, drawn_active: bool) -> None:
+    run = runs.get(run_id)
+    active = run["status"] in runs.ACTIVE
+    if drawn_active and not active:
+        st.rerun()  # just finished: redraw once without polling
+    state = lab.read_result(run["dir"]) or {}
+    if active:
+        prog = manager().progress(run_id) or {}
+        pos = manager().queue_position(run_id)
+        done = sum(1 for r in state.get("runs", []) if r.get("done"))
+        total = len(state.get("runs", [])) or 1
+        frac = (done + (prog.get("epoch") or 0) / max(1, prog.get("epochs") or 1)) / total if prog.get("runs") else 0.0
+        text = f"Queued: {pos} job(s) ahead" if pos else prog.get("message") or prog.get("phase") or "starting"
+        a, b = st.columns([5, 1], vertical_alignment="bottom")
+        a.progress(min(frac, 1.0), text=text)
+        if b.button("Cancel", icon=":material/stop:", key=f"lab_cancel_{run_id}", help="Stops now; finished runs are kept."):
+            manager().cancel(run_id)
+    elif run["status"] == "failed":
+        st.error(f"The experiment failed: {run.get('error') or 'no reason recorded'}")
+    elif run["status"] in ("cancelled", "interrupted"):
+        st.warning(f"This experiment was {run['status']}; the runs that finished are shown.")
+    if state:
+        show_result(state, Path(run["dir"]))
+
+
+def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
+    _, question, how = TABS[exp]
+    st.subheader(question)
+    st.caption(how)
+    mine = [r for r in runs.list_runs("lab") if r["config"].get("experiment") == exp]
+    start = st.button("Run it" if exp != "advise" else "Measure this dataset", type="primary", icon=":material/play_arrow:",
+                      key=f"lab_start_{exp}", disabled=data is None)
+    if start:
+        with friendly_errors(f"lab: start {exp}"):
+            cfg = lab.LabConfig(exp, data=data, preset=opts["preset"],
+                                **({} if exp == "advise" else {"epochs": opts["epochs"], "seeds": opts["seeds"]}))
+            st.session_state[f"lab_{exp}"] = lab.submit(cfg, manager())
+            st.rerun()
+    if not mine:
+        return
+    ids = [r["id"] for r in mine]
+    wanted = st.session_state.get(f"lab_{exp}")
+    pick = st.selectbox("Results", ids, index=ids.index(wanted) if wanted in ids else 0, key=f"lab_pick_{exp}",
+                        format_func=lambda i: next(f"{r['title'].split(' · ', 2)[-1]} · {r['status']} · {i}" for r in mine if r["id"] == i))
+    active = runs.get(pick)["status"] in runs.ACTIVE
+    st.fragment(run_every=1 if active else None)(live)(pick, active)
+
+
+with friendly_errors("lab: page"):
+    data = choose_data()
+    opts = options()
+    tabs = st.tabs([TABS[e][0] for e in TABS])
+    for tab, exp in zip(tabs, TABS):
+        with tab:
+            experiment_tab(exp, data, opts)

@@ -1,0 +1,145 @@
+"""Plotly figures for the Transfer Lab page, from a lab.json state (engine/lab.py). Not a page."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+PRE, SCR, RULE = "#1f77b4", "#ff7f0e", "#2ca02c"
+COLORS = {"pretrained": PRE, "scratch": SCR, "one-lr": PRE, "rule": RULE}
+LAYOUT = dict(height=380, margin=dict(l=10, r=10, t=50, b=10), legend=dict(orientation="h", y=-0.2), hovermode="x unified")
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    return f"rgba({int(h[0:2], 16)}, {int(h[2:4], 16)}, {int(h[4:6], 16)}, {alpha})"
+
+
+def _band(fig: go.Figure, curve: dict, name: str, color: str, dash: str | None = None) -> None:
+    """Mean line with a min-max band over seeds (the band appears with 2+ seeds)."""
+    x = curve["epoch"]
+    if max(curve.get("n") or [1]) > 1:
+        fig.add_scatter(x=x + x[::-1], y=curve["max"] + curve["min"][::-1], fill="toself", fillcolor=_rgba(color, 0.15),
+                        line=dict(width=0), hoverinfo="skip", showlegend=False)
+    fig.add_scatter(x=x, y=curve["mean"], name=name, mode="lines+markers", line=dict(color=color, width=3, dash=dash))
+
+
+def curves_figure(state: dict, title: str, names: dict[str, str]) -> go.Figure:
+    """Validation accuracy per epoch, pretrained vs scratch (mean over seeds, band = spread)."""
+    fig = go.Figure()
+    curves = (state.get("result") or {}).get("curves") or {}
+    for group, name in names.items():
+        c = curves.get(group)
+        if c and c["epoch"]:
+            _band(fig, c, name, COLORS[group])
+    chance = 1 / max(1, len((state.get("data") or {}).get("classes") or [1, 1]))
+    fig.add_hline(y=chance, line=dict(color="grey", dash="dot"), annotation_text="guessing", annotation_position="bottom right")
+    fig.update_layout(title=title, xaxis_title="epochs of training", yaxis_title="accuracy on held-out images", **LAYOUT)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    fig.update_xaxes(tickmode="linear", dtick=1 if max((len(c["epoch"]) for c in curves.values()), default=0) <= 16 else 5)
+    _annotate_benefits(fig, state)
+    return fig
+
+
+def _annotate_benefits(fig: go.Figure, state: dict) -> None:
+    """Arrows on the curves where the three benefits are read off."""
+    res = state.get("result") or {}
+    c = res.get("curves") or {}
+    p, s = c.get("pretrained"), c.get("scratch")
+    if not (p and s and len(p["mean"]) > 1 and len(s["mean"]) > 1):
+        return
+    fig.add_annotation(x=1, y=p["mean"][1], text="start", showarrow=True, arrowhead=2, ax=-40, ay=-30, font=dict(color=PRE))
+    if state.get("status") == "done":
+        best = max(range(1, len(p["mean"])), key=lambda i: p["mean"][i])
+        fig.add_annotation(x=p["epoch"][best], y=p["mean"][best], text="asymptote", showarrow=True, arrowhead=2, ax=0, ay=-30,
+                           font=dict(color=PRE))
+
+
+def freeze_figure(state: dict) -> go.Figure:
+    """Best accuracy (bars, with spread) and seconds per run (line) for each number of frozen stages."""
+    pts = ((state.get("result") or {}).get("sweep") or {}).get("one-lr") or []
+    labels = {5: "k=5<br>linear probe", 0: "k=0<br>all layers"}
+    x = [labels.get(int(p["x"]), f"k={int(p['x'])}") for p in pts][::-1]
+    pts = pts[::-1]
+    fig = go.Figure()
+    fig.add_bar(x=x, y=[p["best_val_acc"]["mean"] for p in pts], name="best accuracy", marker_color=PRE,
+                error_y=dict(type="data", array=[p["best_val_acc"]["std"] for p in pts]),
+                customdata=[p["trainable_params"] for p in pts], hovertemplate="%{y:.1%} · %{customdata:,} trainable weights")
+    fig.add_scatter(x=x, y=[p["seconds"]["mean"] for p in pts], name="seconds per run", yaxis="y2", mode="lines+markers",
+                    line=dict(color=SCR, width=3))
+    fig.update_layout(title="Frozen stages k (of stem, layer1 … layer4) → accuracy and training time",
+                      yaxis=dict(title="best accuracy", range=[0, 1.02], tickformat=".0%"),
+                      yaxis2=dict(title="seconds", overlaying="y", side="right", rangemode="tozero", showgrid=False), **LAYOUT)
+    return fig
+
+
+def lr_rule_figure(state: dict) -> go.Figure:
+    fig = go.Figure()
+    curves = (state.get("result") or {}).get("curves") or {}
+    for group, name in (("rule", "pretrained layers at lr/10"), ("one-lr", "one lr for all layers")):
+        c = curves.get(group)
+        if c and c["epoch"]:
+            _band(fig, c, name, COLORS[group])
+    fig.update_layout(title="All layers train (k=0): the 10x-smaller learning-rate rule", xaxis_title="epochs",
+                      yaxis_title="accuracy", **LAYOUT)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return fig
+
+
+def data_size_figure(state: dict) -> go.Figure:
+    """Accuracy vs labelled images per class (log axis), pretrained vs scratch; the gap shaded."""
+    sweep = (state.get("result") or {}).get("sweep") or {}
+    fig = go.Figure()
+    for group, name in (("pretrained", "pretrained"), ("scratch", "from scratch")):
+        pts = sweep.get(group) or []
+        if pts:
+            fig.add_scatter(x=[p["x"] for p in pts], y=[p["best_val_acc"]["mean"] for p in pts], name=name, mode="lines+markers",
+                            line=dict(color=COLORS[group], width=3), fill="tonexty" if group == "scratch" else None,
+                            fillcolor=_rgba(PRE, 0.12), error_y=dict(type="data", array=[p["best_val_acc"]["std"] for p in pts]))
+    fig.update_layout(title="Labelled images per class → accuracy (the shaded gap is what pretraining buys)",
+                      xaxis_title="labelled training images per class", yaxis_title="best accuracy", **LAYOUT)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return fig
+
+
+def ae_loss_figure(state: dict) -> go.Figure:
+    loss = (state.get("ae") or {}).get("loss") or []
+    fig = go.Figure(go.Scatter(x=list(range(1, len(loss) + 1)), y=loss, mode="lines", line=dict(color=RULE, width=3)))
+    fig.update_layout(title="Step 1 · learning without labels: reconstruction error", xaxis_title="autoencoder epochs",
+                      yaxis_title="error (MSE)", height=300, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def advisor_figure(result: dict) -> go.Figure:
+    """The four scenarios as quadrants; the dataset is the dot."""
+    th = result["thresholds"]
+    n, sim = max(1.0, float(result["images_per_class"])), result["similarity"]
+    small, simmin = th["small_below_images_per_class"], th["similar_at_or_above"]
+    lo, hi = 1, max(2000, n * 2)
+    fig = go.Figure()
+    quads = [((lo, small), (simmin, 1.05), "small + similar", "linear probe"),
+             ((small, hi), (simmin, 1.05), "large + similar", "fine-tune, small lr"),
+             ((lo, small), (-0.05, simmin), "small + different", "freeze early layers, augment"),
+             ((small, hi), (-0.05, simmin), "large + different", "fine-tune all / scratch")]
+    mine = result["advice"]["scenario"]
+    for (x0, x1), (y0, y1), name, what in quads:
+        fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, line=dict(width=1, color="grey"),
+                      fillcolor=_rgba(RULE if name == mine else "#999999", 0.25 if name == mine else 0.06), layer="below")
+        fig.add_annotation(x=(x0 * x1) ** 0.5, y=(y0 + y1) / 2, text=f"<b>{name}</b><br>{what}", showarrow=False,
+                           font=dict(size=13))
+    fig.add_scatter(x=[n], y=[sim], mode="markers+text", text=[result.get("data", "")], textposition="top center",
+                    marker=dict(size=18, color=PRE, line=dict(width=2, color="white")), showlegend=False)
+    fig.update_layout(title="Where your dataset sits", height=420, margin=dict(l=10, r=10, t=50, b=10),
+                      xaxis=dict(title="labelled images per class", type="log", range=[0, __import__("math").log10(hi)]),
+                      yaxis=dict(title="similarity to the pretraining data", range=[-0.05, 1.05]))
+    return fig
+
+
+def probe_figure(result: dict) -> go.Figure:
+    acc = result["probe_accuracy"]
+    names = {"pixels": "raw pixels", "random": "random-init network", "pretrained": "pretrained network"}
+    fig = go.Figure(go.Bar(x=[names[k] for k in ("pixels", "random", "pretrained")], y=[acc[k] for k in ("pixels", "random", "pretrained")],
+                           marker_color=["#999999", SCR, PRE], text=[f"{acc[k]:.0%}" for k in ("pixels", "random", "pretrained")]))
+    fig.add_hline(y=result["chance"], line=dict(color="grey", dash="dot"), annotation_text="guessing")
+    fig.update_layout(title="How well a simple classifier separates your classes using…", height=420,
+                      margin=dict(l=10, r=10, t=50, b=10), yaxis=dict(range=[0, 1.02], tickformat=".0%"))
+    return fig

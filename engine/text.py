@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class LM:
         return sum(p.numel() for p in self.model.parameters())
 
 
-_cache: dict[tuple, LM] = {}
+MAX_LOADED = 4  # models kept in memory per process; the least recently used one is dropped
+_cache: "OrderedDict[tuple, LM]" = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -75,6 +77,9 @@ def load(spec: str = "auto", dtype: str | None = None) -> LM:
     with _cache_lock:
         if key not in _cache:
             _cache[key] = _load(spec, source, dtype)
+            while len(_cache) > MAX_LOADED:
+                _cache.popitem(last=False)
+        _cache.move_to_end(key)
         return _cache[key]
 
 

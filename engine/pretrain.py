@@ -320,6 +320,7 @@ class TextPretrainConfig:
     eval_every: int = 120          # evaluate and write a usable checkpoint this often
     threads: int = 1               # on a shared 2-core machine one thread was 2-4x faster than two
     state_dir: Path | None = None  # optimizer state for --resume (defaults to workspace/cache)
+    data_dir: Path | None = None   # default FORTUNES_DIR
 
 
 def clean_fortune(raw: str) -> str | None:
@@ -354,10 +355,11 @@ def clean_fortune(raw: str) -> str | None:
     return out if letters / len(out) >= 0.75 else None
 
 
-def load_fortunes(folder: Path = FORTUNES_DIR) -> tuple[list[str], list[str]]:
+def load_fortunes(folder: Path | None = None) -> tuple[list[str], list[str]]:
     """All cleaned fortunes (in file order) and the file names they came from."""
     from engine.errors import UserError
 
+    folder = Path(folder or FORTUNES_DIR)
     if not folder.is_dir():
         raise UserError(f"no fortunes text at {folder}; install it with `apt-get install fortunes`")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.suffix and p.name not in FORTUNES_SKIP)
@@ -512,6 +514,8 @@ anything outside the style of its tiny corpus. It is a teaching model, far below
 Sample (prompt `{s['prompt']}`, seed {s['seed']}, temperature {s['temperature']}, top-k {s['top_k']}):
 
 > {s['text'].replace(chr(10), chr(10) + '> ')}
+
+The same text again: `{s.get('command', '')}`
 """
 
 
@@ -528,7 +532,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
 
     quiet_transformers()
     torch.set_num_threads(cfg.threads)
-    fortunes, files = load_fortunes()
+    fortunes, files = load_fortunes(cfg.data_dir)
     # A fixed shuffle of whole fortunes, then 95% / 5%: validation fortunes are never trained on.
     order = list(range(len(fortunes)))
     random.Random(cfg.seed).shuffle(order)
@@ -572,21 +576,27 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         start, max_steps, elapsed_before = meta["step"], meta["max_steps"], meta.get("seconds", 0.0)
         log.info("resuming at step %d of %d", start, max_steps)
 
-    def card_for(step: int, seconds: float, val_loss: float, partial: bool) -> dict:
-        model.eval()
-        sample = {"prompt": "The meaning of life is", "seed": 0, "temperature": 0.8, "top_k": 40, "max_new_tokens": 60}
-        ids = tokenizer(sample["prompt"], return_tensors="pt")
-        torch.manual_seed(sample["seed"])
-        with torch.no_grad():
-            out = model.generate(**ids, do_sample=True, temperature=0.8, top_k=40, max_new_tokens=60, pad_token_id=tokenizer.eos_token_id)
-        sample["text"] = tokenizer.decode(out[0], skip_special_tokens=True)
-        model.train()
+    def card_for(step: int, seconds: float, val_loss: float, partial: bool, stored) -> dict:
+        # The sample comes from the weights as stored (fp16, run in fp32) through the app's own generation
+        # path, so `python -m engine generate` with the card's settings prints the same text.
+        from engine import sources as srcs
+        from engine import text as textmod
+        from engine import textgen
+
+        sample = {"prompt": "The meaning of life is", "seed": 0, "temperature": 0.8, "top_k": 40, "top_p": 1.0,
+                  "repetition_penalty": 1.0, "max_new_tokens": min(60, cfg.block_size // 2)}
+        lm = textmod.LM(stored.eval(), tokenizer, "mini-gpt2", str(cfg.out), srcs.Source("mini", "mini-gpt2", ""), torch.device("cpu"),
+                        torch.float32, "fp32", cfg.block_size, textmod.decode_threads(stored, torch.device("cpu")))
+        gen = textgen.generate(lm, sample["prompt"], textgen.GenerationConfig(**{k: v for k, v in sample.items() if k != "prompt"}))
+        sample["text"] = gen.samples[0].text
+        sample["command"] = (f"python -m engine generate --model mini --prompt \"{sample['prompt']}\" --seed 0 --temperature 0.8 "
+                             f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {sample['max_new_tokens']}")
         tokens_per_byte = len(val_data) / val_bytes
         return {
             "name": "mini-gpt2",
             "partial": partial,
             "data": {
-                "source": f"Debian package `fortunes` ({FORTUNES_DIR})", "files": files, "skipped": sorted(FORTUNES_SKIP),
+                "source": f"Debian package `fortunes` ({cfg.data_dir or FORTUNES_DIR})", "files": files, "skipped": sorted(FORTUNES_SKIP),
                 "fortunes": len(fortunes), "bytes": sum(len(t.encode()) for t in fortunes),
                 "train_tokens": len(train_data), "val_tokens": len(val_data), "val_fraction": cfg.val_fraction,
             },
@@ -603,12 +613,12 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         }
 
     def checkpoint(step: int, seconds: float, partial: bool) -> dict:
-        val_loss = _evaluate(model, val_data, cfg.block_size)
-        card = card_for(step, seconds, val_loss, partial)
-        # What the app will actually load: fp16 weights as stored, run in fp32.
         import copy
 
+        val_loss = _evaluate(model, val_data, cfg.block_size)
+        # What the app will actually load: fp16 weights as stored, run in fp32.
         stored = copy.deepcopy(model).to(torch.float16).float()
+        card = card_for(step, seconds, val_loss, partial, stored)
         card["metrics"]["val_perplexity_fp16"] = round(math.exp(_evaluate(stored, val_data, cfg.block_size)), 2)
         _export(model, tokenizer, cfg.out, card)
         _save_state(state_dir, model, optimizer, step, {"max_steps": max_steps, "seconds": seconds, "seed": cfg.seed})

@@ -219,14 +219,22 @@ def _gen_case(name: str, model, tokenizer, prompt_ids: list[int], new_tokens: in
         assert len(samples[0].token_ids) == new_tokens
         return new_tokens / (time.perf_counter() - t)
 
+    def plain_same_threads() -> float:  # separates the thread choice from the rest of the path
+        with text.thread_count(threads):
+            return plain()
+
     greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
     balanced = textgen.PRESETS["Balanced"]
     plain(), project(greedy)  # warm-up: allocator, kernels, first-call overheads
-    best = {"plain": 0.0, "greedy": 0.0, "balanced": 0.0}
+    best = {"plain": 0.0, "plain_same_threads": 0.0, "greedy": 0.0, "balanced": 0.0}
     for _ in range(repeats):
         best["plain"] = max(best["plain"], plain())
+        if threads:
+            best["plain_same_threads"] = max(best["plain_same_threads"], plain_same_threads())
         best["greedy"] = max(best["greedy"], project(greedy))
         best["balanced"] = max(best["balanced"], project(balanced))
+    if not threads:
+        best["plain_same_threads"] = best["plain"]
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -235,6 +243,8 @@ def _gen_case(name: str, model, tokenizer, prompt_ids: list[int], new_tokens: in
         "plain_hf_fp32_tokens_per_s": round(best["plain"], 1),
         "project_tokens_per_s": round(best["greedy"], 1),
         "ratio": round(best["greedy"] / best["plain"], 2),
+        "plain_hf_fp32_project_threads_tokens_per_s": round(best["plain_same_threads"], 1),
+        "ratio_same_threads": round(best["greedy"] / best["plain_same_threads"], 2),
         "project_balanced_tokens_per_s": round(best["balanced"], 1),
         "ratio_balanced": round(best["balanced"] / best["plain"], 2),
         "project_dtype": str(dtype).replace("torch.", ""),
@@ -253,6 +263,9 @@ def bench_generate(new_tokens: int = 64, repeats: int = 3, threads: int = 0, mod
     from engine import sources
     from engine.errors import UserError
 
+    from engine.text import quiet_transformers
+
+    quiet_transformers()
     if threads:
         torch.set_num_threads(threads)
     if not (1 <= new_tokens <= 200):
@@ -282,11 +295,14 @@ def bench_generate(new_tokens: int = 64, repeats: int = 3, threads: int = 0, mod
 def format_generate(r: dict) -> str:
     lines = [f"device: {r['device']}; best of {r['repeats']} alternating runs; same prompt and number of new tokens"]
     for c in r["cases"]:
-        lines += [
-            f"{c['model']} ({c['parameters'] / 1e6:.1f}M parameters, {c['prompt_tokens']} prompt + {c['new_tokens']} new tokens):",
-            f"  plain HF generate, fp32, default (greedy):   {c['plain_hf_fp32_tokens_per_s']:8.1f} tokens/s",
-            f"  project path, greedy ({c['project_dtype']}):{' ' * max(0, 20 - len(c['project_dtype']))}{c['project_tokens_per_s']:8.1f} tokens/s  -> {c['ratio']}x",
-            f"  project path, Balanced sampling:             {c['project_balanced_tokens_per_s']:8.1f} tokens/s  -> {c['ratio_balanced']}x",
-            f"  dtype: {c['dtype_reason']}; threads: project {c['project_threads']}, plain {c['plain_threads']}",
+        rows = [
+            ("plain HF generate, fp32, default settings (greedy)", c["plain_hf_fp32_tokens_per_s"], ""),
+            (f"project path, greedy ({c['project_dtype']}, {c['project_threads']} thread(s))", c["project_tokens_per_s"], f"{c['ratio']}x"),
+            ("project path, Balanced sampling", c["project_balanced_tokens_per_s"], f"{c['ratio_balanced']}x"),
+            (f"plain HF generate on {c['project_threads']} thread(s) (for reference)", c["plain_hf_fp32_project_threads_tokens_per_s"],
+             f"project greedy is {c['ratio_same_threads']}x this"),
         ]
+        lines.append(f"{c['model']}: {c['parameters'] / 1e6:.1f}M parameters, {c['prompt_tokens']} prompt + {c['new_tokens']} new tokens")
+        lines += [f"  {name:<58} {v:8.1f} tokens/s  {note}".rstrip() for name, v, note in rows]
+        lines.append(f"  dtype: {c['dtype_reason']}")
     return "\n".join(lines)

@@ -128,7 +128,10 @@ if last:
     with st.expander("Token view: how sure was the model?", expanded=True):
         with friendly_errors("token view"):
             which = st.selectbox("Sample", range(len(gen.samples)), format_func=lambda i: f"sample {i + 1}") if len(gen.samples) > 1 else 0
-            scores, ppl = textgen.token_view(language_model(last["spec"]), gen, which)
+            key = (last["spec"], tuple(gen.prompt_ids), tuple(gen.samples[which].token_ids))  # one forward pass, not one per rerun
+            if ss.get("g_scores", (None,))[0] != key:
+                ss.g_scores = (key, textgen.token_view(language_model(last["spec"]), gen, which))
+            scores, ppl = ss.g_scores[1]
             st.metric("Perplexity of the generated text", f"{ppl:.1f}" if scores else "–",
                       help="exp(average surprise per token) under the model itself: lower = more predictable text.")
             parts = []

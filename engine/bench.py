@@ -204,9 +204,7 @@ def _gen_case(name: str, model, tokenizer, prompt_ids: list[int], new_tokens: in
     import copy
 
     ours = copy.deepcopy(model)
-    threads = text.decode_threads(ours, dev)
-    with text.thread_count(threads):
-        dtype, reason = text.choose_dtype(ours, dev, key=memo_key)
+    dtype, threads, reason = text.choose_inference(ours, dev, key=memo_key)
     ours.to(dtype)
     ctx_len = int(getattr(model.config, "n_positions", 1024))
     lm = text.LM(ours, tokenizer, name, name, sources.Source("bench", name, ""), dev, dtype, reason, ctx_len, threads)
@@ -223,17 +221,19 @@ def _gen_case(name: str, model, tokenizer, prompt_ids: list[int], new_tokens: in
         with text.thread_count(threads):
             return plain()
 
+    default_threads = torch.get_num_threads()
+
     greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
     balanced = textgen.PRESETS["Balanced"]
     plain(), project(greedy)  # warm-up: allocator, kernels, first-call overheads
     best = {"plain": 0.0, "plain_same_threads": 0.0, "greedy": 0.0, "balanced": 0.0}
     for _ in range(repeats):
         best["plain"] = max(best["plain"], plain())
-        if threads:
+        if threads != default_threads:
             best["plain_same_threads"] = max(best["plain_same_threads"], plain_same_threads())
         best["greedy"] = max(best["greedy"], project(greedy))
         best["balanced"] = max(best["balanced"], project(balanced))
-    if not threads:
+    if threads == default_threads:
         best["plain_same_threads"] = best["plain"]
     return {
         "model": name,

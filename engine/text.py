@@ -120,9 +120,7 @@ def _load(spec: str, source: sources.Source, dtype: str | None) -> LM:
     device = best_device()
     model.to(device).eval()
     model.requires_grad_(False)
-    threads = decode_threads(model, device)
-    with thread_count(threads):
-        chosen, reason = choose_dtype(model, device, key=f"{source.kind}:{where}", forced=dtype)
+    chosen, threads, reason = choose_inference(model, device, key=f"{source.kind}:{where}", forced=dtype)
     if chosen != torch.float32:
         model.to(chosen)
     context = int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024))
@@ -202,47 +200,70 @@ def _decode_speed(model, device: torch.device, steps: int = 8) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def choose_dtype(model, device: torch.device, key: str, forced: str | None = None) -> tuple[torch.dtype, str]:
-    """fp32 or bf16 for inference, by measurement (once per model and machine, remembered in the workspace).
+def choose_inference(model, device: torch.device, key: str, forced: str | None = None) -> tuple[torch.dtype, int | None, str]:
+    """dtype (fp32 / bf16) and CPU threads for decoding, by measurement, once per model and machine.
 
-    Measured on a 2-core CPU: bf16 makes a GPT-2-124M-shaped model 1.8x faster, but a few-million-
-    parameter model 10-20% slower (the matmuls are too small to win back the conversions). So we time
-    a few decoding steps in both and keep bf16 only when it is clearly (>= 1.2x) faster. CUDA uses
-    its AMP dtype directly; MPS stays fp32.
+    bf16 halves the bytes read per token, which made a GPT-2-124M-shaped model 1.8x faster on a CPU
+    with native bf16, but on CPUs without it (AVX2 only) and for few-million-parameter models it is
+    slower. Likewise the default thread count wins on an idle many-core machine, one thread on a busy
+    one. So we time a few decoding steps of each option, alternating so a noisy neighbour hurts all
+    alike, and keep bf16 only when >= 1.2x faster than fp32 and one thread only when >= 1.1x faster.
+    The choice is remembered in the workspace (cache/text-dtype.json): the same machine keeps making
+    the same choice, so a seed keeps giving the same text. CUDA uses its AMP dtype; MPS stays fp32.
     """
     forced = forced or os.environ.get("TRANSFER_STUDIO_TEXT_DTYPE")
-    if forced:
-        return DTYPES[forced], f"{forced} requested"
     if device.type == "cuda":
         from engine.device import amp_dtype
 
-        dt = amp_dtype(device)
-        return dt, f"{str(dt).replace('torch.', '')} on CUDA"
+        dt = DTYPES[forced] if forced else amp_dtype(device)
+        return dt, None, f"{str(dt).replace('torch.', '')} on CUDA"
     if device.type != "cpu":
-        return torch.float32, "fp32 on this device"
+        return DTYPES.get(forced or "fp32"), None, f"{forced or 'fp32'} on {device.type}"
+    rule = decode_threads(model, device)
+    threads = [rule] if rule else sorted({torch.get_num_threads(), 1}, reverse=True)  # default first
+    dtypes = [forced] if forced else ["fp32", "bf16"]
     n_params = sum(p.numel() for p in model.parameters())
     memo_path = workspace.subdir("cache") / "text-dtype.json"
-    memo_key = f"{key}|{n_params}|{torch.__version__}|{torch.get_num_threads()}"
+    memo_key = f"{key}|{n_params}|{torch.__version__}|{torch.get_num_threads()}|{','.join(dtypes)}"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
     if memo_key not in memo:
-        # Alternate the two and keep each one's best, so a busy neighbour hurts both alike.
-        half = copy.deepcopy(model).to(torch.bfloat16)
-        _decode_speed(model, device, 2), _decode_speed(half, device, 2)  # warm-up
-        fp32 = bf16 = float("inf")
-        for _ in range(3):
-            fp32 = min(fp32, _decode_speed(model, device))
-            bf16 = min(bf16, _decode_speed(half, device))
-        del half
-        memo[memo_key] = {"fp32_s": fp32, "bf16_s": bf16, "measured": time.time()}
+        models = {"fp32": model} if "fp32" in dtypes else {}
+        if "bf16" in dtypes:
+            models["bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+        if "fp16" in dtypes:
+            models["fp16"] = copy.deepcopy(model).to(torch.float16)
+        steps = 8 if n_params < SMALL_MODEL_PARAMS else 4
+        times: dict[str, float] = {}
+        for round_ in range(3):
+            for name, m in models.items():
+                for t in threads:
+                    with thread_count(t):
+                        dt = _decode_speed(m, device, 2 if round_ == 0 else steps)
+                    if round_:  # round 0 is the warm-up
+                        times[f"{name}@{t}"] = min(times.get(f"{name}@{t}", float("inf")), dt)
+        del models
+        memo[memo_key] = {**times, "measured": time.time()}
         workspace.atomic_write_json(memo_path, memo)
-    m = memo[memo_key]
-    speedup = m["fp32_s"] / m["bf16_s"]
-    if speedup >= 1.2:
-        return torch.bfloat16, f"bf16: measured {speedup:.2f}x faster than fp32 on this CPU"
-    return torch.float32, f"fp32: bf16 measured {speedup:.2f}x (not worth it for this model size)"
+    times = memo[memo_key]
+
+    def best_threads(name: str) -> int:
+        default = threads[0]
+        return 1 if 1 in threads and times[f"{name}@{default}"] / times[f"{name}@1"] >= 1.1 else default
+
+    picks = {name: best_threads(name) for name in dtypes}
+    chosen = dtypes[0]
+    if "bf16" in dtypes:
+        speedup = times[f"fp32@{picks['fp32']}"] / times[f"bf16@{picks['bf16']}"]
+        chosen = "bf16" if speedup >= 1.2 else "fp32"
+        why = f"bf16 measured {speedup:.2f}x fp32" + (" here" if chosen == "bf16" else ", not worth it here")
+    else:
+        why = "requested"
+    t = picks[chosen]
+    thread_note = f"{t} thread{'s' if t > 1 else ''}" + (" (small model)" if rule else f" (measured; default {threads[0]})")
+    return DTYPES[chosen], t, f"{chosen} on {thread_note}: {why}"
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -139,6 +139,7 @@ def cached_features(model, k: int, train_x: torch.Tensor, val_x: torch.Tensor, p
     va = extract(prefix, val_x, pp, dev, dtype, ctx, done=len(train_x), total=total)
     if va is None:
         return None
+    tr, va = tr.clone(), va.clone()  # normal tensors (inference-mode tensors cannot take part in autograd)
     log.info("extracted %d feature maps %s in %.2fs", total, tuple(tr.shape[1:]), time.time() - t0)
     nbytes = (tr.numel() + va.numel()) * 4
     if nbytes <= MAX_CACHE_BYTES:

@@ -65,10 +65,15 @@ def make_systems(n_classes: int, seed: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- rendering
 def render_batch(systems: list[dict], size: int, rng: np.random.Generator, colour: bool = True,
-                 jitter: float = 0.0, chains: int = 512, iters: int = 40, burn: int = 8) -> np.ndarray:
+                 jitter: float = 0.0, chains: int = 384, iters: int = 34, burn: int = 6,
+                 hue: np.ndarray | None = None, background: np.ndarray | None = None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
     """Render one image per system with the chaos game, vectorised over images and chains.
 
     Returns uint8 (B, size, size, 3) if colour else float coverage counts (B, size, size).
+    Optional per image: `hue` (palette around that hue instead of random colours), `background`
+    (float (B, size, size, 3) in [0,1] to draw on) and `scale` (fraction of the frame the
+    attractor spans, placed at a random position).
     """
     B = len(systems)
     A = np.stack([s["A"] for s in systems])  # (B, 4, 2, 2)
@@ -80,16 +85,19 @@ def render_batch(systems: list[dict], size: int, rng: np.random.Generator, colou
         b = b + jitter * rng.uniform(-1, 1, size=b.shape)
     cum = np.cumsum(p, axis=1)
     cum[:, -1] = 1.0 + 1e-9
-    x = rng.uniform(-1, 1, size=(B, chains, 2))
+    # one row of 6 numbers per map (a00 a01 a10 a11 b0 b1): a single gather per step
+    M = np.concatenate([A.reshape(B, MAX_MAPS, 4), b], axis=-1).astype(np.float32)
+    x0, x1 = rng.uniform(-1, 1, size=(2, B, chains)).astype(np.float32)
     pts, which = [], []
     rows = np.arange(B)[:, None]
     for t in range(iters):
-        k = (rng.random((B, chains, 1)) > cum[:, None, :]).sum(-1)  # map index per point (B, chains)
-        x = np.einsum("bcij,bcj->bci", A[rows, k], x) + b[rows, k]
+        k = (rng.random((B, chains, 1), dtype=np.float32) > cum[:, None, :]).sum(-1)  # map index per point (B, chains)
+        m = M[rows, k]  # (B, chains, 6)
+        x0, x1 = m[..., 0] * x0 + m[..., 1] * x1 + m[..., 4], m[..., 2] * x0 + m[..., 3] * x1 + m[..., 5]
         if t >= burn:
-            pts.append(x)
+            pts.append(np.stack([x0, x1], -1))
             which.append(k)
-    P = np.stack(pts, 1).reshape(B, -1, 2)  # (B, N, 2)
+    P = np.stack(pts, 1).reshape(B, -1, 2).astype(np.float64)  # (B, N, 2)
     K = np.stack(which, 1).reshape(B, -1)
     if colour:
         # random rotation / flip of the whole attractor (per image)
@@ -98,19 +106,29 @@ def render_batch(systems: list[dict], size: int, rng: np.random.Generator, colou
         R[:, :, 0] *= rng.choice([-1.0, 1.0], size=(B, 1))
         P = np.einsum("bij,bnj->bni", R, P)
     # fit the attractor in the frame (robust bounds), with a random margin
-    lo = np.quantile(P, 0.005, axis=1, keepdims=True)
-    hi = np.quantile(P, 0.995, axis=1, keepdims=True)
+    sub = P[:, :: max(1, P.shape[1] // 2048)]  # robust bounds from a subsample (quantiles sort)
+    lo = np.quantile(sub, 0.005, axis=1, keepdims=True)
+    hi = np.quantile(sub, 0.995, axis=1, keepdims=True)
     span = (hi - lo).max(-1, keepdims=True) + 1e-6
     margin = rng.uniform(0.05, 0.2, size=(B, 1, 1)) if colour else 0.05
     centre = (lo + hi) / 2
-    uv = (P - centre) / span * (1 - 2 * margin) + 0.5  # in [0, 1]
+    if scale is None:
+        uv = (P - centre) / span * (1 - 2 * margin) + 0.5  # in [0, 1]
+    else:
+        sc = np.asarray(scale, dtype=np.float64).reshape(B, 1, 1)
+        offset = sc / 2 + rng.uniform(0, 1, size=(B, 1, 2)) * (1 - sc)  # anywhere it fits
+        uv = (P - centre) / span * sc + offset
     ij = np.clip((uv * size).astype(np.int64), 0, size - 1)
     flat = rows * size * size + ij[..., 1] * size + ij[..., 0]  # (B, N)
     counts = np.bincount(flat.ravel(), minlength=B * size * size).reshape(B, size, size).astype(np.float32)
     if not colour:
         return counts
     # colour each point by the map that placed it: a random palette per image
-    pal = rng.uniform(0, 1, size=(B, MAX_MAPS, 3))
+    if hue is None:
+        pal = rng.uniform(0, 1, size=(B, MAX_MAPS, 3))
+    else:  # colours near one hue per image (the hue is a learnable property of the image)
+        h = (np.asarray(hue).reshape(B, 1) + rng.normal(0, 0.03, size=(B, MAX_MAPS))) % 1.0
+        pal = hsv_to_rgb(h, rng.uniform(0.55, 1.0, size=(B, MAX_MAPS)), rng.uniform(0.65, 1.0, size=(B, MAX_MAPS)))
     cols = pal[rows, K]  # (B, N, 3)
     img = np.zeros((B * size * size, 3), np.float32)
     for c in range(3):
@@ -118,9 +136,53 @@ def render_batch(systems: list[dict], size: int, rng: np.random.Generator, colou
     img = img.reshape(B, size, size, 3) / np.maximum(counts, 1)[..., None]
     # density -> opacity; bright points on a random (mostly dark) background
     alpha = 1 - np.exp(-counts / rng.uniform(1.0, 4.0, size=(B, 1, 1)))
-    bg = rng.uniform(0, 1, size=(B, 1, 1, 3)) * rng.choice([0.25, 1.0], size=(B, 1, 1, 1), p=[0.7, 0.3])
+    if background is None:
+        bg = rng.uniform(0, 1, size=(B, 1, 1, 3)) * rng.choice([0.25, 1.0], size=(B, 1, 1, 1), p=[0.7, 0.3])
+    else:
+        bg = background
     out = bg * (1 - alpha[..., None]) + img * alpha[..., None]
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV -> RGB, all in [0, 1]; returns shape h.shape + (3,)."""
+    i = np.floor(h * 6).astype(int) % 6
+    f = h * 6 - np.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    choices = [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))]
+    out = np.zeros(h.shape + (3,))
+    for k in range(6):
+        out = np.where((i == k)[..., None], choices[k], out)
+    return out
+
+
+def clutter(batch: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Busy backgrounds, float (B, size, size, 3) in [0,1]: a colour gradient, a few soft blobs, noise."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(0, 1, size=(2, batch, 1, 1, 3)) * rng.uniform(0.2, 1.0, size=(2, batch, 1, 1, 1))
+    ang = rng.uniform(0, 2 * np.pi, size=(batch, 1, 1, 1))
+    t = ((np.cos(ang) * x[None, ..., None] + np.sin(ang) * y[None, ..., None]) + 1.5) / 3
+    bg = c0 * (1 - t) + c1 * t
+    for _ in range(3):
+        on = rng.random((batch, 1, 1, 1)) < 0.6
+        cx, cy = rng.uniform(0, 1, size=(2, batch, 1, 1, 1))
+        r = rng.uniform(0.1, 0.35, size=(batch, 1, 1, 1))
+        d = np.sqrt((x[None, ..., None] - cx) ** 2 + (y[None, ..., None] - cy) ** 2)
+        a = on * rng.uniform(0.2, 0.6, size=(batch, 1, 1, 1)) * np.clip((r - d) / (0.3 * r) + 0.5, 0, 1)
+        bg = bg * (1 - a) + rng.uniform(0, 1, size=(batch, 1, 1, 3)) * a
+    bg = bg + rng.normal(0, rng.uniform(0, 0.05), size=bg.shape)
+    return np.clip(bg, 0, 1)
+
+
+def pretrain_fractals(systems: list[dict], batch: int, size: int, rng: np.random.Generator,
+                      hue_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fractals as the mini backbone sees them in pretraining: any scale and position, on cluttered
+    backgrounds, coloured around one hue. Returns (uint8 images, class labels, hue-bin labels)."""
+    labels = rng.integers(0, len(systems), size=batch)
+    hue = rng.uniform(0, 1, size=batch)
+    imgs = render_batch([systems[i] for i in labels], size=size, rng=rng, jitter=0.08, hue=hue,
+                        background=clutter(batch, size, rng), scale=rng.uniform(0.35, 0.95, size=batch))
+    return imgs, labels.astype(np.int64), np.floor(hue * hue_bins).astype(np.int64)
 
 
 def fractal_batch(systems: list[dict], batch: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

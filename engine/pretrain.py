@@ -28,11 +28,17 @@ log = logging.getLogger(__name__)
 # The mini backbone: torchvision resnet18 trained at 64 px on a mix — half of every batch is
 # Fashion-MNIST, half colour IFS fractals (64 formula-generated classes, engine/fractals.py).
 # The design notes measured that this mix transferred best to small colour-image tasks.
-# One 74-way head (10 Fashion-MNIST classes + 64 fractal classes) sees both halves.
+# One 74-way softmax (10 Fashion-MNIST classes + 64 fractal classes) sees both halves.
+# Target tasks are photos of objects at any scale and position on busy backgrounds, where colour
+# matters, so most images are scenes: the garment or fractal at a random scale and position on
+# a cluttered background, tinted/coloured around a random hue. Random colours alone would teach
+# the network to ignore colour; an auxiliary 8-way head predicting that hue keeps it in the features.
+# A quarter of the Fashion-MNIST images stay plain (grey, full frame) like its test split.
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 N_FRACTAL_CLASSES = 64
+HUE_BINS = 8
 
 
 @dataclass
@@ -111,6 +117,39 @@ def _to_tensor(gray28: np.ndarray | None, rgb: np.ndarray | None, size: int, mea
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
+def _fmnist_scenes(gray28: np.ndarray, size: int, rng: np.random.Generator, plain_fraction: float = 0.25):
+    """Fashion-MNIST garments as scenes: uint8 RGB (n, size, size, 3) and hue-bin labels (-100 = plain grey).
+
+    A scene is the garment, resized to 50-100% of the frame at a random position, used as the
+    opacity of a colour near a random hue over a cluttered background.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from engine import fractals
+
+    n = len(gray28)
+    g = torch.from_numpy(np.array(gray28, dtype=np.uint8)).float().div_(255).unsqueeze(1)
+    full = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False).squeeze(1).numpy()
+    out = np.repeat(full[..., None], 3, axis=-1)  # plain: grey, full frame
+    hue_label = np.full(n, -100, dtype=np.int64)
+    scene = rng.random(n) >= plain_fraction
+    idx = np.flatnonzero(scene)
+    if len(idx):
+        bg = fractals.clutter(len(idx), size, rng)
+        hue = rng.uniform(0, 1, size=len(idx))
+        colour = fractals.hsv_to_rgb(hue, rng.uniform(0.4, 1.0, size=len(idx)), rng.uniform(0.7, 1.0, size=len(idx)))
+        for j, i in enumerate(idx):
+            s = int(rng.integers(size // 2, size + 1))
+            alpha = F.interpolate(g[i:i + 1], size=(s, s), mode="bilinear", align_corners=False)[0, 0].numpy()
+            top, left = rng.integers(0, size - s + 1, size=2)
+            a = np.zeros((size, size), np.float32)
+            a[top:top + s, left:left + s] = alpha
+            out[i] = bg[j] * (1 - a[..., None]) + colour[j] * a[..., None]
+        hue_label[idx] = np.floor(hue * HUE_BINS).astype(np.int64)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8), hue_label
+
+
 def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
     """Train, evaluate and write assets/mini-resnet18/{model.safetensors, model_card.json}. Returns the card."""
     import torch
@@ -132,12 +171,14 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
     # normalisation statistics of the training mix, from a fixed sample
     srng = np.random.default_rng([cfg.seed, 5])
     g, _ = _fmnist_batch(tr_x, tr_y, cfg.stats_sample, srng, train=False)
-    f, _ = fractals.fractal_batch(systems, cfg.stats_sample, size, srng)
-    sample = _to_tensor(g, f, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    g, _ = _fmnist_scenes(g, size, srng)
+    f, _, _ = fractals.pretrain_fractals(systems, cfg.stats_sample, size, srng, HUE_BINS)
+    sample = _to_tensor(None, np.concatenate([g, f]), size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     mean = [round(v, 3) for v in sample.mean(dim=(0, 2, 3)).tolist()]
     std = [round(v, 3) for v in sample.std(dim=(0, 2, 3)).tolist()]
 
-    model = torchvision.models.resnet18(num_classes=10 + N_FRACTAL_CLASSES)
+    n_main = 10 + N_FRACTAL_CLASSES
+    model = torchvision.models.resnet18(num_classes=n_main + HUE_BINS)  # fc: class logits, then hue logits
     model = model.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on this CPU
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # BN and biases: no weight decay
@@ -146,10 +187,12 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
 
     def batch():
         gx, gy = _fmnist_batch(tr_x, tr_y, half, rng)
-        fx, fy = fractals.fractal_batch(systems, cfg.batch_size - half, size, rng)
-        x = _to_tensor(gx, fx, size, mean, std)
+        gx, gh = _fmnist_scenes(gx, size, rng)
+        fx, fy, fh = fractals.pretrain_fractals(systems, cfg.batch_size - half, size, rng, HUE_BINS)
+        x = _to_tensor(None, np.concatenate([gx, fx]), size, mean, std)
         y = torch.from_numpy(np.concatenate([gy, fy + 10]))
-        return x, y
+        hue = torch.from_numpy(np.concatenate([gh, fh]))
+        return x, y, hue
 
     def lr_at(step: int, total: int) -> float:
         warm = max(1, int(0.03 * total))
@@ -157,11 +200,33 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
             return cfg.lr * (step + 1) / warm
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
+    # batches are generated in order by one background thread (numpy and torch release the GIL),
+    # so rendering overlaps with training on a second core and the sequence stays deterministic
+    import queue
+    import threading
+
+    batches: queue.Queue = queue.Queue(maxsize=3)
+    stop = threading.Event()
+
+    def producer():
+        while not stop.is_set():
+            item = batch()
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    pass
+
+    threading.Thread(target=producer, daemon=True, name="pretrain-data").start()
+
     def train_step(step: int, total: int) -> float:
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total)
-        x, y = batch()
-        loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        x, y, hue = batches.get()
+        logits = model(x)
+        loss = F.cross_entropy(logits[:, :n_main], y, label_smoothing=cfg.label_smoothing)
+        loss = loss + 0.5 * F.cross_entropy(logits[:, n_main:], hue, ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,6 +248,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         budget = (cfg.minutes or 20) * 60 * 0.9 - 60  # leave time for evaluation
         total = max(50, int(budget / per_step))
         log.info("%.2f s/step -> %d steps for %.1f minutes", per_step, total, cfg.minutes)
+        stop.set()
         # restart from scratch so the run equals `--steps total` exactly
         return pretrain_vision(VisionPretrainConfig(**{**asdict(cfg), "steps": total, "minutes": None}))
 
@@ -191,6 +257,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         losses.append(train_step(step, total))
         if step % 50 == 0 or step == total - 1:
             log.info("step %d/%d loss %.3f lr %.4f %.0fs", step, total, float(np.mean(losses[-50:])), lr_at(step, total), time.time() - t0)
+    stop.set()
     train_seconds = time.time() - t0
 
     # ---- evaluation: Fashion-MNIST test split (10-way, first 10 logits) and fresh fractal renders
@@ -202,11 +269,15 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
             correct += int((model(x)[:, :10].argmax(1).numpy() == te_y[i:i + 500]).sum())
         erng = np.random.default_rng([cfg.seed, 99])
         fc = 0
+        hc = 0
         for i in range(0, cfg.eval_fractals, 256):
-            fx, fy = fractals.fractal_batch(systems, min(256, cfg.eval_fractals - i), size, erng)
-            fc += int((model(_to_tensor(None, fx, size, mean, std))[:, 10:].argmax(1).numpy() == fy).sum())
+            fx, fy, fh = fractals.pretrain_fractals(systems, min(256, cfg.eval_fractals - i), size, erng, HUE_BINS)
+            out_f = model(_to_tensor(None, fx, size, mean, std))
+            fc += int((out_f[:, 10:n_main].argmax(1).numpy() == fy).sum())
+            hc += int((out_f[:, n_main:].argmax(1).numpy() == fh).sum())
     fmnist_acc = correct / len(te_x)
     fractal_acc = fc / max(1, cfg.eval_fractals)
+    hue_acc = hc / max(1, cfg.eval_fractals)
 
     # ---- write fp16 weights + card (atomically)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -218,12 +289,15 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         "name": "mini-resnet18",
         "arch": "torchvision resnet18",
         "data": {
-            "fashion_mnist": "Debian dataset-fashion-mnist, train split (60k), gray -> 3 channels, bilinear resize, pad-2 crop + flip",
-            "fractals": f"{N_FRACTAL_CLASSES} colour IFS fractal classes generated from the seed (engine/fractals.py), rendered on the fly",
+            "fashion_mnist": "Debian dataset-fashion-mnist, train split (60k), pad-2 crop + flip; 75% as scenes (garment at 50-100% "
+                             "of the frame, random position, tinted near a random hue on a cluttered background), 25% plain grey full frame",
+            "fractals": f"{N_FRACTAL_CLASSES} colour IFS fractal classes generated from the seed (engine/fractals.py), rendered on the fly "
+                        "at 35-95% of the frame, random position, coloured near a random hue on a cluttered background",
             "mix": "half of every batch from each",
         },
-        "classes": FMNIST_CLASSES + [f"fractal_{i:02d}" for i in range(N_FRACTAL_CLASSES)],
-        "head": "fc: 74 outputs (10 Fashion-MNIST + 64 fractals); replaced by a new head when fine-tuning",
+        "classes": FMNIST_CLASSES + [f"fractal_{i:02d}" for i in range(N_FRACTAL_CLASSES)] + [f"hue_{i}" for i in range(HUE_BINS)],
+        "head": f"fc: {n_main + HUE_BINS} outputs: one softmax over 10 Fashion-MNIST + {N_FRACTAL_CLASSES} fractal classes, "
+                f"one over {HUE_BINS} hue bins (auxiliary, weight 0.5); replaced by a new head when fine-tuning",
         "steps": total,
         "batch_size": cfg.batch_size,
         "images_seen": total * cfg.batch_size,
@@ -233,13 +307,14 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         "train_seconds": round(train_seconds, 1),
         "final_train_loss": round(float(np.mean(losses[-50:])), 4),
         "preprocessing": {"image_size": size, "resize": size, "mean": mean, "std": std},
-        "test_accuracy": {"fashion_mnist_test": round(fmnist_acc, 4), "fractals_fresh_renders": round(fractal_acc, 4)},
+        "test_accuracy": {"fashion_mnist_test": round(fmnist_acc, 4), "fractals_fresh_renders": round(fractal_acc, 4),
+                          "fractal_hue_bin": round(hue_acc, 4)},
         "dtype": "float16",
         "command": f"python -m engine pretrain vision --steps {total} --seed {cfg.seed} --threads {cfg.threads}",
         "torch": torch.__version__,
     }
     workspace.atomic_write_json(out / "model_card.json", card)
-    log.info("Fashion-MNIST test accuracy %.4f, fractal accuracy %.4f", fmnist_acc, fractal_acc)
+    log.info("Fashion-MNIST test accuracy %.4f, fractal accuracy %.4f, hue %.4f", fmnist_acc, fractal_acc, hue_acc)
     if cfg.probe:
         card = probe_vision(out)
     return card

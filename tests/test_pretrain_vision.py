@@ -78,7 +78,7 @@ def test_tiny_pretraining_is_reproducible_and_loadable(fake_fmnist, tmp_path):
     a = vision.safe_load_state(tmp_path / "a" / "model.safetensors")
     b = vision.safe_load_state(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same bytes
-    assert a["conv1.weight"].dtype == torch.float16 and a["fc.weight"].shape == (74, 512)
+    assert a["conv1.weight"].dtype == torch.float16 and a["fc.weight"].shape == (74 + pretrain.HUE_BINS, 512)
     assert card["steps"] == 3 and card["seed"] == 0 and "--steps 3 --seed 0" in card["command"]
     assert card["preprocessing"]["image_size"] == 32 and len(card["preprocessing"]["mean"]) == 3
     assert 0 <= card["test_accuracy"]["fashion_mnist_test"] <= 1

@@ -576,15 +576,17 @@ short poems, {d['bytes'] / 1e6:.1f} MB of English; {d['train_tokens']:,} trainin
 It lets the app work offline, where the real GPT-2 cannot be downloaded.
 
 - Training: {t['steps']} steps of {t['batch_size']} x {t['block_size']} tokens ({t['tokens_seen'] / 1e6:.1f}M tokens seen,
-  {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU threads), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
+  {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
   (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
 - Reproduce: `{card['command']}`
 
 What it can do: write short English sentences in the style of fortune cookies, quotes with `-- Author`
-attributions, and one-liners; most words are real words and short phrases are grammatical.
+attributions, and one-liners; most words are real English words, but the grammar is loose and
+made-up words ("poundly") appear.
 What it cannot do: hold a topic for more than a sentence or two, know facts, follow instructions, or write
-anything outside the style of its tiny corpus. It is a teaching model, far below GPT-2 (124M parameters, 40 GB).
+anything outside the style of its tiny corpus. It is a teaching model, far below GPT-2 (124M parameters
+trained on 40 GB of web text); its loss was still falling when training stopped: more compute helps.
 
 Sample (prompt `{s['prompt']}`, seed {s['seed']}, temperature {s['temperature']}, top-k {s['top_k']}):
 

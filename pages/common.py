@@ -69,13 +69,17 @@ def curves(series: dict[str, list[dict]]):
     loss, acc = go.Figure(), go.Figure()
     for i, (label, rows) in enumerate(series.items()):
         color = qualitative.Plotly[i % len(qualitative.Plotly)]
+        # one run: train and val in two colours; several: one colour per run, train dotted
+        train_color = "#EF553B" if len(series) == 1 else color
         name = f"{label} · " if len(series) > 1 else ""
         x = [r.get("epoch") for r in rows]
+        mode = "lines+markers" if len(rows) <= 15 else "lines"
         for fig, key, part, dash in ((loss, "train_loss", "train", "dot"), (loss, "val_loss", "val", None),
                                      (acc, "train_acc", "train", "dot"), (acc, "val_acc", "val", None)):
             y = [r.get(key) for r in rows]
             if any(v is not None for v in y):
-                fig.add_scatter(x=x, y=y, name=name + part, mode="lines+markers", line=dict(color=color, dash=dash))
+                fig.add_scatter(x=x, y=y, name=name + part, mode=mode,
+                                line=dict(color=train_color if part == "train" else color, dash=dash))
     for fig, title in ((loss, "Loss"), (acc, "Accuracy")):
         fig.update_layout(title=title, xaxis_title="epoch", height=320, margin=dict(l=10, r=10, t=40, b=10),
                           legend=dict(orientation="h", y=-0.25))

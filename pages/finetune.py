@@ -14,10 +14,14 @@ from engine import export, imagedata, runs, sources, vision, workspace
 from engine.errors import UserError
 from pages.common import curves, friendly_errors, manager, read_json
 
-D = vision.FinetuneConfig(data="")  # the engine's defaults are the form's defaults
+D = vision.FinetuneConfig(data="")  # the engine's defaults are the form's defaults, except:
+# linear trains only the head on cached features (a fraction of a second per epoch), so it gets more epochs
+# and a larger step. Sample dataset, bundled mini backbone, 3 seeds: 57% val accuracy in ~2 s vs 43% with
+# 10 epochs at lr 1e-3 (random init with the same settings: 46%).
+PRESETS = {"linear": {"epochs": 30, "lr": 1e-2}}
 WEIGHTS = {"auto": "auto (best available)", "imagenet": "ImageNet", "mini": "bundled mini backbone",
            "none": "none (random init)", "upload": "upload a .safetensors file"}
-LRS = sorted({1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, D.lr})
+LRS = sorted({1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, D.lr, *(p['lr'] for p in PRESETS.values())})
 
 st.title("Fine-tune")
 
@@ -41,6 +45,9 @@ def start_form(datasets: list[dict]) -> None:
     left, right = st.columns(2, gap="large")
     with right:
         strategy = st.radio("Strategy", list(vision.STRATEGIES), captions=list(vision.STRATEGIES.values()), key="ft_strategy")
+        # a preset has its own epochs/lr widgets (keys), so switching strategy shows its defaults
+        group = strategy if strategy in PRESETS else "default"
+        fast = PRESETS.get(strategy, {"epochs": D.epochs, "lr": D.lr})
         freeze = D.freeze
         if strategy == "partial":
             freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze",
@@ -58,10 +65,10 @@ def start_form(datasets: list[dict]) -> None:
             weights = saved_upload(up) if up else None
     with st.expander("Training options"):
         a, b, c = st.columns(3)
-        epochs = a.number_input("Epochs", 1, 500, D.epochs, key="ft_epochs")
+        epochs = a.number_input("Epochs", 1, 500, fast["epochs"], key=f"ft_epochs_{group}")
         batch_size = a.select_slider("Batch size", [8, 16, 32, 64, 128, 256], D.batch_size, key="ft_batch")
         early = a.number_input("Early stopping patience (epochs, 0 = off)", 0, 100, D.early_stopping, key="ft_early")
-        lr = b.select_slider("Learning rate (head)", LRS, D.lr, format_func=lambda v: f"{v:g}", key="ft_lr")
+        lr = b.select_slider("Learning rate (head)", LRS, fast["lr"], format_func=lambda v: f"{v:g}", key=f"ft_lr_{group}")
         optimizer = b.radio("Optimiser", ["sgd", "adamw"], ["sgd", "adamw"].index(D.optimizer), horizontal=True,
                             format_func={"sgd": "SGD + momentum", "adamw": "AdamW"}.get, key="ft_opt")
         schedule = b.radio("Schedule", ["cosine", "onecycle", "constant"], ["cosine", "onecycle", "constant"].index(D.schedule),

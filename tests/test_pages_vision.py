@@ -101,8 +101,11 @@ def test_finetune_form_explains_strategies_and_weights(tmp_path):
     assert radio.options == list(vision.STRATEGIES) and radio.value == "linear"
     assert at.info and at.info[0].value.startswith("**Weights:**")  # which weights, and why, before training
     assert not at.get("slider") or all(s.key != "ft_freeze" for s in at.slider)
+    assert at.number_input(key="ft_epochs_linear").value == 30 and at.select_slider(key="ft_lr_linear").value == 1e-2  # preset
     radio.set_value("partial").run()
     assert at.slider(key="ft_freeze").value == vision.FinetuneConfig(data="").freeze
+    engine = vision.FinetuneConfig(data="")
+    assert at.number_input(key="ft_epochs_default").value == engine.epochs and at.select_slider(key="ft_lr_default").value == engine.lr
     at.radio(key="ft_strategy").set_value("scratch").run()
     assert at.selectbox(key="ft_weights").disabled and "random" in at.info[0].value
 
@@ -131,7 +134,7 @@ def test_finetune_start_submits_job_and_shows_results(tmp_path):
     make_dataset(tmp_path / "imgs")
     at = open_page("pages/finetune.py")
     at.selectbox(key="ft_weights").set_value("none")
-    at.number_input(key="ft_epochs").set_value(1)
+    at.number_input(key="ft_epochs_linear").set_value(1)
     at.selectbox(key="ft_size").set_value(32)
     at.select_slider(key="ft_batch").set_value(8)
     at.run()

@@ -23,18 +23,13 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     page.get_by_role("button", name="Load sample dataset").click()
     wait_for_idle(page)
 
-    # fine-tune with tiny settings
+    # fine-tune with the defaults a new user gets (linear on cached features: seconds on a CPU)
     page.goto(f"{app_url}/finetune")
     wait_for_idle(page)
     page.get_by_text("Training options").click()
-    epochs = page.get_by_label("Epochs", exact=True)
-    epochs.fill("3")
-    epochs.press("Enter")
-    wait_for_idle(page)
-    page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
-    page.get_by_role("option", name="64 px").click()
-    wait_for_idle(page)
-    assert page.get_by_text("Weights:").first.is_visible()  # which weights, and why, before training
+    assert page.get_by_label("Epochs", exact=True).input_value() == "30"
+    # which weights, and why, before training
+    page.get_by_test_id("stAlert").filter(has_text=re.compile(r"Weights: mini \(bundled resnet18\)")).wait_for()
     tall_screenshot(page, "vision-1-form")
     page.get_by_role("button", name="Start fine-tuning").click()
 

@@ -113,9 +113,14 @@ def cmd_finetune(args) -> int:
         raise UserError(f"nothing to resume in {out} (no last.json checkpoint)")
     # progress goes to stdout, or to stderr with --json so stdout holds only the final object
     stream = sys.stderr if args.json else sys.stdout
+    from engine import distributed
+
+    quiet = not distributed.env_info().is_main  # under torchrun only rank 0 prints
     seen = {"epoch": None, "msg": None}
 
     def on_report(p: dict) -> None:
+        if quiet:
+            return
         if p.get("epoch_done") != seen["epoch"] and p.get("epoch_done"):
             seen["epoch"] = p["epoch_done"]
             print(p.get("message", ""), file=stream, flush=True)
@@ -132,7 +137,8 @@ def cmd_finetune(args) -> int:
     text = (f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), {summary['epochs_done']} epochs, "
             f"{summary['seconds']:.1f}s, {summary['img_s']} img/s, weights: {summary['weights']['name']}"
             + (" [cancelled]" if summary["cancelled"] else "") + f"\nwrote {out}")
-    emit(args, summary, text)
+    if not quiet:
+        emit(args, summary, text)
     return 130 if summary["cancelled"] else 0
 
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import device as devices
-from engine import sources, workspace
+from engine import distributed, sources, workspace
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -502,7 +502,8 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
     idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     out = list(torch.split(idx, batch_size))
     if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = torch.cat([out[-2], out.pop()])
+        last = out.pop()  # (not out[-2] = cat(.., out.pop()): the target index is taken after the pop)
+        out[-1] = torch.cat([out[-1], last])
     return out
 
 
@@ -576,6 +577,8 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     dev = torch.device(getattr(ctx, "device", None) or devices.best_device())
+    distributed.setup(dev)  # under torchrun: join the process group (no-op otherwise)
+    dev = distributed.local_device(dev)
     # AMP: bf16 autocast on CUDA for training; on CPU training stays fp32 (see engine/device.py)
     train_amp = devices.amp_dtype(dev) if dev.type == "cuda" else None
 
@@ -612,7 +615,8 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
         "feature_cache": {"used": use_cache, "reason": cache_reason},
         "device": str(dev),
     }
-    workspace.atomic_write_json(out_dir / "run.json", run_info)
+    if distributed.is_main():
+        workspace.atomic_write_json(out_dir / "run.json", run_info)
 
     # ---- state: fresh, or from the last checkpoint
     metrics: list[dict] = []
@@ -645,7 +649,8 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
         k = frozen_stages(cfg, epoch)
         cached = use_cache and k > 0
         if cached and k not in cache:
-            feats = features.cached_features(model, k, train_x, val_x, pp, start_hash, data.version, cfg.model, dev, ctx)
+            with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
+                feats = features.cached_features(model, k, train_x, val_x, pp, start_hash, data.version, cfg.model, dev, ctx)
             if feats is None:  # the user cancelled during extraction
                 cancelled = True
                 break
@@ -661,12 +666,14 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
             if resume_state is not None and resume_state[2] == k:
                 _optimizer_from_files(opt, resume_state[0], resume_state[1])
             resume_state, opt_k = None, k
+            # what trains this phase; DistributedDataParallel under torchrun (averages the gradients)
+            net = distributed.wrap(model, (lambda m, x, k=k: forward_from(m, x, k)) if cached else (lambda m, x: m(x)), dev)
         # the schedule runs over the epochs of the current phase (two-phase restarts it for phase 2)
         phase_start = 1 if (cfg.strategy == "two-phase" and k == 0) else 0
         phase_epochs = cfg.epochs - phase_start if not (cfg.strategy == "two-phase" and k == 5) else 1
         inputs = cache[k][0] if cached else train_x
         gen = _epoch_gen(cfg.seed, epoch)
-        batches = _batches(len(inputs), cfg.batch_size, gen)
+        batches = distributed.shard_batches(_batches(len(inputs), cfg.batch_size, gen))  # this rank's part of each batch
         total_steps = phase_epochs * len(batches)
 
         train_mode(model, k)
@@ -688,7 +695,7 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
             else:
                 x = normalize(center_crop(train_x[idx], pp.image_size), pp).to(dev)
             with devices.autocast(dev, train_amp):
-                logits = forward_from(model, x, k) if cached else model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             if not math.isfinite(loss.item()):
                 raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not a number); lower the learning rate")
@@ -705,6 +712,9 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
             ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=len(batches),
                        loss=loss_sum / seen, acc=correct / seen, img_s=len(idx) / max(step_times[-1], 1e-9),
                        eta_s=remaining * avg)
+        loss_sum, correct, seen = distributed.all_reduce_sums(loss_sum, correct, seen, device=dev)  # over all ranks
+        correct, seen = int(correct), int(seen)
+        distributed.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: every rank evaluates the same model
         epoch_seconds = time.time() - t_epoch
         train_seconds += epoch_seconds
         images_trained += seen
@@ -726,9 +736,11 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
             best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
             best_state = {n: v.detach().clone() for n, v in trainable_state(model, k).items()}
         # checkpoint first: metrics.json never lists an epoch that a resume would not start after
-        save_checkpoint(out_dir, model, opt, {"epoch": epoch + 1, "metrics": metrics, "best": best, "opt_phase_k": k,
-                                              "start_hash": start_hash}, k, best_state)
-        workspace.atomic_write_json(out_dir / "metrics.json", metrics)
+        if distributed.is_main():
+            save_checkpoint(out_dir, model, opt, {"epoch": epoch + 1, "metrics": metrics, "best": best, "opt_phase_k": k,
+                                                  "start_hash": start_hash}, k, best_state)
+            workspace.atomic_write_json(out_dir / "metrics.json", metrics)
+        distributed.barrier()
         ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, epoch_done=epoch + 1, train_loss=row["train_loss"],
                    val_loss=row["val_loss"], val_acc=row["val_acc"],
                    message=f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}")
@@ -740,14 +752,15 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
 
     # ---- what was learned is kept, also when cancelled mid-epoch
     ctx.report(phase="saving", message="saving and evaluating")
-    if cancelled and opt is not None:
+    if cancelled and opt is not None and distributed.is_main():
         # keep what was learned in the unfinished epoch too: resume continues from these weights
         save_checkpoint(out_dir, model, opt, {"epoch": epochs_done, "metrics": metrics, "best": best, "opt_phase_k": opt_k,
                                               "start_hash": start_hash, "cancelled_mid_epoch": True}, opt_k, best_state)
     # model.safetensors: the best epoch's weights (or the current ones when no epoch finished)
     if best_state:
         model.load_state_dict(best_state, strict=False)
-    save_weights(out_dir / "model.safetensors", model, {"classes": data.classes, "arch": cfg.model, "preprocessing": pp.to_dict()})
+    if distributed.is_main():
+        save_weights(out_dir / "model.safetensors", model, {"classes": data.classes, "arch": cfg.model, "preprocessing": pp.to_dict()})
     # final evaluation of those weights: from the cached features when the last phase used them
     # (the frozen part is the same function), else through the whole network as predict does
     if use_cache and k > 0 and k in cache:
@@ -755,7 +768,8 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     else:
         logits = _predict_logits(model, val_x, 0, dev, train_amp, pp=pp)
     report = evaluation_report(logits, val_y, data.classes, val_files)
-    workspace.atomic_write_json(out_dir / "eval.json", report)
+    if distributed.is_main():
+        workspace.atomic_write_json(out_dir / "eval.json", report)
 
     seconds = time.time() - t_start
     summary = {
@@ -778,7 +792,9 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
         "device": str(dev),
     }
     run_info["summary"] = summary
-    workspace.atomic_write_json(out_dir / "run.json", run_info)
+    if distributed.is_main():
+        workspace.atomic_write_json(out_dir / "run.json", run_info)
+    distributed.barrier()
     ctx.report(phase="finished" if not cancelled else "cancelled", message="cancelled: progress saved" if cancelled else "done")
     return summary
 

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import export, imagedata, runs, sources, vision, workspace
+from engine import distributed, export, imagedata, runs, sources, vision, workspace
 from engine.errors import UserError
 from pages.common import curves, friendly_errors, manager, read_json
 
@@ -93,6 +93,10 @@ def start_form(datasets: list[dict]) -> None:
         st.warning(str(err))
         return
     st.caption(vision.cache_plan(cfg)[1])  # whether the fast frozen-feature path applies, and why
+    with st.expander("Run this at scale (several GPUs or machines)"):
+        st.code(distributed.torchrun_command(cfg, nproc=2), language="bash")  # these settings, data-parallel
+        st.caption("Set --nproc-per-node to the GPUs of each machine; the README's *Multi-GPU and multi-node* "
+                   "section has the flags for several machines.")
     if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", key="ft_start"):
         with friendly_errors("finetune: start"):
             cfg.validate()

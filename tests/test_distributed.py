@@ -126,3 +126,15 @@ def test_one_process_batches_keep_every_index_once():
         parts = vision._batches(n, bs, None)
         assert sorted(i for b in parts for i in b.tolist()) == list(range(n))
         assert min(len(b) for b in parts) >= 2
+
+
+def test_finetune_page_shows_the_torchrun_command_for_its_settings(tmp_path):
+    from tests.test_pages_vision import make_dataset, open_page
+
+    make_dataset(tmp_path / "imgs")
+    at = open_page("pages/finetune.py")
+    assert not at.exception
+    codes = [c.value for c in at.code if c.value.startswith("torchrun")]
+    assert codes == ["torchrun --nproc-per-node 2 -m engine finetune --data tiny --epochs 30 --lr 0.01 --out RUN_DIR"]
+    at.radio(key="ft_strategy").set_value("full").run()
+    assert "--strategy full" in [c.value for c in at.code if c.value.startswith("torchrun")][0]

@@ -194,6 +194,19 @@ def cmd_bench_finetune(args) -> int:
     return 0
 
 
+def cmd_bench_all(args) -> int:
+    from pathlib import Path
+
+    from engine import benchall
+
+    result = benchall.run_all(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs,
+                              train_steps=args.train_steps, tokens=args.tokens, cold_start=not args.no_cold_start,
+                              threads=args.threads)
+    path = benchall.write_markdown(result, Path(args.out) if args.out else None)
+    emit(args, result, benchall.format_markdown(result) + f"\nwrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- text (generate, lm-finetune, bench generate)
 def cmd_generate(args) -> int:
     from engine import text, textgen
@@ -476,6 +489,17 @@ def build_parser() -> Parser:
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_finetune)
+    s = bench.add_parser("all", help="every benchmark side by side; writes BENCHMARKS.md")
+    s.add_argument("--per-class", type=int, default=40, help="generated images per class (4 classes)")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--train-steps", type=int, default=3, help="timed full fine-tuning steps per variant")
+    s.add_argument("--tokens", type=int, default=32, help="new tokens per generation run")
+    s.add_argument("--no-cold-start", action="store_true", help="skip the app cold-start measurement (needs Chromium)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_all)
     # (bench generate parser: bench.add_parser("generate", ...))
     s = bench.add_parser("generate", help="tokens/s: plain HF generate (fp32) vs the project's generation path")
     s.add_argument("--tokens", type=int, default=64, help="new tokens per run on the 124M-shaped model (the mini makes twice as many)")

@@ -1,0 +1,263 @@
+"""`python -m engine bench all`: every benchmark side by side, written to BENCHMARKS.md.
+
+Each row compares a baseline with the project's path in the same process, on the same data and
+model, one after the other. Sizes are parameters so the whole suite fits in a few minutes on a
+small CPU; the numbers are only comparable within one run (and one machine).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(what: str, baseline: str, base_val: float, ours: str, ours_val: float, unit: str, goal: str = "",
+         met: bool | None = None, higher_is_better: bool = True, note: str = "") -> dict:
+    ratio = (ours_val / base_val if higher_is_better else base_val / ours_val) if base_val and ours_val else None
+    return {"what": what, "baseline": baseline, "baseline_value": round(base_val, 3), "ours": ours,
+            "ours_value": round(ours_val, 3), "unit": unit, "ratio": round(ratio, 2) if ratio else None,
+            "goal": goal, "met": met, "note": note}
+
+
+def _timed(fn, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls (after the caller's warm-up)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_vision(n_per_class: int, image_size: int, epochs: int, train_steps: int) -> tuple[list[dict], str]:
+    import torch
+    import torch.nn.functional as F
+
+    from engine import bench, features, fractals, imagedata, sources, vision
+    from engine import device as devices
+
+    rows = []
+    r = bench.bench_finetune(n_per_class=n_per_class, image_size=image_size, epochs=epochs)
+    rows.append(_row(f"linear probe, {epochs} epochs ({r['data']})", "naive seed loop (fp32, decode every epoch)",
+                     r["naive_seconds"], "cached-feature linear path", r["linear_seconds"], "s", "ratio >= 20x at equal accuracy",
+                     r["ratio"] >= 20 and abs(r["acc_diff_points"]) <= 5, higher_is_better=False,
+                     note=f"val acc {r['naive_val_acc']:.3f} vs {r['linear_val_acc']:.3f}"))
+    dev = devices.best_device()
+    with bench.temporary_workspace() as tmp:
+        folder = fractals.write_shapes_dataset(Path(tmp) / "shapes", n_per_class, size=image_size, seed=0,
+                                               shapes=fractals.SHAPES[:4])
+        imagedata.import_path(folder, "bench-shapes")
+        data = imagedata.training_data("bench-shapes", 0.2, 0)
+        source = sources.resolve_vision("resnet18", "auto")
+        pp = vision.preprocessing_for(source, image_size)
+        paths = [p for p, _ in data.train + data.val]
+        model = vision.build_model("resnet18", len(data.classes), source, seed=0).to(dev).eval()
+
+        # ---- extraction: plain fp32 forward, the project's extractor, the best forward we know of
+        images = vision.load_images(paths, pp.resize)
+        x_nchw = vision.normalize(vision.center_crop(images, pp.image_size), pp).contiguous().to(dev)
+        prefix = features.frozen_prefix(model, 5, dev)
+        dtype = features.extraction_dtype(dev)
+
+        def plain():
+            with torch.no_grad():
+                for i in range(0, len(x_nchw), 32):
+                    prefix(x_nchw[i:i + 32])
+
+        def ceiling():  # bf16 autocast + channels_last under inference_mode, input already prepared
+            xc = x_nchw.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), devices.autocast(dev, devices.amp_dtype(dev)):
+                for i in range(0, len(xc), 64):
+                    prefix(xc[i:i + 64])
+
+        ours = lambda: features.extract(prefix, images, pp, dev, dtype)  # noqa: E731  (includes normalising)
+        for f in (plain, ceiling, ours):
+            f()  # warm-up
+        n = len(images)
+        t_plain, t_ceiling, t_ours = _timed(plain, 2), _timed(ceiling, 2), _timed(ours, 2)
+        best_s = min(t_plain, t_ceiling)
+        rows.append(_row(f"frozen-feature extraction ({n} images, {pp.image_size} px)", "plain fp32 forward",
+                         n / t_plain, f"project extractor ({str(dtype).replace('torch.', '') if dtype else 'fp32'})", n / t_ours, "img/s"))
+        rows.append(_row("extraction vs the device's best forward", "best of fp32 / bf16+channels_last", n / best_s,
+                         "project extractor", n / t_ours, "img/s", "extraction >= 80% of the ceiling", t_ours <= best_s / 0.8))
+
+        # ---- head retraining on cached features (what every linear re-run does)
+        feats = features.extract(prefix, images, pp, dev, dtype).clone()
+        labels = torch.tensor([y for _, y in data.train + data.val])
+        head = torch.nn.Linear(feats.shape[1], len(data.classes))
+        opt = torch.optim.SGD(head.parameters(), lr=1e-2, momentum=0.9)
+
+        def retrain():
+            for epoch in range(10):
+                for idx in vision._batches(len(feats), 32, vision._epoch_gen(0, epoch)):
+                    loss = F.cross_entropy(head(feats[idx]), labels[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+        retrain()
+        per_1000 = _timed(retrain, 2) * 1000 / len(feats)
+        rows.append(_row("head retraining on cached features, 10 epochs", "goal budget", 1.0, "per 1,000 images",
+                         per_1000, "s", "< 1 s per 1,000 images per 10 epochs (CPU)", per_1000 < 1.0, higher_is_better=False))
+
+        # ---- full fine-tuning throughput: fp32 NCHW vs channels_last vs autocast
+        def train_rate(channels_last: bool, amp) -> float:
+            m = vision.build_model("resnet18", len(data.classes), source, seed=0).to(dev)
+            if channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            m.train()
+            o = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+            xb = x_nchw[:32].contiguous(memory_format=torch.channels_last) if channels_last else x_nchw[:32]
+            yb = labels[:32].to(dev)
+
+            def step():
+                with devices.autocast(dev, amp):
+                    loss = F.cross_entropy(m(xb).float(), yb)
+                o.zero_grad(set_to_none=True)
+                loss.backward()
+                o.step()
+
+            step()
+            t = time.perf_counter()
+            for _ in range(train_steps):
+                step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return train_steps * len(xb) / (time.perf_counter() - t)
+
+        amp = devices.amp_dtype(dev)
+        base = train_rate(False, None)
+        cl = train_rate(True, None)
+        cl_amp = train_rate(True, amp)
+        rows.append(_row("full fine-tune step, batch 32", "fp32 NCHW", base, "fp32 channels_last (the project's CPU default)", cl, "img/s"))
+        rows.append(_row("full fine-tune step, batch 32", "fp32 NCHW", base, f"{str(amp).replace('torch.', '')} autocast + channels_last", cl_amp, "img/s",
+                         note="the project trains with autocast on CUDA only" if dev.type != "cuda" else ""))
+
+        # ---- data pipeline: decode every epoch vs decode once into a uint8 tensor (vision.finetune)
+        def decode_every_epoch():
+            for _ in range(3):
+                vision.normalize(vision.center_crop(vision.load_images(paths, pp.resize), pp.image_size), pp)
+
+        def decoded_once():
+            cached = vision.load_images(paths, pp.resize)
+            for _ in range(3):
+                vision.normalize(vision.center_crop(cached, pp.image_size), pp)
+
+        decoded_once()
+        t_dec, t_once = _timed(decode_every_epoch), _timed(decoded_once)
+        rows.append(_row(f"input pipeline, 3 epochs of {n} PNGs", "PIL decode + resize every epoch", t_dec,
+                         "decoded once into a uint8 tensor, reused", t_once, "s", higher_is_better=False))
+    return rows, devices.label(dev)
+
+
+def bench_generation(tokens: int) -> list[dict]:
+    from engine import bench
+
+    r = bench.bench_generate(new_tokens=tokens, repeats=2, models=("mini",))
+    rows = []
+    for c in r["cases"]:
+        rows.append(_row(f"generation, {c.get('model', 'mini')}", "plain HF generate fp32", c["plain_hf_fp32_tokens_per_s"],
+                         "project generation path (greedy)", c["project_tokens_per_s"], "tokens/s", "ratio >= 1.5x",
+                         c["ratio"] >= 1.5))
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_cold_start(timeout: float = 60.0) -> list[dict]:
+    """`streamlit run app.py` on a free port with an empty workspace, until Chromium shows the Images title."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)  # browser start not counted
+        page = browser.new_page()
+        env = {**os.environ, "TRANSFER_STUDIO_HOME": str(Path(tmp) / "ws"), "TRANSFER_STUDIO_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                                 "--server.port", str(port), "--server.address", "127.0.0.1",
+                                 "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}/images"
+            while True:
+                try:
+                    page.goto(url, timeout=int(timeout * 1000))
+                    break
+                except Exception:
+                    if time.perf_counter() - t0 > timeout:
+                        raise
+                    time.sleep(0.05)
+            page.get_by_role("heading", name="Images").first.wait_for(timeout=int(timeout * 1000))
+            seconds = time.perf_counter() - t0
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            browser.close()
+    return [_row("app cold start to the rendered Images page", "goal budget", 3.0, "streamlit run + first page",
+                 seconds, "s", "< 3 s", seconds < 3.0, higher_is_better=False)]
+
+
+def run_all(n_per_class: int = 40, image_size: int = 64, epochs: int = 10, train_steps: int = 3,
+            tokens: int = 32, cold_start: bool = True, threads: int = 0) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
+    t0 = time.time()
+    rows, device = bench_vision(n_per_class, image_size, epochs, train_steps)
+    rows += bench_generation(tokens)
+    if cold_start:
+        rows += bench_cold_start()
+    return {"device": device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+            "seconds": round(time.time() - t0, 1), "rows": rows,
+            "sizes": {"n_per_class": n_per_class, "image_size": image_size, "epochs": epochs,
+                      "train_steps": train_steps, "tokens": tokens}}
+
+
+def format_markdown(r: dict) -> str:
+    fmt = lambda v: f"{v:,.3g}" if isinstance(v, float) and v < 100 else f"{v:,.0f}"  # noqa: E731
+    lines = ["# Benchmarks", "",
+             "Written by `python -m engine bench all`. Every row is a side-by-side measurement in one run, on the same",
+             "data and model; ratio > 1 means the project's path is better (faster, or less time).", "",
+             f"Device: **{r['device']}** ({r['cpu_count']} CPU cores, {r['torch_threads']} torch threads). "
+             f"Load average before/after: {r['load_before']} / {r['load_after']}"
+             + (" — **a busy machine shared with other jobs**: absolute CPU numbers are low and noisy; ratios matter more."
+                if max(r["load_before"], r["load_after"]) > (r["cpu_count"] or 1) else "."),
+             f"Sizes: {r['sizes']}. Total {r['seconds']} s.", "",
+             "| what | baseline | ours | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
+        note = f" ({row['note']})" if row["note"] else ""
+        lines.append(f"| {row['what']} | {row['baseline']}: {fmt(row['baseline_value'])} {row['unit']} | "
+                     f"{row['ours']}: {fmt(row['ours_value'])} {row['unit']}{note} | "
+                     f"{row['ratio']}x | {row['goal']} | {met} |")
+    lines += ["", "No GPU was available for this run: the CUDA path (bf16 autocast, channels_last, NCCL) is implemented "
+              "but not measured here." if "CUDA" not in r["device"] else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_markdown(r: dict, path: Path | None = None) -> Path:
+    from engine import workspace
+
+    path = path or ROOT / "BENCHMARKS.md"
+    workspace.atomic_write_bytes(path, format_markdown(r).encode())
+    return path

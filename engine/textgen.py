@@ -161,9 +161,10 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
         if stop_event is not None and stop_event.is_set():
             finish = ["stopped" if not d else f for d, f in zip(done, finish)]
             break
-        scores = procs(ids, out.logits[:, -1, :].float())
+        logits = out.logits[:, -1, :].float()
         if ignore_eos:
-            scores[:, eos] = -float("inf")
+            logits[:, eos] = -float("inf")  # before top-k/top-p, so they never leave only end-of-text
+        scores = procs(ids, logits)
         if cfg.temperature == 0:
             nxt = scores.argmax(dim=-1)
         else:

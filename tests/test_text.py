@@ -209,3 +209,25 @@ def test_small_models_decode_on_one_thread(lm):
     before = torch.get_num_threads()
     textgen.generate(lm, "the cat", cfg(max_new_tokens=3))
     assert torch.get_num_threads() == before  # restored for the caller
+
+
+def test_ignore_eos_never_leaves_nothing_to_sample(lm):
+    """Benchmarks mask end-of-text; with a tight top-p that must not leave an all -inf distribution."""
+    import types
+
+    import torch
+
+    class EosLoves:  # a stand-in model whose favourite next token is always end-of-text
+        config = lm.model.config
+
+        def __call__(self, input_ids, **_):
+            logits = torch.zeros(input_ids.shape[0], 1, lm.model.config.vocab_size)
+            logits[..., lm.eos_id] = 50.0
+            logits[..., 7] = 5.0
+            return types.SimpleNamespace(logits=logits, cache=None)
+
+    fake = text.LM(EosLoves(), lm.tokenizer, "fake", "fake", lm.source, lm.device, torch.float32, "", lm.context, 1)
+    samples = textgen._decode(fake, [5, 6], cfg(max_new_tokens=4, top_p=0.05), 0, None, None, ignore_eos=True)
+    assert samples[0].token_ids == [7, 7, 7, 7]
+    ended = textgen._decode(fake, [5, 6], cfg(max_new_tokens=4, top_p=0.05), 0, None, None)
+    assert ended[0].token_ids == [] and ended[0].finish == "end of text"

@@ -197,7 +197,7 @@ def predict_tabs(run: dict, top_k_slot) -> None:
 with friendly_errors("predict"):
     available = {r["id"]: r for r in usable_runs()}
     if not available:
-        st.info("No trained model yet. Fine-tune one on the **Fine-tune** page (about a minute on the sample dataset), "
+        st.info("No trained model yet. Fine-tune one on the **Fine-tune** page (under a minute on the sample dataset), "
                 "or import a model exported from this app below.", icon=":material/model_training:")
         st.page_link("pages/finetune.py", label="Go to Fine-tune", icon=":material/arrow_forward:")
         st.subheader("Import a model")

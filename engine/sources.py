@@ -82,7 +82,8 @@ def resolve_vision(arch: str, weights: str) -> Source:
             return Source("imagenet", f"ImageNet ({arch})", "ImageNet weights found in the local torch cache.", imagenet_file(arch))
         if arch == "resnet18" and mini_vision_available():
             return Source("mini", "mini (bundled resnet18)", "No ImageNet weights cached and no network: using the bundled mini backbone.", MINI_VISION / "model.safetensors")
-        return Source("none", "random init", f"No ImageNet weights cached for {arch} and the bundled mini backbone is resnet18 only: starting from random weights.")
+        why = "the bundled mini backbone is missing" if arch == "resnet18" else "the bundled mini backbone is a resnet18"
+        return Source("none", "random init", f"No ImageNet weights cached for {arch} and {why}: starting from random weights.")
     if weights == "imagenet":
         if imagenet_cached(arch) or online():
             return Source("imagenet", f"ImageNet ({arch})", "ImageNet weights requested.", imagenet_file(arch))

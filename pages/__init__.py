@@ -6,10 +6,15 @@ directly, without app.py's navigation and sidebar. Importing this package (every
 imports pages.common) switches the legacy mode off for the process and hands the request
 to app.py, which then opens the page that was asked for.
 """
+from pathlib import Path
+
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-if PagesManager.uses_pages_directory:
+_ctx = get_script_run_ctx()
+_served_by_app = _ctx is not None and Path(_ctx.pages_manager.main_script_path).name == "app.py"  # not a page-only AppTest
+if PagesManager.uses_pages_directory and _served_by_app:
     PagesManager.uses_pages_directory = False
     st.session_state["_deep_link"] = (st.context.url, st.query_params.to_dict())
     st.switch_page("app.py")

@@ -97,7 +97,7 @@ def browser():
 def page(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     pg = context.new_page()
-    pg.set_default_timeout(30_000)
+    pg.set_default_timeout(90_000)  # generous: CI machines have 2 cores
     yield pg
     context.close()
 

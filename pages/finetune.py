@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import distributed, export, imagedata, runs, sources, vision, workspace
+from engine import distributed, export, imagedata, report, runs, sources, vision, workspace
 from engine.errors import UserError
 from pages.common import curves, friendly_errors, manager, read_json
 
@@ -184,6 +184,9 @@ def results(run: dict) -> None:
             col.image(str(image_path(m["file"])), caption=f"true {m['true']} · predicted {m['pred']} ({m['conf']:.0%})")
     if ev.get("n_mistakes", len(mistakes)) > len(shown):
         st.caption(f"Showing the {len(shown)} most confident mistakes of {ev.get('n_mistakes', len(mistakes))}.")
+    st.download_button("Download report", data=lambda: report.build_report(run["dir"]).encode(), file_name=f"report-{run['id']}.html",
+                       mime="text/html", icon=":material/summarize:", on_click="ignore",
+                       help="One self-contained HTML file: curves, confusion matrix, mistakes, model card. Opens offline.")
 
 
 def image_path(file: str) -> Path | None:

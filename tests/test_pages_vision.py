@@ -156,6 +156,7 @@ def test_finetune_start_submits_job_and_shows_results(tmp_path):
     assert list(heat["data"][0]["x"]) == ["blue", "red"]
     per_class = at.dataframe[0].value
     assert list(per_class.index) == ["blue", "red"] and {"precision", "recall", "f1"} <= set(per_class.columns)
+    assert any(b.label == "Download report" for b in at.get("download_button"))
 
 
 def test_finetune_progress_record_has_what_the_page_shows(tmp_path):

@@ -121,9 +121,8 @@ if last:
     a, b = st.columns([4, 1])
     a.caption(f"**{gen.tokens_per_s:.1f} tokens/s** · {gen.new_tokens} new tokens · {gen.seconds:.2f} s · model {gen.model} "
               f"({gen.dtype}) · seed **{gen.seed}**")
-    if b.button("Reuse this seed", icon=":material/replay:"):
-        ss.g_seed = gen.seed
-        st.rerun()
+    b.button("Reuse this seed", icon=":material/replay:", on_click=ss.update, kwargs={"g_seed": gen.seed},
+             help="Put this seed in the Seed box: the same settings then give the same text.")
 
     with st.expander("Token view: how sure was the model?", expanded=True):
         with friendly_errors("token view"):

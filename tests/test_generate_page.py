@@ -83,3 +83,14 @@ def test_presets_set_visible_values(app):
     app.radio(key="g_preset").set_value("Creative").run()
     assert app.slider(key="g_temperature").value == 1.1
     assert "temperature 0.3" in str(app.radio(key="g_preset").proto)
+
+
+def test_reuse_this_seed_fills_the_seed_box(app):
+    app.text_area(key="g_prompt").set_value("the cat")
+    app.button[0].click().run()  # no seed: a fresh one is drawn
+    first = sample_texts(app)
+    seed = history.recent()[0]["settings"]["seed"]
+    next(b for b in app.button if b.label == "Reuse this seed").click().run()
+    assert not app.exception and app.number_input(key="g_seed").value == seed
+    app.button[0].click().run()
+    assert sample_texts(app) == first

@@ -388,7 +388,7 @@ def cmd_pretrain_vision(args) -> int:
 
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
     if args.probe_only:
-        card = pretrain.probe_vision(args.out or None, seed=args.seed)
+        card = pretrain.probe_vision(args.out or None)
     else:
         cfg = pretrain.VisionPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed,
                                             threads=args.threads, out=args.out or "", probe=not args.no_probe)

@@ -320,11 +320,14 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
     return card
 
 
-def probe_vision(out: Path | None = None, seed: int = 0) -> dict:
+def probe_vision(out: Path | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Transfer check written into the card: linear probe from `mini` vs from `none` on held-out tasks.
 
     Uses the app's own `linear` strategy (engine.vision.finetune) on generated coloured shapes
     (5 shape classes, never seen in pretraining) and, when present, the bundled sample dataset.
+    `none` is a random-init resnet18 saved with the mini backbone's preprocessing, so only the
+    weights differ. Validation sets are small (32-40 images), so it is repeated over seeds (each
+    seed: another split, head init and batch order; another shapes set and random init) and averaged.
     """
     from engine import fractals, sources, vision, workspace
     from engine.bench import temporary_workspace
@@ -332,32 +335,32 @@ def probe_vision(out: Path | None = None, seed: int = 0) -> dict:
     out = Path(out or sources.MINI_VISION).resolve()
     weights_file = out / "model.safetensors"
     card = json.loads((out / "model_card.json").read_text())
-    tasks = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
     with temporary_workspace() as tmp:  # the generated images never enter the user's workspace
-        shapes = fractals.write_shapes_dataset(Path(tmp) / "shapes", n_per_class=40, size=64, seed=seed + 1000, shapes=fractals.SHAPES)
-        tasks["coloured shapes (5 classes x 40, 64 px, 20% val)"] = str(shapes)
-        sample = sources.ASSETS / "sample"
-        if sample.is_dir() and any(p.is_dir() for p in sample.iterdir()):
-            tasks["bundled sample dataset (assets/sample)"] = str(sample)
-        # `none` = a random-init resnet18 with the mini backbone's preprocessing, so only the weights differ
-        random_init = vision.build_model("resnet18", 2, sources.Source("none", "random init", ""), seed=seed)
-        none_file = Path(tmp) / "random-init.safetensors"
-        vision.save_weights(none_file, random_init, {"preprocessing": card["preprocessing"]})
-        results = {}
-        for task, data in tasks.items():
-            row = {}
-            for name, weights in (("mini", weights_file), ("none", none_file)):
-                cfg = vision.FinetuneConfig(data=data, weights=str(weights), strategy="linear", epochs=30, lr=1e-2,
-                                            optimizer="adamw", seed=seed)
-                summary = vision.finetune(cfg, Path(tmp) / f"run-{len(results)}-{name}")
-                row[name] = round(summary["best_val_acc"], 4)
-                log.info("probe %s from %s: %.4f", task, name, summary["best_val_acc"])
-            results[task] = row
+        for seed in seeds:
+            tasks = {}
+            shapes = fractals.write_shapes_dataset(tmp / f"shapes-{seed}", n_per_class=40, size=64, seed=seed + 1000, shapes=fractals.SHAPES)
+            tasks["coloured shapes (5 classes x 40, 64 px, 20% val)"] = str(shapes)
+            sample = sources.ASSETS / "sample"
+            if sample.is_dir() and any(p.is_dir() for p in sample.iterdir()):
+                tasks["bundled sample dataset (assets/sample, 4 classes x 40, 20% val)"] = str(sample)
+            random_init = vision.build_model("resnet18", 2, sources.Source("none", "random init", ""), seed=seed)
+            none_file = tmp / f"random-init-{seed}.safetensors"
+            vision.save_weights(none_file, random_init, {"preprocessing": card["preprocessing"]})
+            for task, data in tasks.items():
+                for name, weights in (("mini", weights_file), ("none", none_file)):
+                    cfg = vision.FinetuneConfig(data=data, weights=str(weights), strategy="linear", epochs=30, lr=1e-2,
+                                                optimizer="adamw", seed=seed)
+                    summary = vision.finetune(cfg, tmp / f"run-{seed}-{len(per_seed)}-{name}")
+                    per_seed.setdefault(task, {}).setdefault(name, []).append(round(summary["best_val_acc"], 4))
+                    log.info("probe %s from %s, seed %d: %.4f", task, name, seed, summary["best_val_acc"])
+    results = {task: {name: round(float(np.mean(v)), 4) for name, v in row.items()} | {"per_seed": row} for task, row in per_seed.items()}
     card = json.loads((out / "model_card.json").read_text())  # re-read: only the transfer section changes
     card["transfer"] = {
-        "method": f"linear probe (the app's linear strategy: frozen backbone, new fc trained 30 epochs, AdamW lr 1e-2, seed {seed}), "
-                  "best validation accuracy; `none` is a random-init resnet18 with the same preprocessing",
+        "method": "linear probe with the app's linear strategy (frozen backbone, new fc trained 30 epochs, AdamW lr 1e-2), "
+                  f"best validation accuracy, mean over seeds {list(seeds)}; `none` is a random-init resnet18 with the same preprocessing",
         "results": results,
+        "command": "python -m engine pretrain vision --probe-only",
     }
     workspace.atomic_write_json(out / "model_card.json", card)
     return card

@@ -18,6 +18,7 @@ PROJECTOR_CSS = """<style>
 
 # (file, title, icon, section); a page whose file does not exist yet is simply absent.
 PAGES = [
+    ("pages/home.py", "Home", ":material/home:", "Start"),
     ("pages/images.py", "Images", ":material/photo_library:", "Vision"),
     ("pages/finetune.py", "Fine-tune", ":material/model_training:", "Vision"),
     ("pages/predict.py", "Predict", ":material/center_focus_strong:", "Vision"),

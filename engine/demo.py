@@ -71,13 +71,11 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
         done["added"].append("fine-tuning run")
 
     if lab and not _has_run("lab", DEMO_LAB_TITLE):
-        try:
-            from engine import lab as lab_mod
-        except ImportError:
-            lab_mod = None
-        if lab_mod is not None and hasattr(lab_mod, "demo_config"):
-            _run_in_foreground("lab", DEMO_LAB_TITLE, lab_mod.demo_config(sample.SAMPLE_NAME))
-            done["added"].append("pretrained-vs-scratch comparison")
+        from engine import lab as lab_engine
+
+        cfg = lab_engine.LabConfig(experiment="compare", data=sample.SAMPLE_NAME, preset="quick")
+        _run_in_foreground("lab", DEMO_LAB_TITLE, {k: v for k, v in asdict(cfg).items() if v is not None})
+        done["added"].append("pretrained-vs-scratch comparison")
 
     if generations:
         from engine import history, text, textgen

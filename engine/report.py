@@ -122,18 +122,19 @@ def _mistakes(ev: dict) -> str:
 
 def _comparisons(run: dict) -> str:
     """Pretrained-vs-scratch results from the Transfer Lab for the same dataset, if any."""
-    from engine import runs
+    from engine import lab, runs
 
     data = run.get("config", {}).get("data")
     parts = []
     for r in runs.list_runs("lab"):
-        res = _read_json(Path(r["dir"]) / "result.json", {}) or {}
-        if r["status"] != "done" or r["config"].get("data") != data or not res.get("curves"):
+        state = lab.read_result(r["dir"]) or {}
+        res = state.get("result") or {}
+        if r["status"] != "done" or state.get("experiment") != "compare" or r["config"].get("data") != data or not res.get("curves"):
             continue
         curves = {k: v["mean"] if isinstance(v, dict) else v for k, v in res["curves"].items()}
         parts.append(_fig_html(comparison_figure(curves, html.escape(r["title"]))))
-        if res.get("numbers"):
-            parts.append(_table([{"measure": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in res["numbers"].items()]))
+        if isinstance(res.get("benefits"), dict):
+            parts.append(_table([{"benefit of pretraining": k, "value": v} for k, v in res["benefits"].items()]))
     return "".join(parts)
 
 

@@ -101,8 +101,10 @@ elif step == 5:
                                        labels={"x": "probability", "y": ""}, range_x=[0, 1], height=260), width="stretch")
 
 elif step == 6:
-    labs = [r for r in runs.list_runs("lab") if r["status"] == "done"]
-    result = read_json(Path(labs[0]["dir"]) / "result.json", {}) if labs else {}
+    from engine import lab
+
+    states = [lab.read_result(r["dir"]) or {} for r in runs.list_runs("lab") if r["status"] == "done"]
+    result = next((s.get("result") or {} for s in states if s.get("experiment") == "compare"), {})
     if result.get("curves"):
         curves_ = {k: v["mean"] if isinstance(v, dict) else v for k, v in result["curves"].items()}
         st.plotly_chart(report.comparison_figure(curves_, "Validation accuracy per epoch"), width="stretch")

@@ -15,13 +15,14 @@ st.caption("Real training runs, side by side. Each experiment runs in the backgr
 
 TABS = {
     "compare": ("Pretrained vs scratch", "Does starting from pretrained weights help?",
-                "The same network, data, epochs and optimiser twice: once from pretrained weights, once from random ones."),
+                "The same network, data, epochs and learning rate twice: once from pretrained weights, once from random ones."),
     "freeze": ("How much to freeze", "How many layers should keep their pretrained weights?",
                "k = how many of the 5 stages stay frozen: k=5 trains only a new output layer (a linear probe), k=0 trains everything."),
     "data-size": ("Less data", "What if you only have a few labelled images?",
                   "Pretrained and from-scratch networks trained on 1, 5, 10 … labelled images per class, tested on the same held-out images."),
     "unsupervised": ("Learning without labels", "Can a network learn useful features from images without any labels?",
-                     "A small autoencoder learns to redraw the images (no labels), then its encoder is trained with a few labels, vs the same encoder from random weights."),
+                     "A small autoencoder learns to redraw the images (no labels), then its encoder is trained with a few labels, vs the same "
+                     "encoder from random weights. It needs many images a tiny network can learn from: try Demo: clothing, 120 per class."),
     "advise": ("Strategy advisor", "Which fine-tuning strategy fits this dataset?",
                "Measures how many images per class you have and how much the pretrained features already separate your classes."),
 }
@@ -33,9 +34,10 @@ def choose_data() -> str | None:
     a, b = st.columns([3, 2], vertical_alignment="bottom")
     if not names:
         a.info("No dataset yet: load the bundled sample (4 fruit classes) or the demo tasks.", icon=":material/photo_library:")
-    if b.button("Load the sample and the 4 demo tasks", icon=":material/download:", key="lab_demo",
-                help="Fruit sample; clothing photos (similar to the pretraining images) and line drawings (different), "
-                     "each with 12 or 120 images per class."):
+    if b.button("Load the sample and the demo tasks", icon=":material/download:", key="lab_demo",
+                help="The fruit sample, plus fractal patterns (similar to the mini backbone's pretraining images) and line "
+                     "drawings (different), each with 30 or 120 images per class: together, the advisor's four scenarios. "
+                     "And grey clothing photos for learning without labels."):
         with friendly_errors("lab: demo data"), st.spinner("Adding datasets…"):
             sample.load_sample()
             for key in demodata.DEMOS:
@@ -51,7 +53,7 @@ def options() -> dict:
     with st.expander("Options"):
         c = st.columns(3)
         preset = c[0].radio("Preset", lab.PRESET_NAMES, horizontal=True, key="lab_preset",
-                            captions=["about a minute", "several minutes, more seeds"])
+                            captions=["a minute or two", "several minutes: more epochs, seeds and settings"])
         epochs = c[1].number_input("Epochs (0 = preset)", 0, 200, 0, key="lab_epochs")
         seeds = c[2].number_input("Seeds to average (0 = preset)", 0, 10, 0, key="lab_seeds")
     return {"preset": preset, "epochs": int(epochs) or None, "seeds": int(seeds) or None}
@@ -62,9 +64,11 @@ def numbers(state: dict) -> None:
     """The three benefits beside the curves: pretrained value, difference to scratch, one-line reading."""
     b = (state.get("result") or {}).get("benefits") or {}
     g, readings = b.get("groups") or {}, b.get("readings") or {}
-    for key, title, fmt in (("start", "Higher start · after epoch 1", "{:.0%}"),
-                            ("slope", f"Higher slope · points/epoch, first {b.get('early_epochs', 3)}", "{:.0f}"),
-                            ("asymptote", "Higher asymptote · best accuracy", "{:.0%}")):
+    finished = state.get("status") in ("done", "cancelled")
+    for key, title, fmt, what in (
+            ("start", "Higher start", "{:.0%}", "Accuracy after the first epoch."),
+            ("slope", "Higher slope", "{:.0f} pts/epoch", f"Accuracy gained per epoch over the first {b.get('early_epochs', 3)} epochs."),
+            ("asymptote", "Higher asymptote", "{:.0%}", "The best accuracy reached.")):
         p, s = (g.get(side, {}).get(key, {}) for side in ("pretrained", "scratch"))
         if p.get("mean") is None or s.get("mean") is None:
             st.metric(title, "–")
@@ -72,8 +76,8 @@ def numbers(state: dict) -> None:
         scale = 100 if key == "slope" else 1
         delta = (p["mean"] - s["mean"]) * 100
         st.metric(title, fmt.format(p["mean"] * scale), f"{delta:+.0f} points vs scratch ({fmt.format(s['mean'] * scale)})",
-                  help=f"Spread over seeds: ± {p['std'] * 100:.0f} points (pretrained), ± {s['std'] * 100:.0f} (scratch)")
-        if readings.get(key):
+                  help=f"{what} Pretrained network; spread over seeds ± {p['std'] * 100:.0f} points (scratch ± {s['std'] * 100:.0f}).")
+        if finished and readings.get(key):
             st.caption(readings[key])
 
 
@@ -88,24 +92,23 @@ def show_result(state: dict, run_dir: Path) -> None:
         if (run_dir / "reconstructions.png").is_file():
             b.image(str(run_dir / "reconstructions.png"), caption="Top: held-out images · bottom: the autoencoder's redrawing of them (it never saw a label)")
     if exp in ("compare", "unsupervised"):
-        left, right = st.columns([3, 1], gap="large")
+        left, right = st.columns([5, 2], gap="large")
         names = ({"pretrained": "pretrained encoder (no labels used)", "scratch": "same encoder, random start"} if exp == "unsupervised"
-                 else {"pretrained": f"pretrained ({(state.get('weights') or {}).get('name', '')})", "scratch": "from scratch (random weights)"})
-        left.plotly_chart(charts.curves_figure(state, "Accuracy while training (band = spread over seeds)", names), key=f"lab_curves_{exp}")
+                 else {"pretrained": f"pretrained: {(state.get('weights') or {}).get('name', '')}", "scratch": "from scratch (random weights)"})
+        left.plotly_chart(charts.curves_figure(state, "Accuracy on images it never trained on (band = spread over seeds)", names), key=f"lab_curves_{exp}")
         with right:
             numbers(state)
     elif exp == "freeze":
         a, b = st.columns(2)
         a.plotly_chart(charts.freeze_figure(state), key="lab_freeze")
         b.plotly_chart(charts.lr_rule_figure(state), key="lab_rule")
-        if res.get("lr_rule"):
-            r = res["lr_rule"]
-            b.caption(f"Pretrained layers at lr/10: best {r['rule']:.0%} · one learning rate for all: {r['one_lr']:.0%}.")
+        if state.get("status") == "done":
+            a.caption(res.get("reading", ""))
+            b.caption(res.get("lr_reading", ""))
     elif exp == "data-size":
         st.plotly_chart(charts.data_size_figure(state), key="lab_size")
-        gaps = res.get("gap") or []
-        if gaps:
-            st.caption("Gap (pretrained − scratch): " + " · ".join(f"{g['x']:.0f}/class: {g['gap'] * 100:+.0f} points" for g in gaps))
+        if state.get("status") == "done" and res.get("reading"):
+            st.caption(res["reading"])
 
 
 def show_advice(res: dict) -> None:
@@ -116,10 +119,10 @@ def show_advice(res: dict) -> None:
     st.success(f"**{adv['scenario']}** → **{adv['strategy']}**: {adv['headline']}", icon=":material/recommend:")
     for r in adv["reasons"]:
         st.markdown(f"- {r}")
-    acc = res["probe_accuracy"]
-    st.caption(f"{res['images_per_class']:.0f} labelled images per class (small below {res['thresholds']['small_below_images_per_class']}); "
-               f"similarity {res['similarity']:.2f} = share of the random network's mistakes that the pretrained features fix "
-               f"({acc['random']:.0%} → {acc['pretrained']:.0%}; similar at ≥ {res['thresholds']['similar_at_or_above']}). "
+    acc = res["nearest_mean_accuracy"]
+    st.caption(f"Size: {res['images_per_class']:.0f} labelled images per class (small below {res['thresholds']['small_below_images_per_class']}). "
+               f"Similarity {res['similarity']:.2f}: the share of the random network's mistakes that the pretrained features fix "
+               f"({acc['random']:.0%} → {acc['pretrained']:.0%}; similar from {res['thresholds']['similar_at_or_above']}). "
                f"Weights: {res['weights']['name']}.")
     cfg = advisor.recommended_config(res["data"], advisor.Advice(**adv), res["weights"].get("requested", "auto"),
                                      res.get("requested_image_size"))
@@ -142,7 +145,8 @@ def live(run_id: str, drawn_active: bool) -> None:
         pos = manager().queue_position(run_id)
         done = sum(1 for r in state.get("runs", []) if r.get("done"))
         total = len(state.get("runs", [])) or 1
-        frac = (done + (prog.get("epoch") or 0) / max(1, prog.get("epochs") or 1)) / total if prog.get("runs") else 0.0
+        within = ((prog.get("epoch") or 0) + (prog.get("step") or 0) / max(1, prog.get("steps") or 1)) / max(1, prog.get("epochs") or 1)
+        frac = (done + min(within, 1.0)) / total if prog.get("runs") else 0.0
         text = f"Queued: {pos} job(s) ahead" if pos else prog.get("message") or prog.get("phase") or "starting"
         a, b = st.columns([5, 1], vertical_alignment="bottom")
         a.progress(min(frac, 1.0), text=text)

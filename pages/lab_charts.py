@@ -17,7 +17,7 @@ def _band(fig: go.Figure, curve: dict, name: str, color: str, dash: str | None =
     """Mean line with a min-max band over seeds (the band appears with 2+ seeds)."""
     x = curve["epoch"]
     if max(curve.get("n") or [1]) > 1:
-        fig.add_scatter(x=x + x[::-1], y=curve["max"] + curve["min"][::-1], fill="toself", fillcolor=_rgba(color, 0.15),
+        fig.add_scatter(x=x + x[::-1], y=curve["max"] + curve["min"][::-1], fill="toself", fillcolor=_rgba(color, 0.15), mode="lines",
                         line=dict(width=0), hoverinfo="skip", showlegend=False)
     fig.add_scatter(x=x, y=curve["mean"], name=name, mode="lines+markers", line=dict(color=color, width=3, dash=dash))
 
@@ -34,7 +34,8 @@ def curves_figure(state: dict, title: str, names: dict[str, str]) -> go.Figure:
     fig.add_hline(y=chance, line=dict(color="grey", dash="dot"), annotation_text="guessing", annotation_position="bottom right")
     fig.update_layout(title=title, xaxis_title="epochs of training", yaxis_title="accuracy on held-out images", **LAYOUT)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
-    fig.update_xaxes(tickmode="linear", dtick=1 if max((len(c["epoch"]) for c in curves.values()), default=0) <= 16 else 5)
+    epochs = (state.get("config") or {}).get("epochs") or max((len(c["epoch"]) for c in curves.values()), default=1)
+    fig.update_xaxes(range=[-0.2, epochs + 0.2], tickmode="linear", dtick=1 if epochs <= 16 else 5)  # the frame is fixed from the start
     _annotate_benefits(fig, state)
     return fig
 
@@ -62,10 +63,11 @@ def freeze_figure(state: dict) -> go.Figure:
     fig = go.Figure()
     fig.add_bar(x=x, y=[p["best_val_acc"]["mean"] for p in pts], name="best accuracy", marker_color=PRE,
                 error_y=dict(type="data", array=[p["best_val_acc"]["std"] for p in pts]),
-                customdata=[p["trainable_params"] for p in pts], hovertemplate="%{y:.1%} · %{customdata:,} trainable weights")
+                customdata=[p["trainable_params"] for p in pts], hovertemplate="%{y:.1%} · %{customdata:,} trainable weights",
+                text=[f"{p['best_val_acc']['mean']:.0%}" for p in pts], textposition="inside")
     fig.add_scatter(x=x, y=[p["seconds"]["mean"] for p in pts], name="seconds per run", yaxis="y2", mode="lines+markers",
                     line=dict(color=SCR, width=3))
-    fig.update_layout(title="Frozen stages k (of stem, layer1 … layer4) → accuracy and training time",
+    fig.update_layout(title="Accuracy (bars) and training time (line) per k frozen stages",
                       yaxis=dict(title="best accuracy", range=[0, 1.02], tickformat=".0%"),
                       yaxis2=dict(title="seconds", overlaying="y", side="right", rangemode="tozero", showgrid=False), **LAYOUT)
     return fig
@@ -80,6 +82,8 @@ def lr_rule_figure(state: dict) -> go.Figure:
             _band(fig, c, name, COLORS[group])
     fig.update_layout(title="All layers train (k=0): the 10x-smaller learning-rate rule", xaxis_title="epochs",
                       yaxis_title="accuracy", **LAYOUT)
+    epochs = (state.get("config") or {}).get("epochs") or 1
+    fig.update_xaxes(range=[-0.2, epochs + 0.2], tickmode="linear", dtick=1 if epochs <= 16 else 5)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
     return fig
 
@@ -96,8 +100,10 @@ def data_size_figure(state: dict) -> go.Figure:
                             fillcolor=_rgba(PRE, 0.12), error_y=dict(type="data", array=[p["best_val_acc"]["std"] for p in pts]))
     fig.update_layout(title="Labelled images per class → accuracy (the shaded gap is what pretraining buys)",
                       xaxis_title="labelled training images per class", yaxis_title="best accuracy", **LAYOUT)
-    fig.update_xaxes(type="log")
+    xs = sorted({p["x"] for pts in sweep.values() for p in pts})
+    fig.update_xaxes(type="log", tickvals=xs, ticktext=[f"{x:.0f}" for x in xs])
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    fig.update_layout(legend=dict(orientation="h", y=-0.2, traceorder="normal"))
     return fig
 
 
@@ -135,11 +141,13 @@ def advisor_figure(result: dict) -> go.Figure:
 
 
 def probe_figure(result: dict) -> go.Figure:
-    acc = result["probe_accuracy"]
+    """Few-shot nearest-class-mean accuracy with raw pixels, a random network and the pretrained one."""
+    acc = result["nearest_mean_accuracy"]
+    keys = ("pixels", "random", "pretrained")
     names = {"pixels": "raw pixels", "random": "random-init network", "pretrained": "pretrained network"}
-    fig = go.Figure(go.Bar(x=[names[k] for k in ("pixels", "random", "pretrained")], y=[acc[k] for k in ("pixels", "random", "pretrained")],
-                           marker_color=["#999999", SCR, PRE], text=[f"{acc[k]:.0%}" for k in ("pixels", "random", "pretrained")]))
+    fig = go.Figure(go.Bar(x=[names[k] for k in keys], y=[acc[k] for k in keys], marker_color=["#999999", SCR, PRE],
+                           text=[f"{acc[k]:.0%}" for k in keys], textposition="outside"))
     fig.add_hline(y=result["chance"], line=dict(color="grey", dash="dot"), annotation_text="guessing")
-    fig.update_layout(title="How well a simple classifier separates your classes using…", height=420,
-                      margin=dict(l=10, r=10, t=50, b=10), yaxis=dict(range=[0, 1.02], tickformat=".0%"))
+    fig.update_layout(title=f"Sorting your images by their {result.get('shots', 5)} nearest labelled examples per class, using…",
+                      height=420, margin=dict(l=10, r=10, t=50, b=10), yaxis=dict(title="accuracy", range=[0, 1.1], tickformat=".0%"))
     return fig

@@ -31,6 +31,15 @@ def make_folder(root: Path, per_class: int = 8, size: int = 32) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Like the lab's jobs (engine/lab.py CPU_THREADS): on a busy 2-core machine one thread is much faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> str:
     """A resnet18 state dict (random, seeded) saved as safetensors: the 'pretrained' side in tests."""
@@ -234,13 +243,17 @@ def test_advisor_refuses_nonsense():
             advisor.advise(*args)
 
 
-def test_probe_accuracy_and_similarity_score():
+def test_prototype_accuracy_and_similarity_score():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat_interleave(10)
-    separable = torch.randn(30, 5, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 5).float() * 3
-    assert advisor.probe_accuracy(separable, y) == 1.0
+    clustered = torch.randn(30, 5, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 5).float() * 3
+    assert advisor.prototype_accuracy(clustered, y) == 1.0
     noise = torch.randn(30, 5, generator=g)
-    assert advisor.probe_accuracy(noise, y) < 0.8
+    assert advisor.prototype_accuracy(noise, y) < 0.7
+    two = torch.tensor([0, 0, 1, 1])  # 2 per class: 1 shot, the other image is classified
+    assert advisor.prototype_accuracy(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), two) == 1.0
+    with pytest.raises(UserError):
+        advisor.prototype_accuracy(torch.randn(3, 2), torch.tensor([0, 0, 1]))
     assert advisor.similarity_score(0.9, 0.5) == pytest.approx(0.8)
     assert advisor.similarity_score(0.4, 0.5) == 0.0 and advisor.similarity_score(1.0, 1.0) == 1.0
 
@@ -248,9 +261,9 @@ def test_probe_accuracy_and_similarity_score():
 def test_advisor_measures_a_dataset(data, tiny_weights):
     r = advisor.measure(data, weights=tiny_weights, image_size=32, max_per_class=6)
     assert r["images_per_class"] == 8 and r["probe_images"] == 18
-    assert set(r["probe_accuracy"]) == {"pixels", "random", "pretrained"}
+    assert set(r["nearest_mean_accuracy"]) == {"pixels", "random", "pretrained"}
     assert 0.0 <= r["similarity"] <= 1.0 and r["advice"]["size"] == "small"
-    assert r["probe_accuracy"]["pixels"] > 0.9  # the classes differ by colour: raw pixels separate them
+    assert r["nearest_mean_accuracy"]["pixels"] > 0.9  # the classes differ by colour: raw pixels separate them
     with pytest.raises(UserError, match="pretrained"):
         advisor.measure(data, weights="none")
 
@@ -301,3 +314,25 @@ def test_batches_cover_every_example_once_per_pass_and_never_leave_one_alone():
             assert len(b) >= 2
             seen += b.tolist()
         assert sorted(seen) == list(range(n)), (n, bs)
+
+
+# ----------------------------------------------------------------------------- demo tasks
+def test_demo_tasks_are_generated_deterministically_and_import_once():
+    from engine import demodata, imagedata
+
+    for key in ("similar-small", "different-small", "clothing"):
+        a, b = demodata.demo_members(key), demodata.demo_members(key)
+        assert [m.data for m in a.members] == [m.data for m in b.members]  # same images every time
+        counts = {}
+        for m in a.members:
+            counts[m.cls] = counts.get(m.cls, 0) + 1
+        assert len(counts) == 4 and set(counts.values()) == {demodata.DEMOS[key].per_class}
+    first = demodata.import_demo("different-small")
+    assert not first["existed"] and set(first["classes"]) == set(demodata.SHAPES)
+    assert demodata.import_demo("different-small")["existed"]  # idempotent
+    assert demodata.ensure_dataset("different-small") == demodata.DEMOS["different-small"].name
+    assert len(imagedata.list_datasets()) == 1
+    with pytest.raises(UserError, match="unknown demo"):
+        demodata.import_demo("nope")
+    # the two versions of a task differ only in size: small below the advisor's threshold, large above
+    assert demodata.DEMOS["similar-small"].per_class < advisor.SMALL_MAX_PER_CLASS <= demodata.DEMOS["similar-large"].per_class

@@ -53,7 +53,9 @@ def start_form(datasets: list[dict]) -> None:
             freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze",
                                help="The first k stages keep their pretrained weights; the rest is trained.")
     with left:
-        data = st.selectbox("Dataset", list(by_name), key="ft_data",
+        names = list(by_name)  # default: the dataset open on the Images page, else the newest
+        current = st.session_state.get("dataset")
+        data = st.selectbox("Dataset", names, key="ft_data", index=names.index(current) if current in names else len(names) - 1,
                             format_func=lambda n: f"{n} · {by_name[n]['classes']} classes · {by_name[n]['images']} images")
         model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model")
         scratch = strategy == "scratch"

@@ -14,6 +14,8 @@ def _add_class(page, name, color, tmp_path):
     page.get_by_label("New class name").fill(name)
     page.get_by_label("New class name").press("Enter")
     wait_for_idle(page)
+    # the previous upload's widget is replaced by a fresh one; wait until only the fresh one is left
+    page.wait_for_function("document.querySelectorAll(\"[data-testid='stFileUploaderDropzoneInput']\").length === 1")
     page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(files)
     page.get_by_role("button", name=f"Add 3 file(s) to {name}").click()
     wait_for_idle(page)

@@ -8,6 +8,7 @@ Fixtures:
 Helpers:
   wait_for_idle(page)        wait until Streamlit has finished running the script
   screenshot(page, name)     save test-artifacts/<name>.png
+  tall_screenshot(page, name) the same with a tall window (Streamlit scrolls inside its main block)
 """
 from __future__ import annotations
 
@@ -117,4 +118,14 @@ def screenshot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def tall_screenshot(page, name: str, height: int = 2000) -> Path:
+    """Streamlit scrolls inside its main block, so a full-page shot needs a tall window."""
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": height})
+    page.wait_for_timeout(500)
+    path = screenshot(page, name)
+    page.set_viewport_size(size)
     return path

@@ -1,16 +1,8 @@
 """The showcase: open the Transfer Lab, run "pretrained vs scratch" on the sample and watch both curves."""
 import re
 
-from tests.e2e.conftest import screenshot, wait_for_idle
+from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
 
-
-def tall_screenshot(page, name: str, height: int = 1800) -> None:
-    """Streamlit scrolls inside its main block, so a full-page shot needs a tall window."""
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": height})
-    page.wait_for_timeout(500)
-    screenshot(page, name)
-    page.set_viewport_size(size)
 
 
 def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch):

@@ -1,7 +1,7 @@
 """In the browser: generate with the bundled mini GPT-2 and see text + tokens/s; fine-tune it on a tiny text."""
 import re
 
-from tests.e2e.conftest import screenshot, wait_for_idle
+from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
 
 TEXT = "\n".join([
     "The captain looked at the sea and said: the ship will sail at dawn.",
@@ -10,14 +10,6 @@ TEXT = "\n".join([
     "The captain wrote in his log: calm sea, fair wind, all hands on deck.",
 ] * 6)
 
-
-def tall_screenshot(page, name: str, height: int = 2200) -> None:
-    """Streamlit scrolls inside its main block, so a full-page shot needs a tall window."""
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": height})
-    page.wait_for_timeout(500)
-    screenshot(page, name)
-    page.set_viewport_size(size)
 
 
 def sample_text(page) -> str:

@@ -3,18 +3,10 @@ import re
 import zipfile
 from pathlib import Path
 
-from tests.e2e.conftest import screenshot, wait_for_idle
+from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def tall_screenshot(page, name: str, height: int = 2000) -> None:
-    """Streamlit scrolls inside its main block, so a full-page shot needs a tall window."""
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": height})
-    page.wait_for_timeout(500)
-    screenshot(page, name)
-    page.set_viewport_size(size)
 
 
 def test_sample_finetune_predict_export(app_url, page, tmp_path):

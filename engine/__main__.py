@@ -483,8 +483,8 @@ def build_parser() -> Parser:
 
     bench = sub.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     s = bench.add_parser("finetune", help="naive frozen-backbone loop vs the cached linear path")
-    s.add_argument("--per-class", type=int, default=75, help="generated images per class (4 classes)")
-    s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--per-class", type=int, default=150, help="generated images per class (4 classes)")
+    s.add_argument("--image-size", type=int, default=64, help="the mini backbone's own size")
     s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     s.add_argument("--json", action="store_true")

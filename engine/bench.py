@@ -58,6 +58,7 @@ def _naive_linear(cfg, data, source, pp) -> dict:
     def load(paths):  # decode + resize + centre-crop + normalise, as a torchvision transform pipeline would
         return vision.normalize(vision.center_crop(vision.load_images(paths, pp.resize), pp.image_size), pp).contiguous()
 
+    model.eval()  # frozen BatchNorm uses its running statistics (a train-mode forward would change them)
     with torch.no_grad():
         model(load(train_paths[:8]))  # warm-up outside the timing, as the project path gets its own
     t0 = time.time()
@@ -101,7 +102,7 @@ def _forward_rates(model, images, pp, dev) -> dict:
             "extraction_dtype": str(dtype or torch.float32).replace("torch.", "")}
 
 
-def bench_finetune(n_per_class: int = 75, image_size: int = 96, epochs: int = 10, threads: int = 0,
+def bench_finetune(n_per_class: int = 150, image_size: int = 64, epochs: int = 10, threads: int = 0,
                    n_classes: int = 4, weights: str = "auto") -> dict:
     """Naive seed loop vs the project's linear path; see the module docstring."""
     import torch

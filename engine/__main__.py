@@ -344,7 +344,7 @@ def cmd_lab(args) -> int:
         sizes=_ints(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
         ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None))
     resolved = cfg.resolved()  # bad options fail here, before a run is recorded
-    lab.check_data(cfg.data)
+    cfg.data = resolved.data = lab.check_data(cfg.data)  # "sample" or a demo key -> the dataset's name
     run_id = runs.create("lab", f"Lab · {lab.EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}",
                          {k: v for k, v in vars(cfg).items() if v is not None})
     stream = sys.stderr if args.json else sys.stdout
@@ -580,7 +580,7 @@ def build_parser() -> Parser:
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=cmd_lab)
     s = lab_p.add_parser("demo-data", help="import the built-in similar/different demo datasets into the workspace")
-    s.add_argument("keys", nargs="*", help="similar-small, similar-large, different-small, different-large (default: all)")
+    s.add_argument("keys", nargs="*", help="similar-small, similar-large, different-small, different-large, clothing (default: all)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lab_demo_data)
 

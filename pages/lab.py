@@ -95,7 +95,9 @@ def show_result(state: dict, run_dir: Path) -> None:
         left, right = st.columns([5, 2], gap="large")
         names = ({"pretrained": "pretrained encoder (no labels used)", "scratch": "same encoder, random start"} if exp == "unsupervised"
                  else {"pretrained": f"pretrained: {(state.get('weights') or {}).get('name', '')}", "scratch": "from scratch (random weights)"})
-        left.plotly_chart(charts.curves_figure(state, "Accuracy on images it never trained on (band = spread over seeds)", names), key=f"lab_curves_{exp}")
+        title = ("Step 2: trained with {} labels per class · accuracy on unseen images".format((state.get("data") or {}).get("labels_per_class"))
+                 if exp == "unsupervised" else "Accuracy on images it never trained on (band = spread over seeds)")
+        left.plotly_chart(charts.curves_figure(state, title, names), key=f"lab_curves_{exp}")
         with right:
             numbers(state)
     elif exp == "freeze":
@@ -176,7 +178,8 @@ def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
     if not mine:
         return
     ids = [r["id"] for r in mine]
-    wanted = st.session_state.get(f"lab_{exp}")
+    # this session's latest run, else the latest one on the chosen dataset, else the latest of all
+    wanted = st.session_state.get(f"lab_{exp}") or next((r["id"] for r in mine if r["config"].get("data") == data), None)
     pick = st.selectbox("Results", ids, index=ids.index(wanted) if wanted in ids else 0, key=f"lab_pick_{exp}",
                         format_func=lambda i: next(f"{r['title'].split(' · ', 2)[-1]} · {r['status']} · {i}" for r in mine if r["id"] == i))
     active = runs.get(pick)["status"] in runs.ACTIVE

@@ -1,6 +1,8 @@
 """Plotly figures for the Transfer Lab page, from a lab.json state (engine/lab.py). Not a page."""
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 PRE, SCR, RULE = "#1f77b4", "#ff7f0e", "#2ca02c"
@@ -50,7 +52,7 @@ def _annotate_benefits(fig: go.Figure, state: dict) -> None:
     fig.add_annotation(x=1, y=p["mean"][1], text="start", showarrow=True, arrowhead=2, ax=-40, ay=-30, font=dict(color=PRE))
     if state.get("status") == "done":
         best = max(range(1, len(p["mean"])), key=lambda i: p["mean"][i])
-        fig.add_annotation(x=p["epoch"][best], y=p["mean"][best], text="asymptote", showarrow=True, arrowhead=2, ax=0, ay=-30,
+        fig.add_annotation(x=p["epoch"][best], y=p["mean"][best], text="asymptote", showarrow=True, arrowhead=2, ax=-40, ay=-30,
                            font=dict(color=PRE))
 
 
@@ -110,7 +112,7 @@ def data_size_figure(state: dict) -> go.Figure:
 def ae_loss_figure(state: dict) -> go.Figure:
     loss = (state.get("ae") or {}).get("loss") or []
     fig = go.Figure(go.Scatter(x=list(range(1, len(loss) + 1)), y=loss, mode="lines", line=dict(color=RULE, width=3)))
-    fig.update_layout(title="Step 1 · learning without labels: reconstruction error", xaxis_title="autoencoder epochs",
+    fig.update_layout(title="Step 1: learn to redraw, no labels", xaxis_title="autoencoder epochs",
                       yaxis_title="error (MSE)", height=300, margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
@@ -130,12 +132,14 @@ def advisor_figure(result: dict) -> go.Figure:
     for (x0, x1), (y0, y1), name, what in quads:
         fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, line=dict(width=1, color="grey"),
                       fillcolor=_rgba(RULE if name == mine else "#999999", 0.25 if name == mine else 0.06), layer="below")
-        fig.add_annotation(x=(x0 * x1) ** 0.5, y=(y0 + y1) / 2, text=f"<b>{name}</b><br>{what}", showarrow=False,
-                           font=dict(size=13))
+        # on a log axis annotations are placed in log10 units (shapes take data values)
+        fig.add_annotation(x=math.log10((x0 * x1) ** 0.5), y=(y0 + y1) / 2 + (0.12 if y0 > 0 else -0.12),
+                           text=f"<b>{name}</b><br>{what}", showarrow=False, font=dict(size=13))
     fig.add_scatter(x=[n], y=[sim], mode="markers+text", text=[result.get("data", "")], textposition="top center",
                     marker=dict(size=18, color=PRE, line=dict(width=2, color="white")), showlegend=False)
     fig.update_layout(title="Where your dataset sits", height=420, margin=dict(l=10, r=10, t=50, b=10),
-                      xaxis=dict(title="labelled images per class", type="log", range=[0, __import__("math").log10(hi)]),
+                      xaxis=dict(title="labelled images per class", type="log", range=[0, math.log10(hi)],
+                                 tickvals=[v for v in (1, 10, 100, 1000, 10000) if v <= hi]),
                       yaxis=dict(title="similarity to the pretraining data", range=[-0.05, 1.05]))
     return fig
 
@@ -147,7 +151,7 @@ def probe_figure(result: dict) -> go.Figure:
     names = {"pixels": "raw pixels", "random": "random-init network", "pretrained": "pretrained network"}
     fig = go.Figure(go.Bar(x=[names[k] for k in keys], y=[acc[k] for k in keys], marker_color=["#999999", SCR, PRE],
                            text=[f"{acc[k]:.0%}" for k in keys], textposition="outside"))
-    fig.add_hline(y=result["chance"], line=dict(color="grey", dash="dot"), annotation_text="guessing")
-    fig.update_layout(title=f"Sorting your images by their {result.get('shots', 5)} nearest labelled examples per class, using…",
+    fig.add_hline(y=result["chance"], line=dict(color="grey", dash="dot"), annotation_text="guessing", annotation_position="top left")
+    fig.update_layout(title=f"Telling classes apart from {result.get('shots', 5)} examples each, using…",
                       height=420, margin=dict(l=10, r=10, t=50, b=10), yaxis=dict(title="accuracy", range=[0, 1.1], tickformat=".0%"))
     return fig

@@ -43,4 +43,6 @@ def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch)
         assert page.get_by_text(words).first.is_visible()
     assert page.get_by_text(re.compile(r"points vs scratch")).count() == 3
     assert page.get_by_role("button", name="Cancel").count() == 0
+    page.wait_for_timeout(2500)  # the page redraws once more when the job's record says done
+    wait_for_idle(page)
     tall_screenshot(page, "lab-3-done")

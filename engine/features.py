@@ -125,7 +125,7 @@ def extract(prefix: torch.nn.Module, images_uint8: torch.Tensor, pp, dev: torch.
     """
     from engine.vision import center_crop, normalize
 
-    bs = batch_size or (256 if dev.type == "cuda" else 64)
+    bs = batch_size or (256 if dev.type == "cuda" else 128)
     total = total or len(images_uint8)
     out, t0 = [], time.time()
     for i in range(0, len(images_uint8), bs):

@@ -176,6 +176,17 @@ def test_other_strategies_train_and_augment(data, tmp_path):
         assert torch.equal(after["conv1.weight"], start["conv1.weight"])
 
 
+def test_seeded_runs_are_reproducible_on_cpu(data, tmp_path):
+    cfg = cfg_for(data, strategy="full", augment=["flip", "crop"], epochs=1, batch_size=6)
+    a = vision.finetune(cfg, tmp_path / "a")
+    b = vision.finetune(cfg, tmp_path / "b")
+    sa, sb = vision.safe_load_state(tmp_path / "a" / "model.safetensors"), vision.safe_load_state(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["best_val_acc"] == b["best_val_acc"]
+    c = vision.finetune(vision.FinetuneConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "c")
+    assert not torch.equal(vision.safe_load_state(tmp_path / "c" / "model.safetensors")["fc.weight"], sa["fc.weight"])
+
+
 def test_partial_keeps_frozen_stages_identical(data, tmp_path):
     start = vision.build_model("resnet18", 3, sources.resolve_vision("resnet18", "none"), seed=0).state_dict()
     vision.finetune(cfg_for(data, strategy="partial", freeze=2, epochs=1, cache=False), tmp_path / "p")

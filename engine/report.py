@@ -134,8 +134,29 @@ def _comparisons(run: dict) -> str:
         curves = {k: v["mean"] if isinstance(v, dict) else v for k, v in res["curves"].items()}
         parts.append(_fig_html(comparison_figure(curves, html.escape(r["title"]))))
         if isinstance(res.get("benefits"), dict):
-            parts.append(_table([{"benefit of pretraining": k, "value": v} for k, v in res["benefits"].items()]))
+            parts.append(_benefits_table(res["benefits"]))
     return "".join(parts)
+
+
+def _benefits_table(b: dict) -> str:
+    """Start, early slope and best accuracy: pretrained vs scratch (mean ± spread over seeds), and what it means."""
+    groups, diff, readings = b.get("groups", {}), b.get("difference", {}), b.get("readings", {})
+
+    def cell(group: str, key: str, scale: float, unit: str) -> str:
+        m = groups.get(group, {}).get(key, {})
+        if m.get("mean") is None:
+            return "–"
+        return f"{m['mean'] * scale:.0f}{unit}" + (f" ± {m['std'] * scale:.0f}" if m.get("n", 0) > 1 else "")
+
+    rows = []
+    for key, label, scale, unit in (("start", "accuracy after one epoch", 100, "%"),
+                                    ("slope", f"points gained per epoch (first {b.get('early_epochs', '?')} epochs)", 100, ""),
+                                    ("asymptote", "best accuracy", 100, "%")):
+        d = diff.get(key)
+        rows.append({"measure": label, "pretrained": cell("pretrained", key, scale, unit), "from scratch": cell("scratch", key, scale, unit),
+                     "difference": f"{d * scale:+.0f}{' points' if unit == '%' else ''}" if d is not None else "–",
+                     "reading": readings.get(key, "")})
+    return _table(rows)
 
 
 def _text_samples(limit: int = 5) -> str:

@@ -93,6 +93,15 @@ def test_benefits_average_over_seeds_with_spread_and_readings():
     assert curve["epoch"] == [0, 1, 2, 3] and curve["mean"][1] == pytest.approx(0.35)
     assert curve["min"][3] == 0.5 and curve["max"][3] == 0.6
 
+    # the shareable report shows the same numbers as a readable table, not the nested record
+    from engine import report
+
+    table = report._benefits_table(b)
+    assert table.count("<tr>") == 4 and "{" not in table
+    assert "<td>accuracy after one epoch</td><td>75% ± 5</td><td>35% ± 5</td><td>+40 points</td>" in table
+    assert "<td>best accuracy</td><td>90% ± 0</td><td>55% ± 5</td><td>+35 points</td>" in table
+    assert "it also ends higher." in table
+
 
 def test_benefits_reading_is_honest_when_scratch_wins():
     runs_ = [{"group": "pretrained", "metrics": [{"val_acc": a} for a in (0.3, 0.4, 0.45)]},

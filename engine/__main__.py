@@ -315,9 +315,13 @@ def cmd_demo(args) -> int:
         os.environ["TRANSFER_STUDIO_HOME"] = args.workspace
     from engine import demo
 
-    done = demo.prepare(force=args.force, epochs=args.epochs)
+    if args.reset:
+        done = demo.reset(epochs=args.epochs, lab=not args.no_lab)
+    else:
+        done = demo.prepare(force=args.force, epochs=args.epochs, lab=not args.no_lab)
     added = ", ".join(done["added"]) or "nothing (already complete)"
-    emit(args, done, f"demo workspace {done['workspace']}: added {added}")
+    removed = f"; removed {len(done['removed'])} items not in the demo" if done.get("removed") else ""
+    emit(args, done, f"demo workspace {done['workspace']}: added {added}{removed}")
     return 0
 
 
@@ -545,7 +549,9 @@ def build_parser() -> Parser:
     s = sub.add_parser("demo", help="prepare a demo workspace: sample data, a finished run, a comparison, generations")
     s.add_argument("--workspace", help="folder to use (default: TRANSFER_STUDIO_HOME or ./workspace)")
     s.add_argument("--force", action="store_true", help="add the demo even if the workspace holds your own data")
+    s.add_argument("--reset", action="store_true", help="delete every dataset, run and generation that is not the demo's, then complete the demo")
     s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--no-lab", action="store_true", help="skip the pretrained-vs-scratch comparison (1-2 minutes on a small CPU)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
     # (showcase parsers)

@@ -6,6 +6,10 @@
   - a pretrained-vs-scratch comparison from the Transfer Lab, when the Lab is available,
   - a few text generations in the history.
 A workspace that holds the user's own data is left alone unless `force=True`.
+
+`reset()` is the app's "Reset demo" button (and `engine demo --reset`): it deletes what people
+added since (datasets, runs, generations that are not the demo's), then completes the demo.
+`run_job` runs it as a background job so the page stays responsive.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from engine import runs, sample, workspace
 from engine.errors import UserError
@@ -21,17 +26,49 @@ log = logging.getLogger(__name__)
 
 DEMO_RUN_TITLE = "Demo: fruit, linear probe from the bundled backbone"
 DEMO_LAB_TITLE = "Demo: pretrained vs from scratch"
+RESET_TITLE = "Demo: reset"
 DEMO_PROMPTS = ["The meaning of life is", "A good programmer", "Love is"]
+
+
+def _user_items() -> list[tuple[str, str | int, str]]:
+    """(kind, key, label) for everything in the workspace the demo did not make."""
+    from engine import history, imagedata
+
+    items = [("dataset", d["name"], f"dataset {d['name']!r}") for d in imagedata.list_datasets() if d["name"] != sample.SAMPLE_NAME]
+    items += [("run", r["id"], f"run {r['title']!r}") for r in runs.list_runs()
+              if not r["title"].startswith("Demo:") and r["status"] not in runs.ACTIVE]
+    items += [("generation", g["id"], f"generation {g['id']}") for g in history.recent(500) if not g["settings"].get("demo")]
+    return items
 
 
 def user_data(home: Path | None = None) -> list[str]:
     """What in this workspace the demo did not make (datasets, runs, generations)."""
+    return [label for _, _, label in _user_items()]
+
+
+def missing(lab: bool = True) -> list[str]:
+    """The demo pieces this workspace does not have yet."""
     from engine import history, imagedata
 
-    found = [f"dataset {d['name']!r}" for d in imagedata.list_datasets() if d["name"] != sample.SAMPLE_NAME]
-    found += [f"run {r['title']!r}" for r in runs.list_runs() if not r["title"].startswith("Demo:")]
-    found += [f"generation {g['id']}" for g in history.recent(500) if not g["settings"].get("demo")]
-    return found
+    todo = [] if sample.SAMPLE_NAME in {d["name"] for d in imagedata.list_datasets()} else ["sample dataset"]
+    todo += [] if _has_run("finetune", DEMO_RUN_TITLE) else ["fine-tuning run"]
+    todo += [] if not lab or _has_run("lab", DEMO_LAB_TITLE) else ["pretrained-vs-scratch comparison"]
+    have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
+    todo += [f"{n} generations" for n in [sum(p not in have for p in DEMO_PROMPTS)] if n]
+    return todo
+
+
+def remove_user_data() -> list[str]:
+    """Delete every dataset, finished run and generation the demo did not make. Returns what went."""
+    from engine import history, imagedata
+
+    delete = {"dataset": imagedata.delete_dataset, "run": runs.delete, "generation": history.delete}
+    gone = []
+    for kind, key, label in _user_items():
+        delete[kind](key)
+        gone.append(label)
+    log.info("demo reset removed %d items", len(gone))
+    return gone
 
 
 def _run_in_foreground(kind: str, title: str, config: dict) -> str:
@@ -52,20 +89,26 @@ def _has_run(kind: str, title: str) -> bool:
     return any(r["title"] == title and r["status"] == "done" for r in runs.list_runs(kind))
 
 
-def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab: bool = True) -> dict:
-    """Fill the current workspace (TRANSFER_STUDIO_HOME) with demo content; idempotent."""
+def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab: bool = True,
+            step: Callable[[str], None] = lambda what: None) -> dict:
+    """Fill the current workspace (TRANSFER_STUDIO_HOME) with demo content; idempotent.
+
+    `step(what)` is called before each piece is made (progress; a job's cancel check).
+    """
     from engine import vision
 
     mine = user_data()
     if mine and not force:
         raise UserError(f"this workspace holds your own data ({', '.join(mine[:3])}{'…' if len(mine) > 3 else ''}); "
-                        "use another --workspace, or --force to add the demo beside it")
+                        "use another --workspace, --force to add the demo beside it, or --reset to delete it")
     done = {"workspace": str(workspace.home()), "added": []}
+    step("sample dataset")
     ds = sample.load_sample()
     if not ds.get("existed"):
         done["added"].append("sample dataset")
 
     if not _has_run("finetune", DEMO_RUN_TITLE):
+        step("fine-tuning run")
         cfg = vision.FinetuneConfig(data=sample.SAMPLE_NAME, weights="auto", strategy="linear", epochs=epochs, lr=0.01)
         _run_in_foreground("finetune", DEMO_RUN_TITLE, asdict(cfg))
         done["added"].append("fine-tuning run")
@@ -73,6 +116,7 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
     if lab and not _has_run("lab", DEMO_LAB_TITLE):
         from engine import lab as lab_engine
 
+        step("pretrained-vs-scratch comparison")
         cfg = lab_engine.LabConfig(experiment="compare", data=sample.SAMPLE_NAME, preset="quick")
         _run_in_foreground("lab", DEMO_LAB_TITLE, {k: v for k, v in asdict(cfg).items() if v is not None})
         done["added"].append("pretrained-vs-scratch comparison")
@@ -83,6 +127,7 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
         have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
         todo = [p for p in DEMO_PROMPTS if p not in have]
         if todo:
+            step("generations")
             lm = text.load("auto")
             for i, prompt in enumerate(todo):
                 cfg = textgen.GenerationConfig(max_new_tokens=40, seed=1000 + i, **textgen.PRESETS["Balanced"])
@@ -90,3 +135,24 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
                 history.save("auto", gen.prompt, {**gen.settings, "demo": True}, [s.completion for s in gen.samples], gen.stats())
             done["added"].append(f"{len(todo)} generations")
     return done
+
+
+def reset(epochs: int = 8, lab: bool = True, step: Callable[[str], None] = lambda what: None) -> dict:
+    """Back to the demo: delete what is not the demo's, then add what the demo is missing."""
+    step("removing datasets, runs and generations added since")
+    removed = remove_user_data()
+    done = prepare(force=True, epochs=epochs, lab=lab, step=step)
+    return {**done, "removed": removed}
+
+
+def run_job(ctx) -> dict:
+    """Job runner (kind "demo"): `reset` (or only `prepare` with config {"reset": False}) in the background."""
+    def step(what: str) -> None:
+        ctx.check_cancel()
+        ctx.report(phase="running", message=f"Demo: {what}…")
+
+    cfg = ctx.config
+    fn = reset if cfg.get("reset", True) else (lambda **kw: prepare(force=True, **kw))
+    done = fn(epochs=int(cfg.get("epochs", 8)), lab=bool(cfg.get("lab", True)), step=step)
+    ctx.report(message="Demo ready: added " + (", ".join(done["added"]) or "nothing (already complete)"))
+    return {"added": done["added"], "removed": len(done.get("removed", []))}

@@ -1,7 +1,8 @@
 """Home: what Transfer Studio is, and where to start."""
 import streamlit as st
 
-from engine import imagedata, runs
+from engine import demo, imagedata, runs
+from pages.common import friendly_errors, manager, md_escape
 
 st.title("Transfer Studio")
 st.subheader("Transfer learning you can touch", divider="blue")
@@ -35,3 +36,62 @@ with f.container(border=True):
     st.markdown("**Presenting?**")
     st.caption("A seven-step guided tour with big type for a projector.")
     st.page_link("pages/tour.py", label="Guided tour", icon=":material/slideshow:", query_params={"present": "1"})
+
+
+# ----------------------------------------------------------------------------- reset demo
+def close_dialog() -> None:
+    st.session_state.pop("demo_confirm", None)
+
+
+# open while session_state["demo_confirm"] is set, so a rerun (or a test) finds it where it was left
+@st.dialog("Reset the demo?", on_dismiss=close_dialog)
+def confirm_reset(remove: list[str], todo: list[str]) -> None:
+    if remove:
+        st.warning(f"This deletes **{len(remove)}** things that are not part of the demo. This cannot be undone.")
+        st.markdown("\n".join(f"- {md_escape(label)}" for label in remove[:8]) + (f"\n- … and {len(remove) - 8} more" if len(remove) > 8 else ""))
+    st.write("Then it adds what the demo is missing: " + (", ".join(todo) or "nothing") + ". It runs in the background.")
+    yes, no = st.columns(2)
+    if yes.button("Yes, reset", type="primary", key="demo_yes", width="stretch"):
+        close_dialog()
+        with friendly_errors("home: reset demo"):
+            st.session_state["demo_job"] = manager().submit("demo", {"reset": True}, demo.RESET_TITLE)
+            st.rerun()
+    if no.button("Cancel", key="demo_no", width="stretch"):
+        close_dialog()
+        st.rerun()
+
+
+@st.fragment(run_every=1)
+def reset_progress(run_id: str) -> None:
+    live = manager().progress(run_id)
+    if live is not None:
+        st.info(live.get("message") or "Demo: waiting for the device…", icon=":material/hourglass_top:")
+        return
+    run = runs.get(run_id)  # finished: show the outcome once and refresh the whole page's counts
+    st.session_state.pop("demo_job", None)
+    st.session_state["demo_outcome"] = (run["status"], run.get("summary") or {}, run.get("error"))
+    st.rerun(scope="app")
+
+
+st.divider()
+with st.expander("Reset demo", icon=":material/restart_alt:"):
+    with friendly_errors("home: demo status"):
+        remove, todo = demo.user_data(), demo.missing()
+        st.caption("Puts this workspace back to the demo: the sample fruit dataset, one finished fine-tuning run, "
+                   "a pretrained-vs-scratch comparison and a few generations. Anything else (datasets, runs, "
+                   "generations added since) is deleted, after you confirm.")
+        st.caption(f"Now: {len(remove)} things not in the demo · missing from the demo: {', '.join(todo) or 'nothing'}.")
+        job = st.session_state.get("demo_job")
+        busy = job is not None or any(j["kind"] == "demo" for j in manager().active())
+        if st.button("Reset demo…", key="demo_reset", disabled=busy, help="Asks before deleting anything."):
+            st.session_state["demo_confirm"] = True
+        if st.session_state.get("demo_confirm") and not busy:
+            confirm_reset(remove, todo)
+        if job:
+            reset_progress(job)
+        outcome = st.session_state.pop("demo_outcome", None)
+        if outcome and outcome[0] == "done":
+            st.success("The demo is ready. Added: " + (", ".join(outcome[1].get("added", [])) or "nothing (it was complete)")
+                       + f" · removed {outcome[1].get('removed', 0)} other things.", icon=":material/check_circle:")
+        elif outcome:
+            st.error(f"The demo reset {outcome[0]}: {outcome[2] or 'no details'}")

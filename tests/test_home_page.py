@@ -1,0 +1,54 @@
+"""The Home page's "Reset demo": nothing is deleted until the dialog is confirmed; then a background job
+removes what is not the demo's and completes the demo, and the page reports it."""
+from __future__ import annotations
+
+import pytest
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+import pages  # noqa: F401 - see test_pages_vision
+from engine import demo, history, imagedata
+from tests.imgs import png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_manager():
+    from pages.common import manager
+
+    manager.clear()
+    yield
+    manager.clear()
+
+
+def test_reset_demo_asks_first_then_runs_in_the_background(monkeypatch):
+    # the demo's own run is made with 1 epoch and without the Lab comparison, to keep this test short
+    real_reset = demo.reset
+    monkeypatch.setattr(demo, "reset", lambda **kw: real_reset(**{**kw, "epochs": 1, "lab": False}))
+    imagedata.create_dataset("audience photos")
+    imagedata.add_images("audience photos", "cat", [("c.png", png())])
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    assert any("1 things not in the demo" in c.value for c in at.caption)
+    at.button(key="demo_reset").click().run()
+    assert any("deletes **1** things" in w.value for w in at.warning)
+    assert any("audience photos" in m.value for m in at.markdown)
+    at.button(key="demo_no").click().run()  # cancel: nothing deleted, no job
+    assert [d["name"] for d in imagedata.list_datasets()] == ["audience photos"]
+    assert "demo_job" not in at.session_state
+
+    at.button(key="demo_reset").click().run()
+    at.button(key="demo_yes").click().run()
+    run_id = at.session_state["demo_job"]
+    from pages.common import manager
+
+    assert manager().wait(run_id, timeout=300) == "done"
+    at.run()  # the progress fragment sees the finished job and reruns the whole page
+    assert not at.exception
+    assert [d["name"] for d in imagedata.list_datasets()] == ["Fruit (sample)"]
+    assert len(history.recent()) == len(demo.DEMO_PROMPTS)
+    assert any("The demo is ready" in s.value for s in at.success)
+    assert any("0 things not in the demo" in c.value for c in at.caption)

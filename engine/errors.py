@@ -11,3 +11,14 @@ class UserError(Exception):
 
 class Cancelled(Exception):
     """Raised inside a job when the user pressed Cancel."""
+
+
+def number_in(value, lo: float, hi: float, *, integer: bool = False) -> bool:
+    """True when `value` is a real number (an int if `integer`; never a bool, NaN or a string) in [lo, hi].
+
+    Settings arrive from widgets, the CLI and JSON rows in the workspace, so a type is never assumed.
+    """
+    import math
+
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from engine import text, workspace
-from engine.errors import UserError
+from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,22 @@ class LMFinetuneConfig:
     def validate(self) -> "LMFinetuneConfig":
         if not self.texts:
             raise UserError("no text to fine-tune on; upload or paste some text (or pass --text FILE)")
-        if not (isinstance(self.epochs, int) and 1 <= self.epochs <= 50):
+        if not (isinstance(self.texts, (list, tuple)) and all(isinstance(t, str) for t in self.texts)):
+            raise UserError("texts must be a list of text file paths")
+        if not number_in(self.epochs, 1, 50, integer=True):
             raise UserError(f"epochs must be 1..50 (got {self.epochs})")
-        if not (1e-6 <= self.lr <= 1e-2):
+        if not number_in(self.lr, 1e-6, 1e-2):
             raise UserError(f"learning rate must be between 1e-6 and 1e-2 (got {self.lr})")
-        if not (isinstance(self.block_size, int) and 8 <= self.block_size <= 1024):
+        if not number_in(self.block_size, 8, 1024, integer=True):
             raise UserError(f"block size must be 8..1024 tokens (got {self.block_size})")
-        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 64):
+        if not number_in(self.batch_size, 1, 64, integer=True):
             raise UserError(f"batch size must be 1..64 (got {self.batch_size})")
-        if not (0.02 <= self.val_fraction <= 0.5):
+        if not number_in(self.val_fraction, 0.02, 0.5):
             raise UserError(f"held-out fraction must be 0.02..0.5 (got {self.val_fraction})")
+        if not number_in(self.seed, 0, 2**32 - 1, integer=True):
+            raise UserError(f"seed must be a non-negative integer (got {self.seed})")
+        if not number_in(self.sample_tokens, 1, 512, integer=True) or not isinstance(self.sample_prompt, str):
+            raise UserError("the sample comparison needs a text prompt and 1..512 tokens")
         return self
 
     @classmethod

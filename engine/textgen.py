@@ -14,6 +14,7 @@ leaving the iteration early (Stop button, page rerun) sets the stop event so the
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, number_in
 from engine.text import LM, TokenScore, encode_prompt, score_tokens, thread_count
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ MAX_NEW_TOKENS = 512
 MAX_SAMPLES = 5
 MAX_STOP_STRINGS = 8
 STREAM_TIMEOUT_S = 60.0  # longest wait for the next chunk before the page gives up on the worker
+# wall-clock budget of one generation (all samples); a shared demo must not be held by one long request
+MAX_GENERATION_SECONDS = float(os.environ.get("TRANSFER_STUDIO_MAX_GENERATION_SECONDS", 120))
 
 
 @dataclass
@@ -52,15 +55,15 @@ class GenerationConfig:
             if not ok:
                 raise UserError(msg)
 
-        need(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"max new tokens must be 1..{MAX_NEW_TOKENS} (got {self.max_new_tokens})")
-        need(0.0 <= self.temperature <= 5.0, f"temperature must be between 0 (greedy) and 5 (got {self.temperature})")
-        need(isinstance(self.top_k, int) and 0 <= self.top_k <= 100_000, f"top-k must be 0 (off) or a positive number of tokens (got {self.top_k})")
-        need(0.0 < self.top_p <= 1.0, f"top-p must be in (0, 1] (got {self.top_p})")
-        need(1.0 <= self.repetition_penalty <= 3.0, f"repetition penalty must be between 1 (off) and 3 (got {self.repetition_penalty})")
-        need(isinstance(self.no_repeat_ngram_size, int) and 0 <= self.no_repeat_ngram_size <= 10, f"no-repeat n-gram size must be 0 (off) to 10 (got {self.no_repeat_ngram_size})")
-        need(isinstance(self.num_return_sequences, int) and 1 <= self.num_return_sequences <= MAX_SAMPLES, f"number of samples must be 1..{MAX_SAMPLES} (got {self.num_return_sequences})")
-        need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), f"seed must be a non-negative integer (got {self.seed})")
-        need(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
+        need(number_in(self.max_new_tokens, 1, MAX_NEW_TOKENS, integer=True), f"max new tokens must be 1..{MAX_NEW_TOKENS} (got {self.max_new_tokens})")
+        need(number_in(self.temperature, 0.0, 5.0), f"temperature must be between 0 (greedy) and 5 (got {self.temperature})")
+        need(number_in(self.top_k, 0, 100_000, integer=True), f"top-k must be 0 (off) or a positive number of tokens (got {self.top_k})")
+        need(number_in(self.top_p, 0.0, 1.0) and self.top_p > 0, f"top-p must be in (0, 1] (got {self.top_p})")
+        need(number_in(self.repetition_penalty, 1.0, 3.0), f"repetition penalty must be between 1 (off) and 3 (got {self.repetition_penalty})")
+        need(number_in(self.no_repeat_ngram_size, 0, 10, integer=True), f"no-repeat n-gram size must be 0 (off) to 10 (got {self.no_repeat_ngram_size})")
+        need(number_in(self.num_return_sequences, 1, MAX_SAMPLES, integer=True), f"number of samples must be 1..{MAX_SAMPLES} (got {self.num_return_sequences})")
+        need(self.seed is None or number_in(self.seed, 0, 2**63 - 1, integer=True), f"seed must be a non-negative integer (got {self.seed})")
+        need(isinstance(self.stop, (list, tuple)) and len(self.stop) <= MAX_STOP_STRINGS, f"stop strings must be a list of at most {MAX_STOP_STRINGS}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must not be empty")
         need(self.temperature > 0 or self.num_return_sequences == 1, "greedy decoding (temperature 0) gives the same text every time; ask for 1 sample or raise the temperature")
         return self
@@ -87,7 +90,7 @@ class Sample:
     text: str          # prompt + completion
     completion: str
     token_ids: list[int]
-    finish: str        # "length" | "end of text" | "stop string" | "stopped"
+    finish: str        # "length" | "end of text" | "stop string" | "stopped" | "time limit"
 
 
 @dataclass
@@ -155,11 +158,15 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
     new: list[list[int]] = [[] for _ in range(n)]
     finish = ["length"] * n
     done = [False] * n
+    deadline = time.monotonic() + MAX_GENERATION_SECONDS
     # The prompt in one forward; keep only the last position's logits (saves the vocab matmul).
     out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             finish = ["stopped" if not d else f for d, f in zip(done, finish)]
+            break
+        if step and time.monotonic() > deadline:  # always at least one token
+            finish = ["time limit" if not d else f for d, f in zip(done, finish)]
             break
         logits = out.logits[:, -1, :].float()
         if ignore_eos:

@@ -113,6 +113,9 @@ if last:
         st.warning(gen.prompt_notice)
     if last["stopped"]:
         st.info("Stopped: the model stopped generating when you pressed Stop.")
+    if any(s.finish == "time limit" for s in gen.samples):
+        st.info(f"Cut short after {textgen.MAX_GENERATION_SECONDS:.0f} s, the time one generation may take here "
+                "(a shared demo must keep answering). Ask for fewer tokens or samples.", icon=":material/timer:")
     cols = st.columns(len(gen.samples))
     for i, (col, sample) in enumerate(zip(cols, gen.samples)):
         with col.container(border=True):

@@ -90,6 +90,17 @@ def test_stop_event_ends_generation_early(lm):
     assert gen.samples[0].token_ids == full.samples[0].token_ids[:3]
 
 
+def test_generation_time_limit_cuts_it_short_and_says_so(lm, monkeypatch):
+    clock = iter(range(0, 10_000, 10))  # every look at the clock is 10 s later
+    monkeypatch.setattr(textgen.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(textgen, "MAX_GENERATION_SECONDS", 25)
+    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3, num_return_sequences=2))
+    assert [s.finish for s in gen.samples] == ["time limit"] * 2
+    assert 1 <= len(gen.samples[0].token_ids) < 50  # the text made before the limit is kept
+    monkeypatch.setattr(textgen, "MAX_GENERATION_SECONDS", 0)
+    assert len(textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3)).samples[0].token_ids) == 1  # never nothing
+
+
 def test_stream_yields_text_and_leaving_early_stops_the_backend(lm):
     s = textgen.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
     chunks = list(s)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine import device, sources, workspace
+from engine import workspace
 from pages.common import manager
 
 st.set_page_config(page_title="Transfer Studio", page_icon="🧪", layout="wide")
@@ -55,10 +55,15 @@ if deep_link:
 @st.cache_resource(show_spinner=False)
 def environment() -> dict:
     """Device and weight sources, found in a background thread: torch takes seconds to import
-    on a cold start and the first page should not wait for it."""
+    on a cold start and the first page should not wait for it (nor share the CPU with it)."""
     found: dict = {}
 
     def probe() -> None:
+        import time
+
+        time.sleep(1.5)  # after the first page has rendered; the sidebar shows it from the next rerun
+        from engine import device, sources  # imports torch
+
         found["weights"] = sources.available()
         found["device"] = device.label()
 

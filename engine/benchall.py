@@ -177,17 +177,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_cold_start(timeout: float = 60.0) -> list[dict]:
-    """`streamlit run app.py` on a free port with an empty workspace, until Chromium shows the Images title."""
-    from playwright.sync_api import sync_playwright
+def _cold_start_once(browser, timeout: float) -> tuple[float, float]:
+    """Seconds from `streamlit run` to a healthy server, and to the Home page's title in Chromium."""
+    import urllib.request
 
-    chromium = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    page = browser.new_page()
     port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)  # browser start not counted
-        page = browser.new_page()
+    with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TRANSFER_STUDIO_HOME": str(Path(tmp) / "ws"), "TRANSFER_STUDIO_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -195,23 +191,45 @@ def bench_cold_start(timeout: float = 60.0) -> list[dict]:
                                  "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            url = f"http://127.0.0.1:{port}/images"
-            while True:
+            url = f"http://127.0.0.1:{port}"
+            while True:  # what a user's browser cannot do faster: wait until the server answers
                 try:
-                    page.goto(url, timeout=int(timeout * 1000))
+                    urllib.request.urlopen(url + "/_stcore/health", timeout=1).close()
                     break
-                except Exception:
+                except OSError:
                     if time.perf_counter() - t0 > timeout:
                         raise
-                    time.sleep(0.05)
-            page.get_by_role("heading", name="Images").first.wait_for(timeout=int(timeout * 1000))
-            seconds = time.perf_counter() - t0
+                    time.sleep(0.02)
+            healthy = time.perf_counter() - t0
+            page.goto(url + "/", timeout=int(timeout * 1000))
+            page.get_by_role("heading", name="Transfer Studio").first.wait_for(timeout=int(timeout * 1000))
+            return healthy, time.perf_counter() - t0
         finally:
             proc.terminate()
             proc.wait(10)
+            page.close()
+
+
+def bench_cold_start(timeout: float = 60.0, repeats: int = 3) -> list[dict]:
+    """`streamlit run app.py` with an empty workspace until Chromium shows the first page (Home); median of runs."""
+    import statistics
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)  # browser start not counted
+        try:
+            times = [_cold_start_once(browser, timeout) for _ in range(repeats)]
+        finally:
             browser.close()
-    return [_row("app cold start to the rendered Images page", "goal budget", 3.0, "streamlit run + first page",
-                 seconds, "s", "< 3 s", seconds < 3.0, higher_is_better=False)]
+    healthy = statistics.median(t[0] for t in times)
+    seconds = statistics.median(t[1] for t in times)
+    return [_row("app cold start to the rendered first page (Home)", "goal budget", 3.0, "streamlit run + first page",
+                 seconds, "s", "< 3 s", seconds < 3.0, higher_is_better=False,
+                 note=f"median of {repeats}; server answering after {healthy:.1f} s, page drawn {seconds - healthy:.1f} s later")]
 
 
 def run_all(n_per_class: int = 40, image_size: int = 64, epochs: int = 10, train_steps: int = 3,

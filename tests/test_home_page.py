@@ -52,3 +52,17 @@ def test_reset_demo_asks_first_then_runs_in_the_background(monkeypatch):
     assert len(history.recent()) == len(demo.DEMO_PROMPTS)
     assert any("The demo is ready" in s.value for s in at.success)
     assert any("0 things not in the demo" in c.value for c in at.caption)
+
+
+def test_the_first_page_does_not_wait_for_torch(tmp_path):
+    # torch takes seconds to import on a cold start: the Home page must render without it (the sidebar's
+    # device probe imports it in a background thread, after the page is drawn)
+    import subprocess
+    import sys
+
+    code = ("import sys; import pages; from streamlit.testing.v1 import AppTest; at = AppTest.from_file('app.py').run(); "
+            "assert not at.exception, at.exception; print('torch' in sys.modules, at.title[0].value)")
+    env = {**__import__("os").environ, "TRANSFER_STUDIO_HOME": str(tmp_path / "ws")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "Transfer", "Studio"]

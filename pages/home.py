@@ -9,7 +9,7 @@ st.subheader("Transfer learning you can touch", divider="blue")
 st.write("Start from a network that has already learned to see or to write, then teach it your task with a "
          "handful of examples. Every step runs here, on this machine, and you watch it happen.")
 
-n_datasets, n_runs = len(imagedata.list_datasets()), len(runs.list_runs())
+n_datasets, n_runs = len(imagedata.list_datasets()), len(runs.list_runs("finetune")) + len(runs.list_runs("imported"))
 a, b, c = st.columns(3)
 with a.container(border=True):
     st.markdown("**1 · Bring images**")
@@ -39,6 +39,10 @@ with f.container(border=True):
 
 
 # ----------------------------------------------------------------------------- reset demo
+def things(n: int) -> str:
+    return f"**{n}** thing" + ("" if n == 1 else "s")
+
+
 def close_dialog() -> None:
     st.session_state.pop("demo_confirm", None)
 
@@ -47,7 +51,8 @@ def close_dialog() -> None:
 @st.dialog("Reset the demo?", on_dismiss=close_dialog)
 def confirm_reset(remove: list[str], todo: list[str]) -> None:
     if remove:
-        st.warning(f"This deletes **{len(remove)}** things that are not part of the demo. This cannot be undone.")
+        st.warning(f"This deletes {things(len(remove))} that {'is' if len(remove) == 1 else 'are'} not part of the demo. "
+                   "This cannot be undone.")
         st.markdown("\n".join(f"- {md_escape(label)}" for label in remove[:8]) + (f"\n- … and {len(remove) - 8} more" if len(remove) > 8 else ""))
     st.write("Then it adds what the demo is missing: " + (", ".join(todo) or "nothing") + ". It runs in the background.")
     yes, no = st.columns(2)
@@ -80,7 +85,7 @@ with st.expander("Reset demo", icon=":material/restart_alt:"):
         st.caption("Puts this workspace back to the demo: the sample fruit dataset, one finished fine-tuning run, "
                    "a pretrained-vs-scratch comparison and a few generations. Anything else (datasets, runs, "
                    "generations added since) is deleted, after you confirm.")
-        st.caption(f"Now: {len(remove)} things not in the demo · missing from the demo: {', '.join(todo) or 'nothing'}.")
+        st.caption(f"Now: {things(len(remove))} not in the demo · missing from the demo: {', '.join(todo) or 'nothing'}.")
         job = st.session_state.get("demo_job")
         busy = job is not None or any(j["kind"] == "demo" for j in manager().active())
         if st.button("Reset demo…", key="demo_reset", disabled=busy, help="Asks before deleting anything."):
@@ -92,6 +97,6 @@ with st.expander("Reset demo", icon=":material/restart_alt:"):
         outcome = st.session_state.pop("demo_outcome", None)
         if outcome and outcome[0] == "done":
             st.success("The demo is ready. Added: " + (", ".join(outcome[1].get("added", [])) or "nothing (it was complete)")
-                       + f" · removed {outcome[1].get('removed', 0)} other things.", icon=":material/check_circle:")
+                       + f" · removed {things(outcome[1].get('removed', 0))}.", icon=":material/check_circle:")
         elif outcome:
             st.error(f"The demo reset {outcome[0]}: {outcome[2] or 'no details'}")

@@ -32,9 +32,9 @@ def test_reset_demo_asks_first_then_runs_in_the_background(monkeypatch):
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not at.exception
-    assert any("1 things not in the demo" in c.value for c in at.caption)
+    assert any("**1** thing not in the demo" in c.value for c in at.caption)
     at.button(key="demo_reset").click().run()
-    assert any("deletes **1** things" in w.value for w in at.warning)
+    assert any("deletes **1** thing that is not" in w.value for w in at.warning)
     assert any("audience photos" in m.value for m in at.markdown)
     at.button(key="demo_no").click().run()  # cancel: nothing deleted, no job
     assert [d["name"] for d in imagedata.list_datasets()] == ["audience photos"]
@@ -51,7 +51,7 @@ def test_reset_demo_asks_first_then_runs_in_the_background(monkeypatch):
     assert [d["name"] for d in imagedata.list_datasets()] == ["Fruit (sample)"]
     assert len(history.recent()) == len(demo.DEMO_PROMPTS)
     assert any("The demo is ready" in s.value for s in at.success)
-    assert any("0 things not in the demo" in c.value for c in at.caption)
+    assert any("**0** things not in the demo" in c.value for c in at.caption)
 
 
 def test_the_first_page_does_not_wait_for_torch(tmp_path):

@@ -188,9 +188,19 @@ class thread_count:
 
 
 def _decode_speed(model, device: torch.device, steps: int = 8) -> float:
-    """Seconds per generated token: a 16-token prompt, then `steps` single-token steps with the KV cache."""
+    """Seconds per generated token: a 16-token prompt, then `steps` single-token steps with the KV cache,
+    through the forward generation will use (engine.leangpt2 for GPT-2 models, else HF's)."""
+    from engine.leangpt2 import LeanGPT2
+
     ids = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
+        if LeanGPT2.supports(model):
+            lean = LeanGPT2(model)
+            lean.prefill(ids, steps)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                lean.step(ids[:, -1])
+            return (time.perf_counter() - t0) / steps
         out = model(input_ids=ids, use_cache=True)
         cache, nxt = out.cache, ids[:, -1:]
         t0 = time.perf_counter()
@@ -224,7 +234,7 @@ def choose_inference(model, device: torch.device, key: str, forced: str | None =
     dtypes = [forced] if forced else ["fp32", "bf16"]
     n_params = sum(p.numel() for p in model.parameters())
     memo_path = workspace.subdir("cache") / "text-dtype.json"
-    memo_key = f"{key}|{n_params}|{torch.__version__}|{torch.get_num_threads()}|{','.join(dtypes)}"
+    memo_key = f"{key}|{n_params}|{torch.__version__}|{torch.get_num_threads()}|{','.join(dtypes)}|lean"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from engine.errors import UserError, number_in
+from engine.leangpt2 import LeanGPT2
 from engine.text import LM, TokenScore, encode_prompt, score_tokens, thread_count
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,8 @@ class Generation:
                 "samples": len(self.samples), "finish": [s.finish for s in self.samples]}
 
 
-def _processors(cfg: GenerationConfig, eos_id: int):
-    from transformers import LogitsProcessorList
+def _processors(cfg: GenerationConfig, eos_id: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """HF's logits processors for these settings, applied in order: (ids, scores) -> scores."""
     from transformers.generation.logits_process import (
         NoRepeatNGramLogitsProcessor,
         RepetitionPenaltyLogitsProcessor,
@@ -123,7 +124,7 @@ def _processors(cfg: GenerationConfig, eos_id: int):
         TopPLogitsWarper,
     )
 
-    procs = LogitsProcessorList()
+    procs = []
     if cfg.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
     if cfg.no_repeat_ngram_size > 0:
@@ -135,7 +136,13 @@ def _processors(cfg: GenerationConfig, eos_id: int):
             procs.append(TopKLogitsWarper(cfg.top_k))
         if cfg.top_p < 1.0:
             procs.append(TopPLogitsWarper(cfg.top_p))
-    return procs
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # called directly: LogitsProcessorList inspects every processor's signature on every token
+        for proc in procs:
+            scores = proc(ids, scores)
+        return scores
+    return apply
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:
@@ -145,7 +152,7 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
 
 @torch.inference_mode()
 def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, stop_event: threading.Event | None,
-            on_token: Callable[[int], None] | None, ignore_eos: bool = False) -> list[Sample]:
+            on_token: Callable[[int], None] | None, ignore_eos: bool = False, lean: bool = True) -> list[Sample]:
     """The sampling loop for num_return_sequences copies of the prompt (same length: no padding needed).
 
     ignore_eos (benchmarks only) keeps going past end-of-text so every run makes max_new_tokens tokens.
@@ -159,8 +166,20 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
     finish = ["length"] * n
     done = [False] * n
     deadline = time.monotonic() + MAX_GENERATION_SECONDS
-    # The prompt in one forward; keep only the last position's logits (saves the vocab matmul).
-    out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    # The prompt in one forward, then one token per step with the KV cache. GPT-2 models go through the
+    # lean forward (engine.leangpt2: same weights, without HF's per-call bookkeeping); others through HF's.
+    if lean and LeanGPT2.supports(lm.model):
+        model = LeanGPT2(lm.model)
+        last = model.prefill(ids, cfg.max_new_tokens).float()
+        advance = model.step
+    else:
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
+        last = out.logits[:, -1, :].float()
+
+        def advance(nxt: torch.Tensor) -> torch.Tensor:
+            nonlocal out
+            out = lm.model(input_ids=nxt[:, None], cache=out.cache, use_cache=True)
+            return out.logits[:, -1, :]
     for step in range(cfg.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             finish = ["stopped" if not d else f for d, f in zip(done, finish)]
@@ -168,7 +187,7 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
         if step and time.monotonic() > deadline:  # always at least one token
             finish = ["time limit" if not d else f for d, f in zip(done, finish)]
             break
-        logits = out.logits[:, -1, :].float()
+        logits = last
         if ignore_eos:
             logits[:, eos] = -float("inf")  # before top-k/top-p, so they never leave only end-of-text
         scores = procs(ids, logits)
@@ -196,7 +215,7 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
             break
         nxt = torch.tensor(picked, dtype=torch.long, device=lm.device)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        out = lm.model(input_ids=nxt[:, None], cache=out.cache, use_cache=True)
+        last = advance(nxt).float()
     samples = []
     prompt_text = tok.decode(prompt_ids, skip_special_tokens=True)
     for i in range(n):
@@ -209,7 +228,7 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
 
 
 def generate(lm: LM, prompt: str, cfg: GenerationConfig, stop_event: threading.Event | None = None,
-             on_token: Callable[[int], None] | None = None, ignore_eos: bool = False) -> Generation:
+             on_token: Callable[[int], None] | None = None, ignore_eos: bool = False, lean: bool = True) -> Generation:
     """Generate cfg.num_return_sequences continuations of `prompt`. Same seed + settings -> same text."""
     cfg.validate()
     p = encode_prompt(lm, prompt, cfg.max_new_tokens)
@@ -217,7 +236,7 @@ def generate(lm: LM, prompt: str, cfg: GenerationConfig, stop_event: threading.E
     settings = {**cfg.to_dict(), "seed": seed}
     with lm.lock, thread_count(lm.threads):
         t0 = time.perf_counter()
-        samples = _decode(lm, p.ids, cfg, seed, stop_event, on_token, ignore_eos)
+        samples = _decode(lm, p.ids, cfg, seed, stop_event, on_token, ignore_eos, lean)
         seconds = time.perf_counter() - t0
     n_new = sum(len(s.token_ids) for s in samples)
     return Generation(lm.name, p.text, p.notice, p.ids, settings, seed, samples, n_new, seconds,

@@ -90,6 +90,38 @@ def test_stop_event_ends_generation_early(lm):
     assert gen.samples[0].token_ids == full.samples[0].token_ids[:3]
 
 
+def test_lean_forward_gives_the_hf_models_logits(lm):
+    import torch
+
+    from engine.leangpt2 import LeanGPT2
+
+    model = lm.model.float()
+    assert LeanGPT2.supports(model)
+    ids = torch.tensor([lm.tokenizer("the cat sat on")["input_ids"]] * 2)
+    lean = LeanGPT2(model)
+    with torch.inference_mode():
+        ours = lean.prefill(ids, max_new_tokens=6)
+        out = model(input_ids=ids, use_cache=True)
+        torch.testing.assert_close(ours, out.logits[:, -1], rtol=1e-5, atol=1e-5)
+        nxt = torch.tensor([3, 7])  # two different continuations: the rows must not mix
+        for _ in range(6):
+            ours = lean.step(nxt)
+            out = model(input_ids=nxt[:, None], cache=out.cache, use_cache=True)
+            torch.testing.assert_close(ours, out.logits[:, -1], rtol=1e-5, atol=1e-5)
+            nxt = ours.argmax(-1)
+        with pytest.raises(ValueError, match="KV cache"):
+            lean.step(nxt)  # the cache was sized for 6 new tokens
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0, num_return_sequences=1), dict(seed=5, num_return_sequences=3)])
+def test_lean_and_hf_forwards_generate_the_same_text(lm, settings):
+    lm.model.float()
+    c = cfg(max_new_tokens=25, **settings)
+    lean = textgen._decode(lm, lm.tokenizer("the dog")["input_ids"], c, c.seed or 0, None, None, lean=True)
+    hf = textgen._decode(lm, lm.tokenizer("the dog")["input_ids"], c, c.seed or 0, None, None, lean=False)
+    assert [s.token_ids for s in lean] == [s.token_ids for s in hf] and [s.finish for s in lean] == [s.finish for s in hf]
+
+
 def test_generation_time_limit_cuts_it_short_and_says_so(lm, monkeypatch):
     clock = iter(range(0, 10_000, 10))  # every look at the clock is 10 s later
     monkeypatch.setattr(textgen.time, "monotonic", lambda: next(clock))

@@ -167,6 +167,7 @@ def fit_classifier(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_v
     """SGD (momentum 0.9, cosine) on normalised inputs, the encoder at `encoder_lr` x the head's
     learning rate; rows from epoch 0 (untrained). Returns (metrics, stopped)."""
     from engine.lab import _batches
+    from engine.vision import classifier_step
 
     def evaluate():
         model.eval()
@@ -193,14 +194,8 @@ def fit_classifier(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_v
                 gr["base_lr"] = gr.get("base_lr", gr["lr"])
                 gr["lr"] = gr["base_lr"] * 0.5 * (1 + math.cos(math.pi * ((epoch - 1) * steps_per_epoch + step) / total))
             b = next(stream)
-            logits = model(_augment(x_tr[b], g))
-            loss = F.cross_entropy(logits, y_tr[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(b)
-            correct += int((logits.argmax(1) == y_tr[b]).sum())
-            seen += len(b)
+            batch_loss, batch_correct = classifier_step(opt, model(_augment(x_tr[b], g)), y_tr[b])
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(b)
         vl, va = evaluate()
         row = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 4),
                "val_loss": round(vl, 5), "val_acc": round(va, 4), "seconds": round(time.time() - t, 3)}

@@ -290,14 +290,8 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float, s
             for gr in opt.param_groups:
                 gr["lr"] = gr["base_lr"] * f
             b = next(stream)
-            logits = vision.forward_from(model, inputs[b], k)
-            loss = F.cross_entropy(logits, y_tr[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(b)
-            correct += int((logits.argmax(1) == y_tr[b]).sum())
-            seen += len(b)
+            batch_loss, batch_correct = vision.classifier_step(opt, vision.forward_from(model, inputs[b], k), y_tr[b])
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(b)
             on_step(step + 1, steps_per_epoch)
         if stopped:
             break

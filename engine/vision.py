@@ -426,6 +426,18 @@ def lr_factor(step: int, total: int, schedule: str) -> float:
     return 1.0
 
 
+def classifier_step(opt: torch.optim.Optimizer, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """Cross-entropy, backward and one optimizer step; returns (summed loss, correct) over the batch.
+
+    The plain fp32 step of the Lab's and the autoencoder's small loops (fine-tuning has its own, with AMP).
+    """
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item() * len(y), int((logits.argmax(1) == y).sum())
+
+
 # ============================================================================= checkpoints
 def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()

@@ -14,3 +14,13 @@ def workspace_home(tmp_path, monkeypatch):
     home = tmp_path / "workspace"
     monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def fresh_manager():
+    """pages.common.manager() is cached per process; page tests get their own (for their own workspace)."""
+    from pages.common import manager
+
+    manager.clear()
+    yield
+    manager.clear()

@@ -14,13 +14,7 @@ from tests.imgs import png
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager():
-    from pages.common import manager
-
-    manager.clear()
-    yield
-    manager.clear()
+pytestmark = pytest.mark.usefixtures("fresh_manager")  # tests/conftest.py
 
 
 def test_reset_demo_asks_first_then_runs_in_the_background(monkeypatch):

@@ -17,13 +17,7 @@ from tests.test_lab import make_folder, tiny, tiny_weights  # noqa: F401 - tiny_
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager():
-    from pages.common import manager
-
-    manager.clear()
-    yield
-    manager.clear()
+pytestmark = pytest.mark.usefixtures("fresh_manager")  # tests/conftest.py
 
 
 def open_lab() -> AppTest:

@@ -26,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (210, 40, 40), "blue": (40, 60, 210)}
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager():
-    """pages.common.manager() is cached per process; each test has its own workspace (and manager)."""
-    from pages.common import manager
-
-    manager.clear()
-    yield
-    manager.clear()
+pytestmark = pytest.mark.usefixtures("fresh_manager")  # tests/conftest.py
 
 
 def png(color, size=40, seed=0) -> bytes:

@@ -71,6 +71,16 @@ def environment() -> dict:
     return found
 
 
+@st.fragment(run_every=2)
+def job_lines() -> None:
+    """Queued and running jobs of every session, kept current without rerunning the page."""
+    for job in manager().active():
+        phase = job.get("phase", "queued")
+        msg = job.get("message") or ""
+        detail = f" · epoch {job['epoch']}/{job['epochs']}" if job.get("epoch") else (f" · {msg[:48]}" if msg else "")
+        st.caption(f"**Job** · {job['kind']} {phase}{detail}")
+
+
 with st.sidebar:
     if st.toggle("Presentation mode", value=presenting, help="Bigger text for a projector, expert controls hidden, the guided tour first. Bookmark it: ?present=1"):
         if not presenting:
@@ -89,9 +99,7 @@ with st.sidebar:
         st.caption(f"**Device** · {env['device']}")
         st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
     st.caption(f"**Workspace** · `{workspace.home().name}/`")
-    for job in manager().active():
-        phase = job.get("phase", "queued")
-        done = f" · epoch {job['epoch']}/{job['epochs']}" if job.get("epoch") else ""
-        st.caption(f"**Job** · {job['kind']} {phase}{done}")
+    if manager().active():
+        job_lines()  # refreshes itself while jobs run; a page drawn with none does not poll
 
 nav.run()

@@ -42,6 +42,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU batch to `device`. On CUDA through pinned memory without blocking: the CPU goes on
+    preparing the next batch while the copy and this step's kernels run."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (its small exponent range underflows gradients); a no-op otherwise
+    (fp32, and bf16, which has fp32's exponent range)."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

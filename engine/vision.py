@@ -536,7 +536,7 @@ def _predict_logits(model: nn.Module, inputs: torch.Tensor, k: int, dev: torch.d
         if k == 0:
             x = normalize(center_crop(x, pp.image_size), pp)
         with devices.autocast(dev, amp):
-            out.append(forward_from(model, x.to(dev), k).float().cpu())
+            out.append(forward_from(model, devices.to_device(x, dev), k).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -607,8 +607,12 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
     dev = torch.device(getattr(ctx, "device", None) or devices.best_device())
     distributed.setup(dev)  # under torchrun: join the process group (no-op otherwise)
     dev = distributed.local_device(dev)
-    # AMP: bf16 autocast on CUDA for training; on CPU training stays fp32 (see engine/device.py)
+    # AMP: bf16 (or fp16 with loss scaling) autocast on CUDA for training; on CPU training stays fp32
+    # (see engine/device.py). cuDNN picks the fastest convolution algorithms for our fixed input shape.
     train_amp = devices.amp_dtype(dev) if dev.type == "cuda" else None
+    scaler = devices.grad_scaler(dev, train_amp)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
     source = sources.resolve_vision(cfg.model, weights)  # bad weights fail before any image is read
@@ -717,21 +721,23 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
             f = lr_factor((epoch - phase_start) * len(batches) + step, total_steps, cfg.schedule)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            y = train_y[idx].to(dev)
+            y = devices.to_device(train_y[idx], dev)
             if cached:
-                x = inputs[idx].to(dev)
+                x = inputs[idx]
             elif cfg.augment:
-                x = normalize(augment_batch(train_x[idx], pp, cfg.augment, gen), pp).to(dev)
+                x = normalize(augment_batch(train_x[idx], pp, cfg.augment, gen), pp)
             else:
-                x = normalize(center_crop(train_x[idx], pp.image_size), pp).to(dev)
+                x = normalize(center_crop(train_x[idx], pp.image_size), pp)
+            x = devices.to_device(x, dev)
             with devices.autocast(dev, train_amp):
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             if not math.isfinite(loss.item()):
                 raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not a number); lower the learning rate")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             # bookkeeping and progress
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()

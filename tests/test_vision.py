@@ -352,3 +352,17 @@ def test_load_model_and_predict(data, tmp_path):
         assert label == m["pred"] and abs(conf - m["conf"]) < 1e-3
     with pytest.raises(UserError):
         vision.load_model(tmp_path / "nothing-here")
+
+
+def test_loss_scaling_only_where_fp16_needs_it():
+    from engine import device as devices
+
+    cpu = torch.device("cpu")
+    assert not devices.grad_scaler(cpu, None).is_enabled()
+    assert not devices.grad_scaler(cpu, torch.bfloat16).is_enabled()  # bf16 has fp32's exponent range
+    x = torch.arange(6).view(2, 3)
+    assert devices.to_device(x, cpu) is x or torch.equal(devices.to_device(x, cpu), x)
+    if torch.cuda.is_available():  # checked on a GPU machine; here the CPU path above
+        cuda = torch.device("cuda")
+        assert devices.grad_scaler(cuda, torch.float16).is_enabled() and not devices.grad_scaler(cuda, torch.bfloat16).is_enabled()
+        assert devices.to_device(x, cuda).device.type == "cuda"

@@ -11,7 +11,7 @@ from engine import runs
 from tests.e2e.conftest import screenshot, wait_for_idle
 from tests.imgs import png, zip_bytes
 
-EPOCHS = 3
+EPOCHS = 8  # long enough that text generated meanwhile lands while a run is still going
 SIZE = 96  # px: full fine-tuning slow enough per epoch that the second run really waits
 # Two sessions, each with its own dataset name, classes and colours.
 SESSIONS = {

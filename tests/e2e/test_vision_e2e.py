@@ -15,8 +15,11 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     page.get_by_role("button", name="Load sample dataset").click()
     wait_for_idle(page)
 
-    # fine-tune: the defaults a new user gets (linear on cached features), fewer epochs to keep the test short
-    page.goto(f"{app_url}/finetune")
+    # fine-tune: the defaults a new user gets (linear on cached features), fewer epochs to keep the test short;
+    # through the sidebar, which keeps the session: the form then defaults to the dataset just loaded, even
+    # when other tests' datasets in the shared workspace are newer
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name="Fine-tune", exact=True).click()
+    page.wait_for_url(re.compile(r"/finetune"))
     wait_for_idle(page)
     page.get_by_text("Training options").click()
     epochs = page.get_by_label("Epochs", exact=True)

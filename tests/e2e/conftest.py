@@ -2,6 +2,7 @@
 
 Fixtures:
   app_url          base URL of a server on a free port with its own empty workspace (session-wide)
+  warm_app         the same, after one throwaway session has loaded it (every `page` waits for it)
   app_workspace    that workspace folder (to prepare data through the engine before a test)
   browser          one headless Chromium for the session
   page             a fresh page (own context) per test
@@ -94,8 +95,23 @@ def browser():
         b.close()
 
 
+@pytest.fixture(scope="session")
+def warm_app(app_url, browser):
+    """The server after its first session: the first request's hand-over to app.py and the sidebar's
+    background torch import are over before a test starts clicking (a file chosen in that window was
+    sometimes never uploaded)."""
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.goto(app_url + "/")
+    wait_for_idle(pg, 90_000)
+    pg.get_by_role("heading", name="Transfer Studio").wait_for(timeout=90_000)
+    pg.wait_for_timeout(5_000)  # the probe starts 1.5 s after the first page and imports torch
+    context.close()
+    return app_url
+
+
 @pytest.fixture
-def page(browser):
+def page(browser, warm_app):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     pg = context.new_page()
     pg.set_default_timeout(90_000)  # generous: CI machines have 2 cores

@@ -23,6 +23,7 @@ def _add_class(page, name, color, tmp_path):
     except Exception:
         # seen about once in ten cold starts of a fresh server: the class name's rerun lands after the
         # files were chosen and the chooser comes back empty (a person would pick the files again)
+        screenshot(page, f"images-no-add-button-{name}")
         page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(files)
     add.click()
     wait_for_idle(page)

@@ -8,6 +8,7 @@ Fixtures:
   page             a fresh page (own context) per test
 Helpers:
   wait_for_idle(page)        wait until Streamlit has finished running the script
+  open_generate(page, url, prompt)  Generate text with the mini model loaded and a prompt typed
   screenshot(page, name)     save test-artifacts/<name>.png
   tall_screenshot(page, name) the same with a tall window (Streamlit scrolls inside its main block)
 """
@@ -128,6 +129,18 @@ def wait_for_idle(page, timeout: float = 60_000) -> None:
         timeout=timeout,
     )
     page.wait_for_timeout(300)  # let the last delta paint
+
+
+def open_generate(page, app_url: str, prompt: str) -> None:
+    """The Generate text page with the bundled mini model loaded and `prompt` typed in (not yet generated)."""
+    import re
+
+    page.goto(f"{app_url}/generate")
+    wait_for_idle(page)
+    page.get_by_text(re.compile(r"mini-gpt2 .* parameters · context 256 tokens")).wait_for(timeout=90_000)
+    page.get_by_role("textbox", name="Prompt").fill(prompt)
+    page.get_by_role("textbox", name="Prompt").press("Control+Enter")
+    wait_for_idle(page)
 
 
 def screenshot(page, name: str) -> Path:

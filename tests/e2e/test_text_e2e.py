@@ -1,7 +1,7 @@
 """In the browser: generate with the bundled mini GPT-2 and see text + tokens/s; fine-tune it on a tiny text."""
 import re
 
-from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
+from tests.e2e.conftest import open_generate, screenshot, tall_screenshot, wait_for_idle
 
 TEXT = "\n".join([
     "The captain looked at the sea and said: the ship will sail at dawn.",
@@ -17,12 +17,7 @@ def sample_text(page) -> str:
 
 
 def test_generate_with_the_mini_model(app_url, page):
-    page.goto(f"{app_url}/generate")
-    wait_for_idle(page)
-    page.get_by_text(re.compile(r"mini-gpt2 .* parameters · context 256 tokens")).wait_for(timeout=60_000)
-    page.get_by_role("textbox", name="Prompt").fill("The meaning of life is")
-    page.get_by_role("textbox", name="Prompt").press("Control+Enter")
-    wait_for_idle(page)
+    open_generate(page, app_url, "The meaning of life is")
     page.get_by_role("button", name="Generate", exact=True).click()
     stats = page.get_by_text(re.compile(r"tokens/s · \d+ new tokens"))
     stats.wait_for(timeout=120_000)

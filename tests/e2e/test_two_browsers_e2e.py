@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 from playwright.sync_api import expect
 
 from engine import runs
-from tests.e2e.conftest import screenshot, wait_for_idle
+from tests.e2e.conftest import open_generate, screenshot, wait_for_idle
 from tests.imgs import png, zip_bytes
 
 EPOCHS = 8  # long enough that text generated meanwhile lands while a run is still going
@@ -120,12 +120,7 @@ def test_two_sessions_upload_train_and_generate_at_once(app_url, app_workspace, 
         # 2. both prepare the form; a third session opens Generate text (the model loads before training starts)
         for s in "ab":
             prepare_finetune(pages[s], SESSIONS[s]["dataset"])
-        c.goto(f"{app_url}/generate")
-        wait_for_idle(c)
-        c.get_by_text(re.compile(r"mini-gpt2 .* parameters · context 256 tokens")).wait_for(timeout=90_000)
-        c.get_by_role("textbox", name="Prompt").fill("The two ships sailed")
-        c.get_by_role("textbox", name="Prompt").press("Control+Enter")
-        wait_for_idle(c)
+        open_generate(c, app_url, "The two ships sailed")
         print(f"{time.time() - t0:.0f} s: forms ready", flush=True)
 
         # ...then start one right after the other: the second waits behind the first on the cpu worker

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 from engine import runs, sample, workspace
@@ -41,20 +40,27 @@ def _user_items() -> list[tuple[str, str | int, str]]:
     return items
 
 
-def user_data(home: Path | None = None) -> list[str]:
+def user_data() -> list[str]:
     """What in this workspace the demo did not make (datasets, runs, generations)."""
     return [label for _, _, label in _user_items()]
 
 
+def _prompts_todo() -> list[str]:
+    """The demo prompts that have no generation in the history yet."""
+    from engine import history
+
+    have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
+    return [p for p in DEMO_PROMPTS if p not in have]
+
+
 def missing(lab: bool = True) -> list[str]:
     """The demo pieces this workspace does not have yet."""
-    from engine import history, imagedata
+    from engine import imagedata
 
     todo = [] if sample.SAMPLE_NAME in {d["name"] for d in imagedata.list_datasets()} else ["sample dataset"]
     todo += [] if _has_run("finetune", DEMO_RUN_TITLE) else ["fine-tuning run"]
     todo += [] if not lab or _has_run("lab", DEMO_LAB_TITLE) else ["pretrained-vs-scratch comparison"]
-    have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
-    todo += [f"{n} generations" for n in [sum(p not in have for p in DEMO_PROMPTS)] if n]
+    todo += [f"{n} generations" for n in [len(_prompts_todo())] if n]
     return todo
 
 
@@ -124,8 +130,7 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
     if generations:
         from engine import history, text, textgen
 
-        have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
-        todo = [p for p in DEMO_PROMPTS if p not in have]
+        todo = _prompts_todo()
         if todo:
             step("generations")
             lm = text.load("auto")
@@ -146,13 +151,12 @@ def reset(epochs: int = 8, lab: bool = True, step: Callable[[str], None] = lambd
 
 
 def run_job(ctx) -> dict:
-    """Job runner (kind "demo"): `reset` (or only `prepare` with config {"reset": False}) in the background."""
+    """Job runner (kind "demo"): `reset` in the background, with progress and a cancel check per step."""
     def step(what: str) -> None:
         ctx.check_cancel()
         ctx.report(phase="running", message=f"Demo: {what}…")
 
     cfg = ctx.config
-    fn = reset if cfg.get("reset", True) else (lambda **kw: prepare(force=True, **kw))
-    done = fn(epochs=int(cfg.get("epochs", 8)), lab=bool(cfg.get("lab", True)), step=step)
+    done = reset(epochs=int(cfg.get("epochs", 8)), lab=bool(cfg.get("lab", True)), step=step)
     ctx.report(message="Demo ready: added " + (", ".join(done["added"]) or "nothing (already complete)"))
     return {"added": done["added"], "removed": len(done.get("removed", []))}

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import workspace
-from engine.errors import UserError
+from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class LabConfig:
         check_int("max_per_class", 2, 100_000)
         if self.image_size is not None and self.image_size != 0:
             check_int("image_size", 16, 512)
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 10):
+        if self.lr is not None and not (number_in(self.lr, 0, 10) and self.lr > 0):
             raise UserError(f"learning rate must be > 0 and <= 10 (got {self.lr!r})")
         if self.ks is not None:
             if not self.ks or any(not isinstance(k, int) or not 0 <= k <= 5 for k in self.ks):
@@ -137,7 +137,7 @@ class LabConfig:
         if self.sizes is not None:
             if not self.sizes or any(not isinstance(n, int) or n < 0 for n in self.sizes):
                 raise UserError(f"sizes must be images per class >= 1, or 0 for all (got {self.sizes!r})")
-        if not isinstance(self.val_fraction, (int, float)) or not 0.05 <= self.val_fraction <= 0.5:
+        if not number_in(self.val_fraction, 0.05, 0.5):
             raise UserError(f"validation fraction must be from 0.05 to 0.5 (got {self.val_fraction!r})")
         if self.weights == "none" and self.experiment != "unsupervised":
             raise UserError("the pretrained side needs pretrained weights (auto, imagenet, mini or a file), not none")

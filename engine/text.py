@@ -187,26 +187,36 @@ class thread_count:
             torch.set_num_threads(self.prev)
 
 
-def _decode_speed(model, device: torch.device, steps: int = 8) -> float:
-    """Seconds per generated token: a 16-token prompt, then `steps` single-token steps with the KV cache,
-    through the forward generation will use (engine.leangpt2 for GPT-2 models, else HF's)."""
+def start_decoding(model, ids: torch.Tensor, max_new_tokens: int, lean: bool = True):
+    """Run the prompt ids (B, T) through `model`; return (last-position logits (B, vocab), advance), where
+    advance(next_ids (B,)) feeds one token per sequence and returns the next logits (KV cache kept inside).
+
+    GPT-2 models go through the lean forward (engine.leangpt2: same weights, without HF's per-call
+    bookkeeping); other architectures, or lean=False, through HF's forward.
+    """
     from engine.leangpt2 import LeanGPT2
 
+    if lean and LeanGPT2.supports(model):
+        decoder = LeanGPT2(model)
+        return decoder.prefill(ids, max_new_tokens), decoder.step
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
+
+    def advance(next_ids: torch.Tensor) -> torch.Tensor:
+        nonlocal out
+        out = model(input_ids=next_ids[:, None], cache=out.cache, use_cache=True)
+        return out.logits[:, -1, :]
+    return out.logits[:, -1, :], advance
+
+
+def _decode_speed(model, device: torch.device, steps: int = 8) -> float:
+    """Seconds per generated token: a 16-token prompt, then `steps` single-token steps with the KV cache,
+    through the forward generation uses (start_decoding)."""
     ids = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
-        if LeanGPT2.supports(model):
-            lean = LeanGPT2(model)
-            lean.prefill(ids, steps)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                lean.step(ids[:, -1])
-            return (time.perf_counter() - t0) / steps
-        out = model(input_ids=ids, use_cache=True)
-        cache, nxt = out.cache, ids[:, -1:]
+        _, advance = start_decoding(model, ids, steps)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=nxt, cache=cache, use_cache=True)
-            cache = out.cache
+            advance(ids[:, -1])
     return (time.perf_counter() - t0) / steps
 
 

@@ -24,8 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from engine.errors import UserError, number_in
-from engine.leangpt2 import LeanGPT2
-from engine.text import LM, TokenScore, encode_prompt, score_tokens, thread_count
+from engine.text import LM, TokenScore, encode_prompt, score_tokens, start_decoding, thread_count
 
 log = logging.getLogger(__name__)
 
@@ -166,20 +165,9 @@ def _decode(lm: LM, prompt_ids: list[int], cfg: GenerationConfig, seed: int, sto
     finish = ["length"] * n
     done = [False] * n
     deadline = time.monotonic() + MAX_GENERATION_SECONDS
-    # The prompt in one forward, then one token per step with the KV cache. GPT-2 models go through the
-    # lean forward (engine.leangpt2: same weights, without HF's per-call bookkeeping); others through HF's.
-    if lean and LeanGPT2.supports(lm.model):
-        model = LeanGPT2(lm.model)
-        last = model.prefill(ids, cfg.max_new_tokens).float()
-        advance = model.step
-    else:
-        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
-        last = out.logits[:, -1, :].float()
-
-        def advance(nxt: torch.Tensor) -> torch.Tensor:
-            nonlocal out
-            out = lm.model(input_ids=nxt[:, None], cache=out.cache, use_cache=True)
-            return out.logits[:, -1, :]
+    # The prompt in one forward, then one token per step with the KV cache.
+    last, advance = start_decoding(lm.model, ids, cfg.max_new_tokens, lean)
+    last = last.float()
     for step in range(cfg.max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             finish = ["stopped" if not d else f for d, f in zip(done, finish)]

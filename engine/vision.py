@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from engine import device as devices
 from engine import distributed, sources, workspace
-from engine.errors import UserError
+from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class FinetuneConfig:
             raise UserError("two-phase needs at least 2 epochs (one for the head, then the rest unfrozen)")
         if not isinstance(self.batch_size, int) or not 2 <= self.batch_size <= 4096:
             raise UserError(f"batch size must be an integer from 2 to 4096 (got {self.batch_size!r})")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 10:
+        if not (number_in(self.lr, 0, 10) and self.lr > 0):
             raise UserError(f"learning rate must be > 0 and <= 10 (got {self.lr!r})")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
@@ -111,7 +111,7 @@ class FinetuneConfig:
             raise UserError(f"unknown augmentation {', '.join(map(repr, bad))}; choose from {', '.join(AUGMENTATIONS)}")
         if not isinstance(self.early_stopping, int) or self.early_stopping < 0:
             raise UserError(f"early stopping patience must be 0 (off) or a positive number of epochs (got {self.early_stopping!r})")
-        if not isinstance(self.val_fraction, (int, float)) or not 0.05 <= self.val_fraction <= 0.5:
+        if not number_in(self.val_fraction, 0.05, 0.5):
             raise UserError(f"validation fraction must be from 0.05 to 0.5 (got {self.val_fraction!r})")
         return self
 

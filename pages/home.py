@@ -59,7 +59,7 @@ def confirm_reset(remove: list[str], todo: list[str]) -> None:
     if yes.button("Yes, reset", type="primary", key="demo_yes", width="stretch"):
         close_dialog()
         with friendly_errors("home: reset demo"):
-            st.session_state["demo_job"] = manager().submit("demo", {"reset": True}, demo.RESET_TITLE)
+            st.session_state["demo_job"] = manager().submit("demo", {}, demo.RESET_TITLE)
             st.rerun()
     if no.button("Cancel", key="demo_no", width="stretch"):
         close_dialog()

@@ -105,8 +105,9 @@ def cmd_finetune(args) -> int:
     cfg = vision.FinetuneConfig(
         data=args.data, model=args.model, weights=args.weights, strategy=args.strategy, freeze=args.freeze,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-        image_size=args.image_size, seed=args.seed, augment=_csv(args.augment), early_stopping=args.early_stopping,
-        val_fraction=args.val_fraction, cache=not args.no_cache,
+        image_size=args.image_size, seed=args.seed, augment=None if args.augment is None else _csv(args.augment.replace("none", "")),
+        early_stopping=args.early_stopping, val_fraction=args.val_fraction, cache=not args.no_cache,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, bn_adapt=args.bn_adapt,
     ).validate()
     out = Path(args.out)
     if args.resume and not (out / "last.json").is_file():
@@ -134,12 +135,25 @@ def cmd_finetune(args) -> int:
         summary = vision.finetune(cfg, out, ctx)
     finally:
         signal.signal(signal.SIGINT, previous)
-    text = (f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), {summary['epochs_done']} epochs, "
+    text = (f"settings: {vision.describe_settings(summary['settings'], summary['from_recipe'])}\n"
+            f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), {summary['epochs_done']} epochs, "
             f"{summary['seconds']:.1f}s, {summary['img_s']} img/s, weights: {summary['weights']['name']}"
             + (" [cancelled]" if summary["cancelled"] else "") + f"\nwrote {out}")
     if not quiet:
         emit(args, summary, text)
     return 130 if summary["cancelled"] else 0
+
+
+def cmd_lr_find(args) -> int:
+    from engine import lrfind, vision
+
+    cfg = vision.FinetuneConfig(data=args.data, model=args.model, weights=args.weights, strategy=args.strategy,
+                                freeze=args.freeze, batch_size=args.batch_size, optimizer=args.optimizer,
+                                image_size=args.image_size, seed=args.seed)
+    result = lrfind.find_lr(cfg, steps=args.steps)
+    emit(args, result, f"suggested learning rate (head): {result['suggestion']:.2e}  (lowest loss at {result['minimum_lr']:.2e}; "
+                       f"the recipe uses {result['recipe_lr']:g})\n{result['steps']} steps, {result['seconds']:.1f} s")
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -204,6 +218,26 @@ def cmd_bench_all(args) -> int:
                               threads=args.threads)
     path = benchall.write_markdown(result, Path(args.out) if args.out else None)
     emit(args, result, benchall.format_markdown(result) + f"\nwrote {path}")
+    return 0
+
+
+def cmd_bench_recipes(args) -> int:
+    from pathlib import Path
+
+    from engine import bench_recipes
+
+    datasets, strategies = _csv(args.datasets), _csv(args.strategies)
+    bad = [d for d in datasets if d not in bench_recipes.DATASETS] + [s for s in strategies if s not in bench_recipes.STRATEGIES]
+    if bad or not datasets or not strategies:
+        raise UserError(f"unknown dataset or strategy {', '.join(bad) or '(none given)'}; datasets: {', '.join(bench_recipes.DATASETS)}; "
+                        f"strategies: {', '.join(bench_recipes.STRATEGIES)}")
+    if not 1 <= args.seeds <= 10:
+        raise UserError("--seeds must be from 1 to 10")
+    logging.getLogger("engine").setLevel(logging.INFO)  # long: show each finished cell
+    done = bench_recipes.run(datasets, strategies, seeds=tuple(range(args.seeds)), grid=not args.no_grid,
+                             results=Path(args.results) if args.results else None)
+    path = bench_recipes.write_markdown(done, Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    emit(args, done, bench_recipes.format_markdown(done) + f"\nwrote {path}")
     return 0
 
 
@@ -441,22 +475,28 @@ def build_parser() -> Parser:
     # tests/test_vision_cli.py checks they agree
     VISION_ARCHS = ("resnet18", "resnet34", "resnet50")
     STRATEGIES = ("linear", "partial", "full", "two-phase", "scratch")
-    OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "onecycle", "constant")
+    OPTIMIZERS, SCHEDULES = ("sgd", "adamw", "lbfgs"), ("cosine", "onecycle", "constant")
+    from engine.recipes import DEFAULT_STRATEGY  # (no torch)
 
     s = sub.add_parser("finetune", help="fine-tune a ResNet on an image dataset")
     s.add_argument("--data", required=True, help="workspace dataset name, folder of class subfolders, or .zip")
     s.add_argument("--model", default="resnet18", choices=VISION_ARCHS)
     s.add_argument("--weights", default="auto", help="auto | imagenet | mini | none | FILE.safetensors")
-    s.add_argument("--strategy", default="linear", choices=list(STRATEGIES))
+    s.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
     s.add_argument("--freeze", type=int, default=3, help="partial: frozen stages among stem,layer1..layer4 (1..4)")
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    s.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    # left out, these come from the recipe book for the strategy and the dataset's size (engine/recipes.py)
+    s.add_argument("--epochs", type=int, default=None, help="default: the recipe's step budget for this dataset")
+    s.add_argument("--batch-size", type=int, default=None, help="default: from the recipe")
+    s.add_argument("--lr", type=float, default=None, help="the new head's learning rate; default: from the recipe")
+    s.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="default: from the recipe (lbfgs: linear only)")
+    s.add_argument("--schedule", default=None, choices=SCHEDULES, help="default: from the recipe")
+    s.add_argument("--weight-decay", type=float, default=None, help="default: from the recipe (linear: cross-validated)")
+    s.add_argument("--label-smoothing", type=float, default=None, help="default: from the recipe")
+    s.add_argument("--bn-adapt", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate frozen BatchNorm statistics on your images (AdaBN); default: from the recipe")
     s.add_argument("--image-size", type=int, default=None, help="default: the weights' own size")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--augment", default="", help="comma list of flip,crop,color,rotate (turns the feature cache off)")
+    s.add_argument("--augment", default=None, help="comma list of flip,crop,color,rotate, or none (default: from the recipe)")
     s.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE")
     s.add_argument("--val-fraction", type=float, default=0.2)
     s.add_argument("--no-cache", action="store_true", help="run the frozen layers every step (no feature cache)")
@@ -464,6 +504,20 @@ def build_parser() -> Parser:
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("lr-find", help="suggest a learning rate: a short sweep on a copy of the model (changes nothing)")
+    s.add_argument("--data", required=True, help="workspace dataset name, folder of class subfolders, or .zip")
+    s.add_argument("--model", default="resnet18", choices=VISION_ARCHS)
+    s.add_argument("--weights", default="auto", help="auto | imagenet | mini | none | FILE.safetensors")
+    s.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
+    s.add_argument("--freeze", type=int, default=3, help="partial: frozen stages (1..4)")
+    s.add_argument("--batch-size", type=int, default=None, help="default: from the recipe")
+    s.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help="default: from the recipe")
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=60, help="learning rates tried, one step each (10..1000)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lr_find)
 
     s = sub.add_parser("predict", help="top-k classes for images with a trained run")
     s.add_argument("--run", required=True, help="run folder or run id")
@@ -504,6 +558,15 @@ def build_parser() -> Parser:
     s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_all)
+    s = bench.add_parser("recipes", help="old defaults vs the recipe book vs a small grid, per strategy and dataset")
+    s.add_argument("--datasets", default="sample,shapes,clothing,digits", help="comma list of sample,shapes,clothing,digits")
+    s.add_argument("--strategies", default="linear,partial,full,two-phase,scratch")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--no-grid", action="store_true", help="only the old and the new defaults")
+    s.add_argument("--results", default=None, help="JSON file of finished cells (resumes from it)")
+    s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_recipes)
     # (bench generate parser: bench.add_parser("generate", ...))
     s = bench.add_parser("generate", help="tokens/s: plain HF generate (fp32) vs the project's generation path")
     s.add_argument("--tokens", type=int, default=64, help="new tokens per run on the 124M-shaped model (the mini makes twice as many)")
@@ -550,7 +613,7 @@ def build_parser() -> Parser:
     s.add_argument("--workspace", help="folder to use (default: TRANSFER_STUDIO_HOME or ./workspace)")
     s.add_argument("--force", action="store_true", help="add the demo even if the workspace holds your own data")
     s.add_argument("--reset", action="store_true", help="delete every dataset, run and generation that is not the demo's, then complete the demo")
-    s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--epochs", type=int, default=None, help="the demo run's epochs (default: from the recipe)")
     s.add_argument("--no-lab", action="store_true", help="skip the pretrained-vs-scratch comparison (1-2 minutes on a small CPU)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)

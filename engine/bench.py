@@ -73,8 +73,8 @@ def _naive_linear(cfg, data, source, pp) -> dict:
     accs = []
     for epoch in range(cfg.epochs):
         model.eval()  # frozen BN in eval mode; fc has no BN
-        gen = vision._epoch_gen(cfg.seed, epoch)
-        for idx in vision._batches(len(train_paths), cfg.batch_size, gen):
+        gen = vision.epoch_gen(cfg.seed, epoch)
+        for idx in vision.epoch_batches(len(train_paths), cfg.batch_size, gen):
             x = load([train_paths[i] for i in idx])
             loss = F.cross_entropy(model(x), train_y[idx])
             opt.zero_grad(set_to_none=True)

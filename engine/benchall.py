@@ -98,7 +98,7 @@ def bench_vision(n_per_class: int, image_size: int, epochs: int, train_steps: in
 
         def retrain():
             for epoch in range(10):
-                for idx in vision._batches(len(feats), 32, vision._epoch_gen(0, epoch)):
+                for idx in vision.epoch_batches(len(feats), 32, vision.epoch_gen(0, epoch)):
                     loss = F.cross_entropy(head(feats[idx]), labels[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import dataclasses
 from dataclasses import asdict
 from typing import Callable
 
@@ -23,7 +24,7 @@ from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEMO_RUN_TITLE = "Demo: fruit, linear probe from the bundled backbone"
+DEMO_RUN_TITLE = "Demo: fruit, fine-tuned from the pretrained backbone"
 DEMO_LAB_TITLE = "Demo: pretrained vs from scratch"
 RESET_TITLE = "Demo: reset"
 DEMO_PROMPTS = ["The meaning of life is", "A good programmer", "Love is"]
@@ -95,7 +96,14 @@ def _has_run(kind: str, title: str) -> bool:
     return any(r["title"] == title and r["status"] == "done" for r in runs.list_runs(kind))
 
 
-def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab: bool = True,
+def run_config():
+    """The demo's fine-tuning run: the sample with the default strategy, every setting from the recipe."""
+    from engine import recipes, vision
+
+    return vision.FinetuneConfig(data=sample.SAMPLE_NAME, weights="auto", strategy=recipes.DEFAULT_STRATEGY)
+
+
+def prepare(force: bool = False, epochs: int | None = None, generations: bool = True, lab: bool = True,
             step: Callable[[str], None] = lambda what: None) -> dict:
     """Fill the current workspace (TRANSFER_STUDIO_HOME) with demo content; idempotent.
 
@@ -115,7 +123,7 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
 
     if not _has_run("finetune", DEMO_RUN_TITLE):
         step("fine-tuning run")
-        cfg = vision.FinetuneConfig(data=sample.SAMPLE_NAME, weights="auto", strategy="linear", epochs=epochs, lr=0.01)
+        cfg = dataclasses.replace(run_config(), epochs=epochs) if epochs else run_config()
         _run_in_foreground("finetune", DEMO_RUN_TITLE, asdict(cfg))
         done["added"].append("fine-tuning run")
 
@@ -142,7 +150,7 @@ def prepare(force: bool = False, epochs: int = 8, generations: bool = True, lab:
     return done
 
 
-def reset(epochs: int = 8, lab: bool = True, step: Callable[[str], None] = lambda what: None) -> dict:
+def reset(epochs: int | None = None, lab: bool = True, step: Callable[[str], None] = lambda what: None) -> dict:
     """Back to the demo: delete what is not the demo's, then add what the demo is missing."""
     step("removing datasets, runs and generations added since")
     removed = remove_user_data()
@@ -157,6 +165,6 @@ def run_job(ctx) -> dict:
         ctx.report(phase="running", message=f"Demo: {what}…")
 
     cfg = ctx.config
-    done = reset(epochs=int(cfg.get("epochs", 8)), lab=bool(cfg.get("lab", True)), step=step)
+    done = reset(epochs=cfg.get("epochs"), lab=bool(cfg.get("lab", True)), step=step)
     ctx.report(message="Demo ready: added " + (", ".join(done["added"]) or "nothing (already complete)"))
     return {"added": done["added"], "removed": len(done.get("removed", []))}

@@ -195,22 +195,23 @@ def torchrun_command(cfg, nproc: int = 2, out: str = "RUN_DIR", nnodes: int = 1)
         raise ValueError("nproc must be a positive integer")
     if not isinstance(nnodes, int) or nnodes < 1:
         raise ValueError("nnodes must be a positive integer")
-    defaults = {"model": "resnet18", "weights": "auto", "strategy": "linear", "freeze": 3, "epochs": 10, "batch_size": 32,
-                "lr": 1e-3, "optimizer": "sgd", "schedule": "cosine", "image_size": None, "seed": 0,
-                "early_stopping": 0, "val_fraction": 0.2}
+    import dataclasses
+
     parts = ["torchrun", "--nproc-per-node", str(nproc)]
     if nnodes > 1:
         parts += ["--nnodes", str(nnodes), "--node-rank", "NODE_RANK", "--rdzv-backend", "c10d",
                   "--rdzv-endpoint", "HOST:29500", "--rdzv-id", "finetune"]
     parts += ["-m", "engine", "finetune", "--data", cfg.data]
-    for name, default in defaults.items():
-        value = getattr(cfg, name)
-        if name == "freeze" and cfg.strategy != "partial":
+    for f in dataclasses.fields(cfg):  # the config's own defaults (None: the recipe's) are left out
+        value = getattr(cfg, f.name)
+        if f.name in ("data", "cache", "augment", "bn_adapt") or (f.name == "freeze" and cfg.strategy != "partial"):
             continue
-        if value != default and value is not None:
-            parts += [f"--{name.replace('_', '-')}", str(value)]
-    if cfg.augment:
-        parts += ["--augment", ",".join(cfg.augment)]
+        if value is not None and value != f.default:
+            parts += [f"--{f.name.replace('_', '-')}", str(value)]
+    if cfg.augment is not None:
+        parts += ["--augment", ",".join(cfg.augment) or "none"]
+    if cfg.bn_adapt is not None:
+        parts.append("--bn-adapt" if cfg.bn_adapt else "--no-bn-adapt")
     if not cfg.cache:
         parts.append("--no-cache")
     parts += ["--out", out]

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RUNNERS = {
     "finetune": "engine.vision:run_job",
+    "lr-find": "engine.lrfind:run_job",
     "lm-finetune": "engine.lmtrain:run_job",
     "lab": "engine.lab:run_job",
     "demo": "engine.demo:run_job",

@@ -51,16 +51,16 @@ PRESET_NAMES = ("quick", "thorough")
 # Sizes: images per class; 0 = all of them. "quick" takes 1-2 minutes on a 2-core CPU with the sample.
 PRESETS: dict[str, dict[str, dict]] = {
     "compare": {
-        "quick": dict(epochs=5, seeds=2, image_size=64, batch_size=16, lr=0.01),
-        "thorough": dict(epochs=15, seeds=4, image_size=0, batch_size=16, lr=0.01),
+        "quick": dict(epochs=5, seeds=2, image_size=64, batch_size=16),
+        "thorough": dict(epochs=15, seeds=4, image_size=0, batch_size=16),
     },
     "freeze": {
-        "quick": dict(epochs=4, seeds=1, image_size=64, batch_size=16, lr=0.01, ks=[5, 3, 0]),
-        "thorough": dict(epochs=12, seeds=3, image_size=0, batch_size=16, lr=0.01, ks=[5, 4, 3, 2, 1, 0]),
+        "quick": dict(epochs=4, seeds=1, image_size=64, batch_size=16, ks=[5, 3, 0]),
+        "thorough": dict(epochs=12, seeds=3, image_size=0, batch_size=16, ks=[5, 4, 3, 2, 1, 0]),
     },
     "data-size": {
-        "quick": dict(epochs=4, seeds=1, image_size=64, batch_size=16, lr=0.01, sizes=[1, 5, 10, 0]),
-        "thorough": dict(epochs=12, seeds=3, image_size=0, batch_size=16, lr=0.01, sizes=[1, 2, 5, 10, 25, 0]),
+        "quick": dict(epochs=4, seeds=1, image_size=64, batch_size=16, sizes=[1, 5, 10, 0]),
+        "thorough": dict(epochs=12, seeds=3, image_size=0, batch_size=16, sizes=[1, 2, 5, 10, 25, 0]),
     },
     "unsupervised": {
         "quick": dict(epochs=8, seeds=3, image_size=32, batch_size=16, lr=0.05, labels_per_class=5, ae_epochs=20),
@@ -89,7 +89,7 @@ class LabConfig:
     seeds: int | None = None
     image_size: int | None = None          # 0 = the weights' own size
     batch_size: int | None = None
-    lr: float | None = None                # the new output layer's learning rate (SGD, momentum 0.9, cosine)
+    lr: float | None = None                # the new output layer's learning rate (None: the recipe's for each arm)
     ks: list[int] | None = None            # freeze: frozen stages to try
     sizes: list[int] | None = None         # data-size: labelled images per class (0 = all)
     labels_per_class: int | None = None    # unsupervised: labels used for fine-tuning
@@ -231,7 +231,15 @@ def _evaluate(model, inputs: torch.Tensor, y: torch.Tensor, k: int, bs: int = 25
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float, steps_per_epoch: int,
+def arm_recipe(arm: Arm, n_train: int, n_classes: int):
+    """The recipe for what an arm trains: k=5 the linear probe (as minibatch steps), 0<k<5 partial, k=0 full."""
+    from engine import recipes
+
+    strategy = "linear" if arm.frozen >= 5 else "partial" if arm.frozen > 0 else "full"
+    return recipes.vision_recipe(strategy, n_train, n_classes, fixed_features=False)
+
+
+def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | None, steps_per_epoch: int,
               dev: torch.device, should_stop=lambda: False, on_epoch=lambda row: None, on_step=lambda s, n: None,
               keep_model: bool = False) -> dict:
     """Train one arm; return {"metrics": [rows from epoch 0], "seconds", "params", "stopped"}.
@@ -263,6 +271,10 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float, s
         inputs = vision.normalize(vision.center_crop(x_tr, split.pp.image_size), split.pp).contiguous().to(dev)
         val_inputs = vision.normalize(vision.center_crop(split.val_x, split.pp.image_size), split.pp).contiguous().to(dev)
 
+    # optimizer, learning rate, schedule, weight decay and label smoothing: the recipe book's for what
+    # this arm trains (an explicit lr wins); minibatch steps throughout, so every arm draws a curve
+    rec = arm_recipe(arm, len(y_tr), len(split.classes))
+    lr = lr or rec.lr
     st = vision.stages(model)
     backbone = [p for s in st[k:] for p in s.parameters()]
     groups = [{"params": list(model.fc.parameters()), "lr": lr}]
@@ -270,7 +282,10 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float, s
         groups.append({"params": backbone, "lr": lr * arm.backbone_lr})
     for gr in groups:
         gr["base_lr"] = gr["lr"]
-    opt = torch.optim.SGD(groups, momentum=0.9)
+    if rec.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, weight_decay=rec.weight_decay or 0.0)
+    else:
+        opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=rec.weight_decay or 0.0)
 
     val_loss, val_acc = _evaluate(model, val_inputs, y_val, k)
     metrics = [{"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 4), "seconds": 0.0}]
@@ -286,11 +301,12 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float, s
             if should_stop():
                 stopped = True
                 break
-            f = vision.lr_factor((epoch - 1) * steps_per_epoch + step, total, "cosine")
+            f = vision.lr_factor((epoch - 1) * steps_per_epoch + step, total, rec.schedule)
             for gr in opt.param_groups:
                 gr["lr"] = gr["base_lr"] * f
             b = next(stream)
-            batch_loss, batch_correct = vision.classifier_step(opt, vision.forward_from(model, inputs[b], k), y_tr[b])
+            batch_loss, batch_correct = vision.classifier_step(opt, vision.forward_from(model, inputs[b], k), y_tr[b],
+                                                               label_smoothing=rec.label_smoothing)
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(b)
             on_step(step + 1, steps_per_epoch)
         if stopped:

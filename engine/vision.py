@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import device as devices
-from engine import distributed, sources, workspace
+from engine import distributed, recipes, sources, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ STRATEGIES: dict[str, str] = {
     "scratch": "Start from random weights and train everything: the baseline that shows what pretraining buys.",
 }
 AUGMENTATIONS = ("flip", "crop", "color", "rotate")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lbfgs")  # lbfgs: the linear probe, a logistic regression on cached features
 SCHEDULES = ("cosine", "onecycle", "constant")
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 CHECKPOINT_EVERY_S = 2.0  # at most this often when epochs are fast (always after the last epoch)
@@ -61,22 +61,32 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # ============================================================================= config
 @dataclass
 class FinetuneConfig:
+    """One fine-tuning run. Fields left None come from the recipe book (engine/recipes.py) for this
+    strategy and dataset when the run starts; a value set here always wins."""
+
     data: str
     model: str = "resnet18"
     weights: str = "auto"
-    strategy: str = "linear"
+    strategy: str = recipes.DEFAULT_STRATEGY
     freeze: int = 3               # partial: how many of stem, layer1..layer4 stay frozen (1..4)
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "sgd"        # sgd (momentum 0.9) | adamw
-    schedule: str = "cosine"      # cosine | onecycle | constant (per step)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None  # sgd (momentum 0.9) | adamw | lbfgs (linear only)
+    schedule: str | None = None   # cosine | onecycle | constant (per step)
     image_size: int | None = None  # None = the weights' default
     seed: int = 0
-    augment: list[str] = field(default_factory=list)
+    augment: list[str] | None = None
     early_stopping: int = 0       # patience in epochs on validation loss; 0 = off
     val_fraction: float = 0.2
     cache: bool = True            # use the frozen-feature cache when it applies
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    bn_adapt: bool | None = None  # frozen paths: re-estimate BatchNorm statistics on the training images (AdaBN)
+
+    def filled(self, n_train: int, n_classes: int, weights_kind: str) -> tuple["FinetuneConfig", dict]:
+        """A copy with every None field filled from the recipe, and where each value came from."""
+        return recipes.fill(self, n_train, n_classes, weights_kind)
 
     def validate(self) -> "FinetuneConfig":
         """Check every option; raise UserError naming the bad one. Returns self."""
@@ -90,29 +100,42 @@ class FinetuneConfig:
             raise UserError(f"freeze must be 1..4 stages for the partial strategy (got {self.freeze!r})")
         if self.strategy == "scratch" and self.weights not in ("auto", "none"):
             raise UserError("the scratch strategy starts from random weights; use weights none (or auto)")
-        if not isinstance(self.epochs, int) or not 1 <= self.epochs <= 1000:
+        # recipe fields may still be None here: they are checked again once filled
+        if self.epochs is not None and not (isinstance(self.epochs, int) and 1 <= self.epochs <= 1000):
             raise UserError(f"epochs must be an integer from 1 to 1000 (got {self.epochs!r})")
-        if self.strategy == "two-phase" and self.epochs < 2:
+        if self.strategy == "two-phase" and self.epochs is not None and self.epochs < 2:
             raise UserError("two-phase needs at least 2 epochs (one for the head, then the rest unfrozen)")
-        if not isinstance(self.batch_size, int) or not 2 <= self.batch_size <= 4096:
+        if self.batch_size is not None and not (isinstance(self.batch_size, int) and 2 <= self.batch_size <= 4096):
             raise UserError(f"batch size must be an integer from 2 to 4096 (got {self.batch_size!r})")
-        if not (number_in(self.lr, 0, 10) and self.lr > 0):
+        if self.lr is not None and not (number_in(self.lr, 0, 10) and self.lr > 0):
             raise UserError(f"learning rate must be > 0 and <= 10 (got {self.lr!r})")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
-        if self.schedule not in SCHEDULES:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.image_size is not None and not (isinstance(self.image_size, int) and 32 <= self.image_size <= 512):
             raise UserError(f"image size must be from 32 to 512 pixels (got {self.image_size!r})")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer (got {self.seed!r})")
-        bad = [a for a in self.augment if a not in AUGMENTATIONS]
+        if self.augment is not None and not isinstance(self.augment, (list, tuple)):
+            raise UserError(f"augment must be a list of {', '.join(AUGMENTATIONS)} (got {self.augment!r})")
+        bad = [a for a in self.augment or [] if a not in AUGMENTATIONS]
         if bad:
             raise UserError(f"unknown augmentation {', '.join(map(repr, bad))}; choose from {', '.join(AUGMENTATIONS)}")
         if not isinstance(self.early_stopping, int) or self.early_stopping < 0:
             raise UserError(f"early stopping patience must be 0 (off) or a positive number of epochs (got {self.early_stopping!r})")
         if not number_in(self.val_fraction, 0.05, 0.5):
             raise UserError(f"validation fraction must be from 0.05 to 0.5 (got {self.val_fraction!r})")
+        if self.weight_decay is not None and not number_in(self.weight_decay, 0, 10):
+            raise UserError(f"weight decay must be from 0 to 10 (got {self.weight_decay!r})")
+        if self.label_smoothing is not None and not number_in(self.label_smoothing, 0, 0.5):
+            raise UserError(f"label smoothing must be from 0 to 0.5 (got {self.label_smoothing!r})")
+        if self.optimizer == "lbfgs" and self.strategy != "linear":
+            raise UserError("the lbfgs optimizer is for the linear strategy (a logistic regression on frozen features)")
+        if self.optimizer == "lbfgs" and (self.augment or not self.cache):
+            raise UserError("the lbfgs optimizer fits fixed features: turn augmentation off and the feature cache on, or use adamw")
+        if self.bn_adapt is not None and not isinstance(self.bn_adapt, bool):
+            raise UserError(f"bn_adapt must be true or false (got {self.bn_adapt!r})")
         return self
 
 
@@ -378,6 +401,31 @@ def train_mode(model: nn.Module, k: int) -> None:
         st.eval()
 
 
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, k: int, images_uint8: torch.Tensor, pp: "Preprocessing", dev: torch.device,
+                    batch_size: int = 64) -> None:
+    """AdaBN (Li et al. 2016): re-estimate the running statistics of the BatchNorm layers in the first
+    k stages on the user's images, keeping every learned weight.
+
+    The pretrained statistics describe the pretraining images; images of another kind or at another
+    size shift them, and a frozen network then normalises with the wrong mean and variance. The new
+    statistics are the plain average over all batches (momentum None), of centre-cropped images.
+    """
+    bns = [m for st in stages(model)[:k] for m in st.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images_uint8) == 0:
+        return
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+        m.train()
+    for i in range(0, len(images_uint8), batch_size):
+        forward_until(model, devices.to_device(normalize(center_crop(images_uint8[i:i + batch_size], pp.image_size), pp), dev), k)
+    for m in bns:
+        m.momentum = 0.1
+        m.eval()
+
+
 def count_params(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -408,9 +456,14 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig, k: int, phase2: bool = F
 def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optimizer:
     for g in groups:
         g["base_lr"] = g["lr"]
+    wd = cfg.weight_decay or 0.0  # (None: the linear probe's L2 is chosen by cross-validation instead)
+    if cfg.optimizer == "lbfgs":
+        # the probe fits with its own L-BFGS (engine/linear_probe.py); this never steps, it only
+        # gives the checkpoint code the same optimizer object to save as every other strategy
+        return torch.optim.SGD(groups, lr=0.0)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=0.01)
-    return torch.optim.SGD(groups, momentum=0.9)
+        return torch.optim.AdamW(groups, weight_decay=wd)
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=wd)
 
 
 def lr_factor(step: int, total: int, schedule: str) -> float:
@@ -426,12 +479,13 @@ def lr_factor(step: int, total: int, schedule: str) -> float:
     return 1.0
 
 
-def classifier_step(opt: torch.optim.Optimizer, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+def classifier_step(opt: torch.optim.Optimizer, logits: torch.Tensor, y: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[float, int]:
     """Cross-entropy, backward and one optimizer step; returns (summed loss, correct) over the batch.
 
     The plain fp32 step of the Lab's and the autoencoder's small loops (fine-tuning has its own, with AMP).
     """
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -497,7 +551,7 @@ def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> 
 
 
 # ============================================================================= training
-class _Quiet:
+class Quiet:
     """A stand-in JobContext when finetune() is called without one."""
 
     resume = False
@@ -509,7 +563,7 @@ class _Quiet:
         return False
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
     """Index batches for one epoch (shuffled with `gen`); a last batch of 1 joins the previous one
     (BatchNorm in training mode cannot normalise a single sample)."""
     idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
@@ -520,7 +574,7 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
     return out
 
 
-def _epoch_gen(seed: int, epoch: int) -> torch.Generator:
+def epoch_gen(seed: int, epoch: int) -> torch.Generator:
     """Per-epoch generator: shuffling and augmentation depend only on (seed, epoch), so a resumed
     run sees exactly the batches an uninterrupted one would have."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -600,7 +654,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
     from engine import features, imagedata
 
     cfg.validate()
-    ctx = ctx or _Quiet()
+    ctx = ctx or Quiet()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -620,6 +674,9 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
     data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     pp = preprocessing_for(source, cfg.image_size)
     n_classes = len(data.classes)
+    # every setting left open comes from the recipe book, for this strategy and this many images
+    cfg, recipe_info = cfg.filled(len(data.train), n_classes, source.kind)
+    cfg.validate()
     model = build_model(cfg.model, n_classes, source, seed=cfg.seed)
     start_hash = features.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
     model = model.to(dev, memory_format=torch.channels_last)
@@ -629,6 +686,13 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
     val_x = load_images([p for p, _ in data.val], pp.resize)
     val_y = torch.tensor([y for _, y in data.val], dtype=torch.long)
     val_files = [str(p) for p, _ in data.val]
+    most_frozen = max(frozen_stages(cfg, e) for e in range(cfg.epochs))
+    features_id = start_hash
+    if cfg.bn_adapt and most_frozen > 0:
+        # deterministic in the images, so a resume (which rebuilds the frozen stages) repeats it exactly
+        ctx.report(phase="loading", message="re-estimating BatchNorm statistics on your images")
+        adapt_batchnorm(model, most_frozen, train_x, pp, dev)
+        features_id = f"{start_hash}-adabn"
 
     use_cache, cache_reason = cache_plan(cfg)
     counts = {}
@@ -645,6 +709,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
         "preprocessing": pp.to_dict(),
         "strategy": {"name": cfg.strategy, "description": STRATEGIES[cfg.strategy], "params": counts},
         "feature_cache": {"used": use_cache, "reason": cache_reason},
+        "recipe": recipe_info,
         "device": str(dev),
     }
     if distributed.is_main():
@@ -671,6 +736,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
 
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> (train features, val features)
     opt, opt_k = None, (resume_state[2] if resume_state else None)
+    probe = None  # the linear probe's L-BFGS fit (fitter lbfgs)
     step_times: list[float] = []
     last_saved, unsaved = time.time(), False
     images_trained, train_seconds = 0, 0.0
@@ -683,7 +749,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
         cached = use_cache and k > 0
         if cached and k not in cache:
             with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
-                feats = features.cached_features(model, k, train_x, val_x, pp, start_hash, data.version, cfg.model, dev, ctx)
+                feats = features.cached_features(model, k, train_x, val_x, pp, features_id, data.version, cfg.model, dev, ctx)
             if feats is None:  # the user cancelled during extraction
                 cancelled = True
                 break
@@ -705,14 +771,28 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
         phase_start = 1 if (cfg.strategy == "two-phase" and k == 0) else 0
         phase_epochs = cfg.epochs - phase_start if not (cfg.strategy == "two-phase" and k == 5) else 1
         inputs = cache[k][0] if cached else train_x
-        gen = _epoch_gen(cfg.seed, epoch)
-        batches = distributed.shard_batches(_batches(len(inputs), cfg.batch_size, gen))  # this rank's part of each batch
+        gen = epoch_gen(cfg.seed, epoch)
+        batches = distributed.shard_batches(epoch_batches(len(inputs), cfg.batch_size, gen))  # this rank's part of each batch
         total_steps = phase_epochs * len(batches)
 
         _head_threads(dev, cached and k == 5, threads)
         train_mode(model, k)
         t_epoch = time.time()
         loss_sum, correct, seen = 0.0, 0, 0
+        if cfg.optimizer == "lbfgs":
+            # the linear probe: one chunk of L-BFGS iterations on all cached features is one "epoch"
+            if probe is None:
+                probe = _start_probe(model, cache[k][0], train_y, n_classes, cfg, ctx)
+                recipe_info["weight_decay_chosen"] = probe.wd
+            probe.step(LBFGS_ITERS_PER_EPOCH)
+            w, b = probe.folded()
+            with torch.no_grad():
+                model.fc.weight.copy_(w)
+                model.fc.bias.copy_(b)
+            train_logits = probe.logits(cache[k][0]).float()
+            loss_sum = F.cross_entropy(train_logits, devices.to_device(train_y, dev)).item() * len(train_y)
+            correct, seen = int((train_logits.argmax(1).cpu() == train_y).sum()), len(train_y)
+            batches = []  # no minibatch steps below
         for step, idx in enumerate(batches):
             if ctx.cancelled():
                 cancelled = True
@@ -731,7 +811,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
             x = devices.to_device(x, dev)
             with devices.autocast(dev, train_amp):
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing or 0.0)
             if not math.isfinite(loss.item()):
                 raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not a number); lower the learning rate")
             opt.zero_grad(set_to_none=True)
@@ -748,7 +828,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
             ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=len(batches),
                        loss=loss_sum / seen, acc=correct / seen, img_s=len(idx) / max(step_times[-1], 1e-9),
                        eta_s=remaining * avg)
-        loss_sum, correct, seen = distributed.all_reduce_sums(loss_sum, correct, seen, device=dev)  # over all ranks
+        if cfg.optimizer != "lbfgs":  # (every rank fits the same probe on all features: nothing to sum)
+            loss_sum, correct, seen = distributed.all_reduce_sums(loss_sum, correct, seen, device=dev)  # over all ranks
         correct, seen = int(correct), int(seen)
         distributed.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: every rank evaluates the same model
         epoch_seconds = time.time() - t_epoch
@@ -833,6 +914,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
         "cancelled": cancelled,
         "early_stopped": early_stopped,
         "device": str(dev),
+        "settings": {k: getattr(cfg, k) for k in recipes.RECIPE_FIELDS},
+        "from_recipe": recipe_info["from_recipe"],
     }
     run_info["summary"] = summary
     if distributed.is_main():
@@ -840,6 +923,54 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
     distributed.barrier()
     ctx.report(phase="finished" if not cancelled else "cancelled", message="cancelled: progress saved" if cancelled else "done")
     return summary
+
+
+LBFGS_ITERS_PER_EPOCH = 10
+
+
+def _start_probe(model: nn.Module, feats: torch.Tensor, train_y: torch.Tensor, n_classes: int, cfg: FinetuneConfig, ctx):
+    """The linear probe's fit on the cached features: L2 strength by cross-validation unless set, and
+    continuing from the current output layer (a resumed run keeps what it had learned)."""
+    from engine import linear_probe
+
+    x, y = feats.float(), devices.to_device(train_y, feats.device)
+    wd = cfg.weight_decay
+    if wd is None:
+        ctx.report(phase="training", message="choosing the regularisation by cross-validation")
+        wd, _ = linear_probe.choose_weight_decay(x, y, n_classes, seed=cfg.seed)
+    probe = linear_probe.LogReg(x, y, n_classes, wd)
+    probe.start_from(model.fc.weight.detach(), model.fc.bias.detach())
+    return probe
+
+
+def show_setting(name: str, value) -> str:
+    """A training setting as a person reads it."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(value) or "none"
+    if value is None:
+        return "cross-validated" if name == "weight_decay" else "from the recipe"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_settings(settings: dict, from_recipe: list[str]) -> str:
+    """One line: the training settings, with those that came from the recipe book marked *."""
+    parts = [f"{k.replace('_', ' ')} {show_setting(k, settings[k])}" + ("*" if k in from_recipe else "")
+             for k in recipes.RECIPE_FIELDS if k in settings]
+    return ", ".join(parts) + ("  (* from the recipe)" if from_recipe else "")
+
+
+def plan_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
+    """The settings a run of `cfg` will train with, before it starts: the recipe for its strategy
+    and dataset fills what is None (what the form shows and the CLI prints). Decodes no image."""
+    from engine import imagedata
+
+    cfg.validate()
+    source = sources.resolve_vision(cfg.model, "none" if cfg.strategy == "scratch" else cfg.weights)
+    data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    filled, info = cfg.filled(len(data.train), len(data.classes), source.kind)
+    return filled, {**info, "n_train": len(data.train), "n_classes": len(data.classes)}
 
 
 def _stale_epochs(metrics: list[dict]) -> int:

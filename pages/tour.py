@@ -5,13 +5,13 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from engine import imagedata, report, runs, sample, sources, vision
+from engine import demo, imagedata, report, runs, sample, sources, vision
 from pages.common import curves, friendly_errors, loaded_model, manager, md_escape, read_json
 
 STEPS = [
     ("Bring images", "A few labelled photos per class are all it takes: here, four kinds of fruit."),
     ("Start from a pretrained network", "We reuse a network that already learned to see and only teach it our classes."),
-    ("Watch it learn", "Each point is one pass over the images: accuracy climbs within seconds because the features are already good."),
+    ("Watch it learn", "Each point is one pass over the images: the pretrained features give the new layer a head start."),
     ("See its mistakes", "The confusion matrix shows which fruit it mixes up, and the pictures show why."),
     ("Predict a new photo", "Show it a photo it has never seen, from the camera or a file."),
     ("Pretrained vs from scratch", "The same network trained from random weights starts lower, learns slower and ends lower."),
@@ -24,6 +24,25 @@ title, sentence = STEPS[step - 1]
 st.progress(step / len(STEPS), text=f"Step {step} of {len(STEPS)}")
 st.title(title)
 st.subheader(sentence, divider="blue")
+
+
+def learning_sentence(metrics: list[dict], n_classes: int) -> str:
+    """What the curve shows, in its own numbers (so the words can never disagree with the picture)."""
+    first, best = metrics[0], max(metrics, key=lambda m: m["val_acc"])
+    text = f"After the first pass: **{first['val_acc']:.0%}** of the validation images right (guessing: {1 / n_classes:.0%})."
+    if len(metrics) > 1:
+        text += f" Best so far: **{best['val_acc']:.0%}**, after pass {best['epoch']} of {len(metrics)}."
+    return text
+
+
+def comparison_sentence(curves_: dict) -> str:
+    """Start and best accuracy of the pretrained and the scratch curve, as the chart draws them."""
+    pre, scratch = curves_.get("pretrained"), curves_.get("scratch")
+    if not pre or not scratch or len(pre) < 2 or len(scratch) < 2:
+        return ""
+    # index 0 is the untrained network; the first trained point is index 1
+    return (f"After one epoch: **{pre[1]:.0%}** pretrained vs **{scratch[1]:.0%}** from scratch; "
+            f"best: **{max(pre):.0%}** vs **{max(scratch):.0%}**.")
 
 
 def latest_run(status: str | None = None) -> dict | None:
@@ -42,14 +61,15 @@ if step == 1:
             col.metric(cls, f"{n} images")
 
 elif step == 2:
-    st.write("The backbone is a ResNet-18. We freeze it and train only a new last layer: the **linear probe**.")
+    st.write("The backbone is a ResNet-18. We give it a new last layer for our classes and fine-tune it **gently**: "
+             "the new layer learns at full speed, the pretrained layers 10x slower, so what they know is adjusted, not overwritten.")
     source = sources.resolve_vision("resnet18", "auto")
     st.caption(f"Weights: {source.name}. {source.reason}")
     if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:"):
         with friendly_errors("tour start"):
             sample.load_sample()
-            cfg = vision.FinetuneConfig(data=sample.SAMPLE_NAME, strategy="linear", epochs=10, lr=0.01)
-            st.session_state.tour_run = manager().submit("finetune", asdict(cfg), "Tour: linear probe on fruit")
+            cfg = demo.run_config()  # the default strategy, every setting from the recipe book
+            st.session_state.tour_run = manager().submit("finetune", asdict(cfg), "Tour: fine-tuning on fruit")
             st.query_params["step"] = 3
             st.rerun()
 
@@ -66,6 +86,7 @@ elif step == 3:
         st.caption(f"{run['title']} · {p.get('phase', run['status'])}" + (f" · epoch {p['epoch']}/{p['epochs']}" if p.get("epoch") else ""))
         metrics = read_json(Path(run["dir"]) / "metrics.json", [])
         if metrics:
+            st.markdown(learning_sentence(metrics, len(read_json(Path(run["dir"]) / "run.json", {}).get("classes") or [1])))
             _, acc = curves({"run": metrics})
             acc.update_layout(height=420)
             st.plotly_chart(acc, width="stretch")
@@ -107,6 +128,7 @@ elif step == 6:
     result = next((s.get("result") or {} for s in states if s.get("experiment") == "compare"), {})
     if result.get("curves"):
         curves_ = {k: v["mean"] if isinstance(v, dict) else v for k, v in result["curves"].items()}
+        st.markdown(comparison_sentence(curves_))
         st.plotly_chart(report.comparison_figure(curves_, "Validation accuracy per epoch"), width="stretch")
     else:
         st.info("No comparison yet: the Transfer Lab runs one in about a minute.")

@@ -80,7 +80,7 @@ def test_advisor_result_starts_the_recommended_finetune_run(tmp_path, tiny_weigh
     assert len(ft) == 1 and ft[0]["config"]["data"] == "tiny" and "(advised)" in ft[0]["title"]
     # the run uses what was measured: the same weights and image size, the advised strategy
     assert ft[0]["config"]["weights"] == tiny_weights and ft[0]["config"]["image_size"] == 32
-    assert ft[0]["config"]["strategy"] in ("linear", "partial")
+    assert ft[0]["config"]["strategy"] in ("full", "partial")
     assert at.session_state["ft_run"] == ft[0]["id"]
     jobs.get_manager().cancel(ft[0]["id"])
     jobs.get_manager().wait(ft[0]["id"], timeout=120)

@@ -20,7 +20,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import pages  # noqa: F401 - imported here, outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
-from engine import imagedata, jobs, runs
+from engine import imagedata, jobs, recipes, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (210, 40, 40), "blue": (40, 60, 210)}
@@ -50,11 +50,18 @@ def train_tiny(tmp_path: Path, epochs: int = 1) -> str:
     from engine import vision
 
     make_dataset(tmp_path / "imgs")
-    cfg = vision.FinetuneConfig(data="tiny", weights="none", epochs=epochs, image_size=32, batch_size=8, lr=1e-2)
+    cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="linear", epochs=epochs, image_size=32)
     m = jobs.get_manager()
     run_id = m.submit("finetune", dataclasses.asdict(cfg), "tiny run", device="cpu")
     assert m.wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
     return run_id
+
+
+def widget(at: AppTest, kind: str, label: str):
+    """The one widget of a kind with this label (the training options' keys change with the recipe)."""
+    found = [w for w in at.get(kind) if w.label == label]
+    assert len(found) == 1, (kind, label, [w.label for w in at.get(kind)])
+    return found[0]
 
 
 def open_page(page: str, **query) -> AppTest:
@@ -91,14 +98,18 @@ def test_finetune_form_explains_strategies_and_weights(tmp_path):
     assert not at.exception
     assert at.selectbox(key="ft_data").options == ["tiny · 2 classes · 16 images"]
     radio = at.radio(key="ft_strategy")
-    assert radio.options == list(vision.STRATEGIES) and radio.value == "linear"
+    assert radio.options == list(vision.STRATEGIES) and radio.value == recipes.DEFAULT_STRATEGY
     assert at.info and at.info[0].value.startswith("**Weights:**")  # which weights, and why, before training
     assert not at.get("slider") or all(s.key != "ft_freeze" for s in at.slider)
-    assert at.number_input(key="ft_epochs_linear").value == 30 and at.select_slider(key="ft_lr_linear").value == 1e-2  # preset
+    # the training options start at the recipe's values for this strategy and dataset
+    full, _ = vision.plan_settings(vision.FinetuneConfig(data="tiny"))
+    assert widget(at, "number_input", "Epochs").value == full.epochs and widget(at, "select_slider", "Learning rate (head)").value == full.lr
     radio.set_value("partial").run()
     assert at.slider(key="ft_freeze").value == vision.FinetuneConfig(data="").freeze
-    engine = vision.FinetuneConfig(data="")
-    assert at.number_input(key="ft_epochs_default").value == engine.epochs and at.select_slider(key="ft_lr_default").value == engine.lr
+    partial, _ = vision.plan_settings(vision.FinetuneConfig(data="tiny", strategy="partial"))
+    assert widget(at, "number_input", "Epochs").value == partial.epochs
+    at.radio(key="ft_strategy").set_value("linear").run()  # the probe: L-BFGS, no learning rate to set
+    assert widget(at, "radio", "Optimiser").value == "lbfgs" and not any(s.label == "Learning rate (head)" for s in at.select_slider)
     at.radio(key="ft_strategy").set_value("scratch").run()
     assert at.selectbox(key="ft_weights").disabled and "random" in at.info[0].value
 
@@ -126,10 +137,10 @@ def test_finetune_uploaded_weights_are_checked_and_stored_by_content(tmp_path, w
 def test_finetune_start_submits_job_and_shows_results(tmp_path):
     make_dataset(tmp_path / "imgs")
     at = open_page("pages/finetune.py")
-    at.selectbox(key="ft_weights").set_value("none")
-    at.number_input(key="ft_epochs_linear").set_value(1)
-    at.selectbox(key="ft_size").set_value(32)
-    at.select_slider(key="ft_batch").set_value(8)
+    at.selectbox(key="ft_weights").set_value("none").run()
+    at.selectbox(key="ft_size").set_value(32).run()
+    widget(at, "number_input", "Epochs").set_value(1)
+    widget(at, "select_slider", "Batch size").set_value(8)
     at.run()
     at.button(key="ft_start").click().run()
     assert not at.exception and not at.error

@@ -41,7 +41,10 @@ def data(tmp_path):
 
 
 def cfg_for(data, **kw):
-    base = dict(data=data, weights="none", image_size=32, epochs=2, batch_size=8, lr=1e-2, seed=0)
+    # the mechanics under test, pinned: the linear strategy with SGD minibatch steps (the recipe's
+    # defaults are tested in tests/test_recipes.py)
+    base = dict(data=data, weights="none", image_size=32, epochs=2, batch_size=8, lr=1e-2, seed=0, strategy="linear",
+                optimizer="sgd", schedule="cosine", augment=[], weight_decay=0.0, label_smoothing=0.0, bn_adapt=False)
     return vision.FinetuneConfig(**{**base, **kw})
 
 
@@ -137,7 +140,12 @@ def test_run_folder_files_and_metrics(data, tmp_path):
 
 
 @pytest.mark.parametrize("strategy,freeze,epochs,tol", [("linear", 3, 3, 1e-4), ("partial", 4, 1, 5e-4)])
-def test_cached_path_gives_the_same_head_as_uncached(data, tmp_path, strategy, freeze, epochs, tol):
+def test_cached_path_gives_the_same_head_as_uncached(data, tmp_path, strategy, freeze, epochs, tol, monkeypatch):
+    # on CPUs with native bf16 (AVX512-BF16, AMX) the cache is filled in bf16 for speed, ~1e-2 off by
+    # design; the equivalence of the two paths is checked with fp32 features
+    from engine import features
+
+    monkeypatch.setattr(features, "extraction_dtype", lambda dev: None)
     # the cached features differ from a live forward by ~1e-6 (conv-BN folding); training with
     # BatchNorm in batch mode (partial) amplifies that a little per step, hence the looser tolerance
     a = vision.finetune(cfg_for(data, strategy=strategy, freeze=freeze, epochs=epochs), tmp_path / "cached")

@@ -1,0 +1,168 @@
+"""`python -m engine bench recipes`: do the recipe book's defaults do justice to pretraining?
+
+For each strategy x dataset, the accuracy (mean and spread over seeds) and seconds of
+
+    old    the settings every caller used before the recipe book (the CLI's: SGD lr 1e-3, cosine,
+           batch 32, 10 epochs, no augmentation, no weight decay or label smoothing)
+    new    the recipe book's defaults (nothing set by hand)
+    grid   the best point of a small grid around the recipe: learning rate /3 and x3, twice the
+           step budget, the other batch size (one seed each), the best point then re-run on every seed
+
+Datasets: the bundled fruit sample; generated coloured shapes; the Lab's clothing task (Fashion-MNIST
+test images, grey); and scikit-learn's handwritten digits (UCI, 8x8 scans of real handwriting, not
+part of any pretraining data here), 40 images per class, upscaled. Every run uses the bundled (or
+cached ImageNet) backbone through `auto`, in a throw-away workspace. Results are appended to a JSON
+file as they come, so an interrupted benchmark resumes where it stopped (`--resume`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("sample", "shapes", "clothing", "digits")
+STRATEGIES = ("linear", "partial", "full", "two-phase", "scratch")
+OLD = dict(epochs=10, batch_size=32, lr=1e-3, optimizer="sgd", schedule="cosine", augment=[],
+           weight_decay=0.0, label_smoothing=0.0, bn_adapt=False)
+DIGITS_PER_CLASS = 40
+
+
+def make_dataset(name: str, folder: Path) -> str:
+    """A dataset for the benchmark: a workspace name or a folder of class folders."""
+    from engine import demodata, fractals, sample
+
+    if name == "sample":
+        return sample.load_sample()["dataset"]
+    if name == "shapes":
+        return str(fractals.write_shapes_dataset(folder / "shapes", n_per_class=40, size=64, seed=1000, shapes=fractals.SHAPES))
+    if name == "clothing":
+        return demodata.import_demo("clothing")["dataset"]
+    if name == "digits":
+        return str(write_digits(folder / "digits", DIGITS_PER_CLASS))
+    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def write_digits(folder: Path, per_class: int) -> Path:
+    """scikit-learn's digits (1,797 real 8x8 scans, 16 grey levels) as 64 px PNGs in class folders."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for c in range(10):
+        (folder / f"digit_{c}").mkdir(parents=True, exist_ok=True)
+        for i, j in enumerate(np.nonzero(d.target == c)[0][:per_class]):
+            a = (d.images[j] * (255 / 16)).astype("uint8")
+            Image.fromarray(a, "L").resize((64, 64), Image.BILINEAR).save(folder / f"digit_{c}" / f"{i:03d}.png")
+    return folder
+
+
+def _run(data: str, strategy: str, seed: int, settings: dict, out: Path) -> dict:
+    from engine import vision
+
+    cfg = vision.FinetuneConfig(data=data, strategy=strategy, seed=seed, **settings)
+    t0 = time.time()
+    s = vision.finetune(cfg, out)
+    return {"acc": s["best_val_acc"], "final": s["final_val_acc"], "seconds": round(time.time() - t0, 2), "settings": s["settings"]}
+
+
+def grid_points(strategy: str, rec) -> list[dict]:
+    """The grid around the recipe `rec` (its filled settings)."""
+    if rec.optimizer == "lbfgs":
+        return [{"weight_decay": wd} for wd in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
+    pts = [{}, {"lr": rec.lr / 3}, {"lr": rec.lr * 3}, {"epochs": rec.epochs * 2},
+           {"batch_size": 32 if rec.batch_size != 32 else 16}]
+    return pts
+
+
+def summarise(rows: list[dict]) -> dict:
+    accs = [r["acc"] for r in rows]
+    return {"mean": round(statistics.mean(accs), 4), "spread": round(statistics.pstdev(accs), 4) if len(accs) > 1 else 0.0,
+            "seconds": round(statistics.mean(r["seconds"] for r in rows), 1), "n": len(accs)}
+
+
+def run(datasets=DATASETS, strategies=STRATEGIES, seeds=(0, 1, 2), grid: bool = True, results: Path | None = None,
+        on_cell=lambda key, cell: None) -> dict:
+    """Every cell of the table; `results` (JSON) keeps finished cells, so a second call resumes."""
+    from engine import bench, vision
+
+    results = Path(results) if results else None
+    done = json.loads(results.read_text()) if results and results.is_file() else {}
+
+    def save():
+        if results:
+            results.write_text(json.dumps(done, indent=1))
+
+    with bench.temporary_workspace() as tmp:
+        for ds in datasets:
+            data = make_dataset(ds, tmp)
+            for strategy in strategies:
+                key = f"{ds}|{strategy}"
+                cell = done.get(key, {})
+                if cell.get("complete"):
+                    continue
+                n = 0
+
+                def go(tag, seed, settings):
+                    nonlocal n
+                    n += 1
+                    return _run(data, strategy, seed, settings, tmp / "runs" / f"{ds}-{strategy}-{tag}-{seed}-{n}")
+
+                if "old" not in cell:
+                    cell["old"] = summarise([go("old", s, OLD) for s in seeds])
+                if "new" not in cell:
+                    news = [go("new", s, {}) for s in seeds]
+                    cell["new"] = summarise(news) | {"settings": news[0]["settings"]}
+                if grid and strategy != "scratch" and "grid" not in cell:
+                    rec, _ = vision.plan_settings(vision.FinetuneConfig(data=data, strategy=strategy, seed=seeds[0]))
+                    tried = []
+                    for pt in grid_points(strategy, rec):
+                        r = go("grid", seeds[0], pt)
+                        tried.append({"point": pt, "acc": r["acc"], "seconds": r["seconds"]})
+                    best = max(tried, key=lambda t: (t["acc"], -t["seconds"]))
+                    cell["grid"] = summarise([go("best", s, best["point"]) for s in seeds]) | {"point": best["point"], "tried": tried}
+                cell["complete"] = True
+                done[key] = cell
+                save()
+                on_cell(key, cell)
+                log.info("%s: old %.3f new %.3f grid %s", key, cell["old"]["mean"], cell["new"]["mean"],
+                         cell.get("grid", {}).get("mean"))
+    return done
+
+
+def format_markdown(done: dict) -> str:
+    def acc(c):
+        return f"{c['mean']:.1%} ± {c['spread']:.1%}" if c else "–"
+
+    lines = ["| dataset | strategy | old defaults | s | new defaults | s | grid's best | s | best point | new − best |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, cell in done.items():
+        ds, strategy = key.split("|")
+        old, new, grid = cell.get("old"), cell.get("new"), cell.get("grid")
+        gap = f"{(new['mean'] - grid['mean']) * 100:+.1f} pt" if new and grid else "–"
+        point = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in (grid or {}).get("point", {}).items()) or ("recipe" if grid else "–")
+        lines.append(f"| {ds} | {strategy} | {acc(old)} | {old['seconds'] if old else '–'} | {acc(new)} | {new['seconds'] if new else '–'} | "
+                     f"{acc(grid)} | {grid['seconds'] if grid else '–'} | {point} | {gap} |")
+    return "\n".join(lines)
+
+
+def write_markdown(done: dict, path: Path) -> Path:
+    """Replace (or add) the recipe section of BENCHMARKS.md."""
+    head = "## Recipes: old defaults, the recipe book, and the best of a small grid"
+    body = (f"{head}\n\n`python -m engine bench recipes`: validation accuracy, mean ± spread (population std) over seeds, "
+            "and seconds per run (whole `finetune` call: images, features, training, evaluation) on this machine.\n\n"
+            + format_markdown(done) + "\n")
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + body + (text[nxt + 1:] if nxt != -1 else "")
+    else:
+        text = text.rstrip() + "\n\n" + body
+    path.write_text(text)
+    return path
+

@@ -1,0 +1,116 @@
+"""The linear probe: L2-regularised logistic regression on frozen features, fitted with L-BFGS.
+
+This is the standard protocol for judging frozen features (the CLIP and SimCLR linear-probe
+evaluations): standardise each feature on the training images, fit a multinomial logistic
+regression with full-batch L-BFGS, and choose the L2 strength by cross-validation. There is no
+learning rate, no batch size and no schedule to tune, and on a few thousand cached 512-d vectors
+the whole fit takes well under a second.
+
+The fitted layer is folded back into an ordinary `nn.Linear` on the *raw* features,
+
+    logits = W (x - mean) / std + b  =  (W / std) x + (b - W mean / std)
+
+so prediction, export and import see a plain ResNet with a new `fc`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # L2 strength per example (the loss is a mean)
+FOLDS = 3
+CV_ITERS = 60
+
+
+def standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of the training features (std floored: dead ReLU features are 0)."""
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False).clamp_min(1e-6)
+    return mean, std
+
+
+class LogReg:
+    """Multinomial logistic regression on standardised features, fitted in chunks of L-BFGS steps.
+
+    `step(iters)` continues the same fit, so a caller can draw a curve between chunks.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float):
+        self.mean, self.std = standardiser(x)
+        self.z = (x - self.mean) / self.std
+        self.y = y
+        self.wd = weight_decay
+        self.w = torch.zeros(n_classes, x.shape[1], device=x.device, requires_grad=True)
+        self.b = torch.zeros(n_classes, device=x.device, requires_grad=True)
+        self.opt = torch.optim.LBFGS([self.w, self.b], lr=1, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+
+    def start_from(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Continue from an nn.Linear on the raw features (the inverse of folded())."""
+        with torch.no_grad():
+            self.w.copy_(weight * self.std)
+            self.b.copy_(bias + weight @ self.mean)
+
+    def loss(self) -> torch.Tensor:
+        # the bias is not regularised (as in scikit-learn and the CLIP probe)
+        return F.cross_entropy(self.z @ self.w.T + self.b, self.y) + 0.5 * self.wd * self.w.pow(2).sum()
+
+    def step(self, iters: int) -> float:
+        def closure():
+            self.opt.zero_grad()
+            loss = self.loss()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            for _ in range(iters):
+                self.opt.step(closure)
+        return float(self.loss().detach())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ((x - self.mean) / self.std) @ self.w.T + self.b
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of an nn.Linear on the raw features computing the same logits."""
+        with torch.no_grad():
+            w = self.w / self.std
+            return w.clone(), (self.b - w @ self.mean).clone()
+
+
+def folds(y: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
+    """k stratified folds of the indices of y (each class dealt round-robin after a seeded shuffle)."""
+    g = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty(len(y), dtype=torch.long)
+    for c in y.unique():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        fold_of[idx] = torch.arange(len(idx)) % k
+    return [torch.nonzero(fold_of == f).flatten() for f in range(k)]
+
+
+def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0,
+                        grid: tuple[float, ...] = WEIGHT_DECAYS, k: int = FOLDS) -> tuple[float, dict]:
+    """The L2 strength with the best k-fold cross-validated log-loss on the training features.
+
+    Returns (weight decay, {str(wd): mean validation accuracy}). Ties in loss go to the stronger
+    regularisation. With too few images per class for k folds, the middle of the grid is used.
+    """
+    counts = torch.bincount(y, minlength=n_classes)
+    if int(counts.min()) < k:
+        return grid[len(grid) // 2], {}
+    parts = folds(y, k, seed)
+    scores, accs = {}, {}
+    for wd in grid:
+        losses, hits = [], []
+        for f in range(k):
+            held = parts[f]
+            keep = torch.cat([parts[j] for j in range(k) if j != f])
+            m = LogReg(x[keep], y[keep], n_classes, wd)
+            m.step(CV_ITERS)
+            logits = m.logits(x[held])
+            losses.append(float(F.cross_entropy(logits, y[held])))
+            hits.append(float((logits.argmax(1) == y[held]).float().mean()))
+        scores[wd] = sum(losses) / k
+        accs[str(wd)] = round(sum(hits) / k, 4)
+    best = min(grid, key=lambda wd: (round(scores[wd], 4), -wd))
+    return best, accs

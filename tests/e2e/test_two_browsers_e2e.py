@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlparse
 
 from playwright.sync_api import expect
 
-from engine import runs
+from engine import recipes, runs
 from tests.e2e.conftest import open_generate, screenshot, wait_for_idle
 from tests.imgs import png, zip_bytes
 
@@ -67,9 +67,9 @@ def prepare_finetune(page, dataset: str) -> None:
     page.get_by_test_id("stRadio").filter(has_text="Strategy").get_by_text("full", exact=True).click()
     wait_for_idle(page)
     page.get_by_text("Training options").click()
-    # the full strategy has its own epochs widget (10; linear's says 30): wait until it alone is left
+    # each strategy has its own widgets, starting at its recipe's values: wait until full's alone are left
     page.wait_for_function("""() => { const e = document.querySelectorAll("input[aria-label='Epochs']");
-                                      return e.length === 1 && e[0].value === '10'; }""")
+                                      return e.length === 1 && e[0].value === '%d'; }""" % recipes.vision_recipe("full", 16, 2).epochs)
     epochs = page.get_by_label("Epochs", exact=True)
     epochs.fill(str(EPOCHS))
     epochs.press("Enter")

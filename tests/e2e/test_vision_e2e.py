@@ -3,6 +3,7 @@ import re
 import zipfile
 from pathlib import Path
 
+from engine import recipes
 from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,7 +16,7 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     page.get_by_role("button", name="Load sample dataset").click()
     wait_for_idle(page)
 
-    # fine-tune: the defaults a new user gets (linear on cached features), fewer epochs to keep the test short;
+    # fine-tune: the defaults a new user gets (the recipe book's full fine-tuning), fewer epochs to keep the test short;
     # through the sidebar, which keeps the session: the form then defaults to the dataset just loaded, even
     # when other tests' datasets in the shared workspace are newer
     page.get_by_test_id("stSidebarNav").get_by_role("link", name="Fine-tune", exact=True).click()
@@ -23,8 +24,8 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     wait_for_idle(page)
     page.get_by_text("Training options").click()
     epochs = page.get_by_label("Epochs", exact=True)
-    assert epochs.input_value() == "30"  # the linear preset
-    epochs.fill("5")
+    assert epochs.input_value() == str(recipes.vision_recipe(recipes.DEFAULT_STRATEGY, 128, 4).epochs)  # the recipe's, for 128 images
+    epochs.fill("3")
     epochs.press("Enter")
     wait_for_idle(page)
     # which weights, and why, before training
@@ -36,7 +37,7 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     page.wait_for_url(re.compile(r"[?&]run="))
     page.reload()
     wait_for_idle(page)
-    page.get_by_text(re.compile(r"Fruit \(sample\) · resnet18 · linear")).first.wait_for()
+    page.get_by_text(re.compile(r"Fruit \(sample\) · resnet18 · full")).first.wait_for()
     screenshot(page, "vision-2-live")  # usually mid-run: progress bar, metrics, Cancel
     # no more reloads: the results appear through the page's own polling
     page.get_by_text("Best validation accuracy").wait_for(timeout=120_000)
@@ -74,5 +75,5 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     wait_for_idle(page)
     page.get_by_text("Compare").wait_for()
     page.locator(".js-plotly-plot").first.wait_for()
-    assert page.get_by_text(re.compile(r"^Fruit \(sample\) · resnet18 · linear · ")).first.is_visible()  # listed, picked to compare
+    assert page.get_by_text(re.compile(r"^Fruit \(sample\) · resnet18 · full · ")).first.is_visible()  # listed, picked to compare
     tall_screenshot(page, "vision-6-runs")

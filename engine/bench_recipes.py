@@ -5,14 +5,15 @@ For each strategy x dataset, the accuracy (mean and spread over seeds) and secon
     old    the settings every caller used before the recipe book (the CLI's: SGD lr 1e-3, cosine,
            batch 32, 10 epochs, no augmentation, no weight decay or label smoothing)
     new    the recipe book's defaults (nothing set by hand)
-    grid   the best point of a small grid around the recipe: learning rate /3 and x3, twice the
-           step budget, the other batch size (one seed each), the best point then re-run on every seed
+    grid   (linear, full: the probe and the default strategy) the best point of a small grid around the
+           recipe: learning rate /3 and x3, twice the step budget, the other batch size (linear: the L2
+           strength), one seed each with the recipe itself as a point, the best then re-run on every seed
     AdaBN  (linear, partial) the new defaults with the frozen BatchNorm statistics re-estimated on
            the user's images (Li et al. 2016)
 
-Datasets: the bundled fruit sample; generated coloured shapes; the Lab's clothing task (Fashion-MNIST
-test images, grey); and scikit-learn's handwritten digits (UCI, 8x8 scans of real handwriting, not
-part of any pretraining data here), 40 images per class, upscaled. Every run uses the bundled (or
+Datasets: the bundled fruit sample (4 x 40); generated coloured shapes (5 x 40); the Lab's clothing
+task (Fashion-MNIST test images, grey, 4 x 40); and scikit-learn's handwritten digits (UCI, 8x8 scans
+of real handwriting, not part of any pretraining data here; 10 x 40, upscaled to 64 px). Every run uses the bundled (or
 cached ImageNet) backbone through `auto`, in a throw-away workspace. Results are appended to a JSON
 file as they come, so an interrupted benchmark resumes where it stopped (`--resume`).
 """
@@ -30,8 +31,9 @@ DATASETS = ("sample", "shapes", "clothing", "digits")
 STRATEGIES = ("linear", "partial", "full", "two-phase", "scratch")
 OLD = dict(epochs=10, batch_size=32, lr=1e-3, optimizer="sgd", schedule="cosine", augment=[],
            weight_decay=0.0, label_smoothing=0.0, bn_adapt=False)
-DIGITS_PER_CLASS = 40
-BN_STRATEGIES = ("linear", "partial")  # the frozen paths, where re-estimating BatchNorm statistics can matter
+BN_STRATEGIES = ("linear", "partial")
+GRID_STRATEGIES = ("linear", "full")  # the probe (seconds) and the default strategy: the grid costs ~8 runs a cell
+PER_CLASS = 40  # images per class of the clothing and digits sets (each run then takes seconds, like the sample)  # the frozen paths, where re-estimating BatchNorm statistics can matter
 
 
 def make_dataset(name: str, folder: Path) -> str:
@@ -43,10 +45,21 @@ def make_dataset(name: str, folder: Path) -> str:
     if name == "shapes":
         return str(fractals.write_shapes_dataset(folder / "shapes", n_per_class=40, size=64, seed=1000, shapes=fractals.SHAPES))
     if name == "clothing":
-        return demodata.import_demo("clothing")["dataset"]
+        return str(write_images(folder / "clothing", demodata.clothing_images(PER_CLASS), "L"))
     if name == "digits":
-        return str(write_digits(folder / "digits", DIGITS_PER_CLASS))
+        return str(write_digits(folder / "digits", PER_CLASS))
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def write_images(folder: Path, images: dict, mode: str) -> Path:
+    """{class: [arrays]} as PNGs in class folders."""
+    from PIL import Image
+
+    for cls, arrays in images.items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i, a in enumerate(arrays):
+            Image.fromarray(a, mode).save(folder / cls / f"{i:03d}.png")
+    return folder
 
 
 def write_digits(folder: Path, per_class: int) -> Path:
@@ -77,9 +90,8 @@ def grid_points(strategy: str, rec) -> list[dict]:
     """The grid around the recipe `rec` (its filled settings)."""
     if rec.optimizer == "lbfgs":
         return [{"weight_decay": wd} for wd in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
-    pts = [{}, {"lr": rec.lr / 3}, {"lr": rec.lr * 3}, {"epochs": rec.epochs * 2},
-           {"batch_size": 32 if rec.batch_size != 32 else 16}]
-    return pts
+    return [{"lr": rec.lr / 3}, {"lr": rec.lr * 3}, {"epochs": rec.epochs * 2},
+            {"batch_size": 32 if rec.batch_size != 32 else 16}]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -119,15 +131,18 @@ def run(datasets=DATASETS, strategies=STRATEGIES, seeds=(0, 1, 2), grid: bool = 
                     cell["old"] = summarise([go("old", s, OLD) for s in seeds])
                 if "new" not in cell:
                     news = [go("new", s, {}) for s in seeds]
-                    cell["new"] = summarise(news) | {"settings": news[0]["settings"]}
-                if grid and strategy != "scratch" and "grid" not in cell:
+                    cell["new"] = summarise(news) | {"settings": news[0]["settings"], "first": news[0]["acc"]}
+                if grid and strategy in GRID_STRATEGIES and "grid" not in cell:
                     rec, _ = vision.plan_settings(vision.FinetuneConfig(data=data, strategy=strategy, seed=seeds[0]))
-                    tried = []
+                    # the recipe itself is a point of the grid: its seed-0 run is already done
+                    tried = [{"point": {}, "acc": cell["new"]["first"], "seconds": cell["new"]["seconds"]}]
                     for pt in grid_points(strategy, rec):
                         r = go("grid", seeds[0], pt)
                         tried.append({"point": pt, "acc": r["acc"], "seconds": r["seconds"]})
                     best = max(tried, key=lambda t: (t["acc"], -t["seconds"]))
-                    cell["grid"] = summarise([go("best", s, best["point"]) for s in seeds]) | {"point": best["point"], "tried": tried}
+                    rows = [go("best", s, best["point"]) for s in seeds] if best["point"] else None
+                    cell["grid"] = (summarise(rows) if rows else {k: cell["new"][k] for k in ("mean", "spread", "seconds", "n")}) | {
+                        "point": best["point"], "tried": tried}
                 if strategy in BN_STRATEGIES and "bn" not in cell:
                     # AdaBN: the new defaults with the frozen BatchNorm statistics re-estimated on the images
                     cell["bn"] = summarise([go("bn", s, {"bn_adapt": True}) for s in seeds])
@@ -138,6 +153,27 @@ def run(datasets=DATASETS, strategies=STRATEGIES, seeds=(0, 1, 2), grid: bool = 
                 log.info("%s: old %.3f new %.3f grid %s", key, cell["old"]["mean"], cell["new"]["mean"],
                          cell.get("grid", {}).get("mean"))
     return done
+
+
+def goals(done: dict) -> list[tuple[str, str, str]]:
+    """(goal, measured, met) for the recipe issue's goals, from the finished cells."""
+    from engine import recipes
+
+    out = []
+    d = recipes.DEFAULT_STRATEGY
+    sample = done.get(f"sample|{d}")
+    if sample:
+        out.append((f"the sample at >= 85% with the default strategy ({d}) and the bundled backbone",
+                    f"{sample['new']['mean']:.1%} ± {sample['new']['spread']:.1%}", "yes" if sample["new"]["mean"] >= 0.85 else "**no**"))
+        out.append((f"the default result in no more time than the old {d} default",
+                    f"{sample['new']['seconds']} s vs {sample['old']['seconds']} s (old: {sample['old']['mean']:.1%})",
+                    "yes" if sample["new"]["seconds"] <= sample["old"]["seconds"] else "**no**"))
+    for key, cell in done.items():
+        if cell.get("grid"):
+            gap = (cell["new"]["mean"] - cell["grid"]["mean"]) * 100
+            out.append((f"{key.replace('|', ', ')}: new defaults within 2 points of the grid's best",
+                        f"{gap:+.1f} points", "yes" if gap >= -2 else "**no**"))
+    return out
 
 
 def format_markdown(done: dict) -> str:
@@ -156,12 +192,25 @@ def format_markdown(done: dict) -> str:
     return "\n".join(lines)
 
 
+HEAD = "## Recipes: old defaults, the recipe book, and the best of a small grid"
+
+
+def section_of(text: str) -> str:
+    """The recipe section of a BENCHMARKS.md text ("" when there is none)."""
+    if HEAD not in text:
+        return ""
+    start = text.index(HEAD)
+    nxt = text.find("\n## ", start + len(HEAD))
+    return text[start:nxt + 1 if nxt != -1 else len(text)].rstrip() + "\n"
+
+
 def write_markdown(done: dict, path: Path) -> Path:
     """Replace (or add) the recipe section of BENCHMARKS.md."""
-    head = "## Recipes: old defaults, the recipe book, and the best of a small grid"
+    head = HEAD
     body = (f"{head}\n\n`python -m engine bench recipes`: validation accuracy, mean ± spread (population std) over seeds, "
             "and seconds per run (whole `finetune` call: images, features, training, evaluation) on this machine.\n\n"
-            + format_markdown(done) + "\n")
+            + format_markdown(done) + "\n\n| goal | measured | met |\n|---|---|---|\n"
+            + "\n".join(f"| {g} | {m} | {ok} |" for g, m, ok in goals(done)) + "\n")
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     if head in text:
         start = text.index(head)

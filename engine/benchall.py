@@ -276,6 +276,9 @@ def format_markdown(r: dict) -> str:
 def write_markdown(r: dict, path: Path | None = None) -> Path:
     from engine import workspace
 
+    from engine import bench_recipes
+
     path = path or ROOT / "BENCHMARKS.md"
-    workspace.atomic_write_bytes(path, format_markdown(r).encode())
+    kept = bench_recipes.section_of(path.read_text()) if path.is_file() else ""  # `bench recipes` writes its own section
+    workspace.atomic_write_bytes(path, (format_markdown(r).rstrip() + ("\n\n" + kept if kept else "\n")).encode())
     return path

@@ -37,7 +37,7 @@ def load_settings(row: dict) -> None:
     ss.g_autorun = True
 
 
-for key, value in {"g_preset": "Balanced", "g_max_new_tokens": D.max_new_tokens, "g_num_return_sequences": 1,
+for key, value in {"g_prompt": "The meaning of life is", "g_preset": "Balanced", "g_max_new_tokens": D.max_new_tokens, "g_num_return_sequences": 1,
                    "g_seed": None, "g_stop": "", **{f"g_{k}": getattr(D, k) for k in KNOBS}}.items():
     ss.setdefault(key, value)
 
@@ -65,7 +65,7 @@ st.caption(f"**{lm.name}** · {lm.parameters / 1e6:.1f}M parameters · context {
            f"{lm.source.reason} Inference: {lm.dtype_reason}.")
 
 ss.g_max_new_tokens = min(ss.g_max_new_tokens, lm.context - 1)  # a smaller model may have a shorter context
-prompt = st.text_area("Prompt", key="g_prompt", height=100, placeholder="The meaning of life is",
+prompt = st.text_area("Prompt", key="g_prompt", height=100,
                       help="The model continues this text. An empty prompt is refused; a prompt longer than the "
                            "model's context keeps its last tokens (you will see a note).")
 st.radio("Preset", [*textgen.PRESETS, "Custom"], key="g_preset", horizontal=True, on_change=apply_preset,

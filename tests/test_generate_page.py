@@ -94,3 +94,13 @@ def test_reuse_this_seed_fills_the_seed_box(app):
     assert not app.exception and app.number_input(key="g_seed").value == seed
     app.button[0].click().run()
     assert sample_texts(app) == first
+
+
+def test_generate_works_with_the_prompt_shown_at_start(app):
+    # the box starts with a real prompt (not a placeholder that looks like one): Generate just works
+    shown = app.text_area(key="g_prompt").value
+    assert shown and shown.strip()
+    app.button[0].click().run()
+    assert not app.exception and not app.error
+    rows = history.recent()
+    assert len(rows) == 1 and shown.endswith(rows[0]["prompt"])  # (the tiny test model's context is short)

@@ -60,7 +60,8 @@ with add_tab:
                 st.rerun()
     else:
         cls_options = list(counts) + ["➕ New class…"]
-        cls = st.selectbox("Class", cls_options)
+        last = state.get("last_class")  # the class the last upload went to: the next batch most likely goes there too
+        cls = st.selectbox("Class", cls_options, index=cls_options.index(last) if last in cls_options else 0)
         if cls == "➕ New class…":
             cls = st.text_input("New class name", placeholder="e.g. cat")
         if how == "Upload files to a class":
@@ -69,6 +70,7 @@ with add_tab:
             if files and st.button(f"Add {len(files)} file(s) to {cls or '…'}", type="primary", disabled=not cls):
                 with friendly_errors("upload images"):
                     state.results = imagedata.add_images(name, cls, [(f.name, f.getvalue()) for f in files])
+                    state.last_class = cls
                     state.upload_round += 1
                     st.rerun()
         else:
@@ -76,6 +78,7 @@ with add_tab:
             if photo and cls:
                 with friendly_errors("camera"):
                     state.results = imagedata.add_images(name, cls, [(f"camera-{state.upload_round}.jpg", photo.getvalue())])
+                    state.last_class = cls
                     state.upload_round += 1
                     st.rerun()
     show_results(state.pop("results", []))
@@ -98,13 +101,25 @@ with browse_tab:
         per_page, n = 24, counts[cls]
         pages = max(1, -(-n // per_page))
         page_no = st.number_input(f"Page (of {pages})", 1, pages, 1) if pages > 1 else 1
+        undo = state.get("undo")
+        if undo and undo["dataset"] == name:
+            note = st.container(horizontal=True, vertical_alignment="center")
+            note.caption(f"Deleted {undo['file']!r} from {undo['class']}.")
+            if note.button("Undo delete", icon=":material/undo:", key="undo_delete"):
+                with friendly_errors("undo delete"):
+                    imagedata.add_images(name, undo["class"], [(undo["file"], undo["bytes"])])
+                    state.pop("undo")
+                    st.rerun()
         rows = imagedata.list_images(name, cls, (page_no - 1) * per_page, per_page)
         cols = st.columns(6)
         for i, row in enumerate(rows):
             with cols[i % 6]:
                 st.image(str(imagedata.thumbnail_path(row["sha256"], row["ext"])), caption=row["original_name"][:28])
                 if st.button("Delete", key=f"del{row['id']}", icon=":material/delete:"):
+                    # keep the bytes until the next delete, so one click can bring the image back
+                    data = imagedata.image_path(row["sha256"], row["ext"]).read_bytes()
                     imagedata.delete_image(row["id"])
+                    state.undo = {"dataset": name, "class": cls, "file": row["original_name"], "bytes": data}
                     st.rerun()
 
 with manage_tab:
@@ -132,6 +147,10 @@ with manage_tab:
                     st.rerun()
         with c2, st.form("delete_class"):
             victim = st.selectbox("Class to delete", list(counts))
+            sure = st.checkbox("Yes, delete this class and its images (cannot be undone)")
             if st.form_submit_button("Delete class and its images"):
-                imagedata.delete_class(name, victim)
-                st.rerun()
+                if not sure:
+                    st.warning("Tick the box to confirm: the class and its images are deleted for good.")
+                else:
+                    imagedata.delete_class(name, victim)
+                    st.rerun()

@@ -104,3 +104,8 @@ def md_escape(s: str) -> str:
     import re
 
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^&\"'%@,;?/])", r"\\\1", s).replace("\n", "  \n")
+
+
+def plural(n: int, word: str) -> str:
+    """'1 dataset', '2 datasets'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from engine import demo, imagedata, runs
-from pages.common import friendly_errors, manager, md_escape
+from pages.common import friendly_errors, manager, md_escape, plural
 
 st.title("Transfer Studio")
 st.subheader("Transfer learning you can touch", divider="blue")
@@ -14,11 +14,11 @@ a, b, c = st.columns(3)
 with a.container(border=True):
     st.markdown("**1 · Bring images**")
     st.caption("Upload a few photos per class, a ZIP of class folders, use the camera, or load the bundled sample.")
-    st.page_link("pages/images.py", label=f"Images ({n_datasets} datasets)", icon=":material/photo_library:")
+    st.page_link("pages/images.py", label=f"Images ({plural(n_datasets, 'dataset')})", icon=":material/photo_library:")
 with b.container(border=True):
     st.markdown("**2 · Fine-tune a pretrained ResNet**")
     st.caption("Train only a new head, the last layers, or everything; watch the curves; inspect the mistakes.")
-    st.page_link("pages/finetune.py", label=f"Fine-tune ({n_runs} runs)", icon=":material/model_training:")
+    st.page_link("pages/finetune.py", label=f"Fine-tune ({plural(n_runs, 'run')})", icon=":material/model_training:")
 with c.container(border=True):
     st.markdown("**3 · See why pretraining helps**")
     st.caption("Pretrained vs from scratch, how much to freeze, how few labels you need, and advice for your data.")

@@ -60,3 +60,12 @@ def test_the_first_page_does_not_wait_for_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["False", "Transfer", "Studio"]
+
+
+def test_counts_on_the_cards_read_as_english():
+    imagedata.create_dataset("pets")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/home.py")
+    at.run()
+    labels = [link.label for link in at.get("page_link")]
+    assert "Images (1 dataset)" in labels and "Fine-tune (0 runs)" in labels

@@ -315,3 +315,13 @@ def test_runs_resume_interrupted(tmp_path):
     at.button(key="rn_resume").click().run()
     assert not at.exception
     assert jobs.get_manager().wait(run_id, timeout=300) == "done"
+
+
+def test_runs_show_image_speed_only_where_images_were_trained_on(tmp_path):
+    # a linear run trains its head on cached features: an "img/s" there (50,000) is not comparable with a
+    # full run's (11); the table shows the speed of training on images only
+    run_id = train_tiny(tmp_path)
+    at = open_page("pages/runs.py")
+    row = at.dataframe[0].value.set_index("id").loc[run_id]
+    assert row["img/s"] is None or row["img/s"] != row["img/s"]  # empty (None / NaN)
+    assert list(at.dataframe[0].value.columns).index("status") < list(at.dataframe[0].value.columns).index("img/s")

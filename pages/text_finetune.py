@@ -15,6 +15,8 @@ D = lmtrain.LMFinetuneConfig()  # the engine's defaults are the form's defaults
 ss = st.session_state
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 5e-4, 1e-3, 3e-3]
 
+MIN_EVAL_TOKENS = 1000  # below this, one odd sentence moves the held-out perplexity a lot
+
 st.title("Fine-tune on your own text")
 st.caption("Continue training the language model on a text of yours: its style and words become more likely. "
            "Perplexity on a held-out slice of your text (the last 10%, never trained on) shows how much better "
@@ -35,7 +37,9 @@ def corpora() -> list[Path]:
 
 with st.container(border=True):
     st.subheader("1 · Your text")
-    st.file_uploader("Upload .txt files (UTF-8, up to 5 MB each)", type=["txt"], accept_multiple_files=True, key="tf_files")
+    limit = text.MAX_TEXT_BYTES // 2**20  # the same number in the label, the browser's check and the engine's
+    st.file_uploader(f"Upload .txt files (UTF-8, up to {limit} MB each)", type=["txt"], accept_multiple_files=True,
+                     key="tf_files", max_upload_size=limit)
     st.text_area("…or paste text", key="tf_paste", height=120, placeholder="A few paragraphs in the style you want…")
 
 with st.container(border=True):
@@ -89,6 +93,10 @@ def results(run: dict) -> None:
     a.metric("Perplexity before", f"{s['ppl_before']:.1f}")
     b.metric("Perplexity after", f"{s['ppl_after']:.1f}", delta=f"{s['ppl_after'] - s['ppl_before']:+.1f}", delta_color="inverse")
     c.metric("Training", f"{s['steps']} steps", help=f"{s['epochs']} epochs · {s['seconds']:.0f} s · {s['train_tokens']} training tokens")
+    st.caption(f"Perplexity measured on {s['val_tokens']} held-out tokens (the last part of your text, never trained on).")
+    if s["val_tokens"] < MIN_EVAL_TOKENS:
+        st.warning(f"Only {s['val_tokens']} held-out tokens: too few for the perplexity to mean much "
+                   f"(a few thousand words of text give {MIN_EVAL_TOKENS}+).", icon=":material/warning:")
     st.markdown(f"**Same prompt, same seed ({s['sample_seed']})** — prompt: *{md_escape(s['sample_prompt'])}*")
     left, right = st.columns(2)
     for col, title, body in ((left, f"Base: {s['base_model']}", s["sample_base"]), (right, "Fine-tuned", s["sample_finetuned"])):

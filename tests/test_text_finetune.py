@@ -96,3 +96,15 @@ def test_page_trains_and_shows_before_after(tiny_as_mini):
     assert float(labels["Perplexity after"]) < float(labels["Perplexity before"])
     assert any(c.value.startswith("Base: ") for c in at.caption)
     assert any(c.value == "Fine-tuned" for c in at.caption)
+    # how many tokens the perplexity rests on, and a warning when they are too few to mean much
+    val_tokens = runs.get(run_id)["summary"]["val_tokens"]
+    assert any(f"{val_tokens} held-out tokens" in c.value for c in at.caption)
+    assert val_tokens >= 1000 or any("too few" in w.value for w in at.warning)
+
+
+def test_the_uploader_enforces_the_limit_its_label_states(tiny_as_mini):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    up = at.get("file_uploader")[0]
+    mb = text.MAX_TEXT_BYTES // 2**20
+    assert f"up to {mb} MB each" in up.proto.label
+    assert up.proto.max_upload_size_mb == mb  # the browser refuses larger files with the same number

@@ -63,6 +63,7 @@ with st.container(border=True):
                                            block_size=block, batch_size=batch, seed=int(seed), sample_prompt=prompt).validate()
             title = f"{choices[model].split(' (')[0]} on {', '.join(u.name for u in ss.get('tf_files') or []) or 'pasted text'}"
             ss.tf_run = manager().submit("lm-finetune", dataclasses.asdict(cfg), title)
+            ss.tf_pick = ss.tf_run  # show the new run (the Run selector below would keep the previous one)
             st.query_params["run"] = ss.tf_run  # a browser refresh finds the run again
             st.toast("Fine-tuning started in the background.")
 

@@ -15,6 +15,9 @@ from engine.errors import UserError
 from tests.text_helpers import corpus, tiny_as_mini, tiny_dir  # noqa: F401 - fixtures
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "text_finetune.py")
+# the page's cached manager() must belong to this test's workspace: a manager left from another test's
+# workspace made jobs.get_manager() start a new one, which marked the page's running job "interrupted"
+pytestmark = pytest.mark.usefixtures("fresh_manager")
 
 
 @pytest.fixture
@@ -108,3 +111,19 @@ def test_the_uploader_enforces_the_limit_its_label_states(tiny_as_mini):
     mb = text.MAX_TEXT_BYTES // 2**20
     assert f"up to {mb} MB each" in up.proto.label
     assert up.proto.max_upload_size_mb == mb  # the browser refuses larger files with the same number
+
+
+def test_a_second_run_is_shown_when_it_starts(tiny_as_mini):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at.text_area(key="tf_paste").set_value(corpus(40, seed=5))
+    at.select_slider(key="tf_block").set_value(32)
+    at.button[0].click().run()
+    first = at.session_state.tf_run
+    assert jobs.get_manager().wait(first, 120) == "done"
+    at.run()
+    assert at.selectbox(key="tf_pick").value == first
+    at.slider(key="tf_epochs").set_value(2)
+    at.button[0].click().run()  # new settings, a new run: the page must show it, not the previous one
+    second = at.session_state.tf_run
+    assert second != first and at.selectbox(key="tf_pick").value == second
+    jobs.get_manager().wait(second, 120)

@@ -89,7 +89,7 @@ class LabConfig:
     seeds: int | None = None
     image_size: int | None = None          # 0 = the weights' own size
     batch_size: int | None = None
-    lr: float | None = None                # the new output layer's learning rate (None: the recipe's for each arm)
+    lr: float | None = None                # the new output layer's learning rate (None: the recipe book's for comparisons)
     ks: list[int] | None = None            # freeze: frozen stages to try
     sizes: list[int] | None = None         # data-size: labelled images per class (0 = all)
     labels_per_class: int | None = None    # unsupervised: labels used for fine-tuning
@@ -232,11 +232,10 @@ def _evaluate(model, inputs: torch.Tensor, y: torch.Tensor, k: int, bs: int = 25
 
 
 def arm_recipe(arm: Arm, n_train: int, n_classes: int):
-    """The recipe for what an arm trains: k=5 the linear probe (as minibatch steps), 0<k<5 partial, k=0 full."""
+    """The recipe book's settings for the Lab's comparisons (the same for every arm)."""
     from engine import recipes
 
-    strategy = "linear" if arm.frozen >= 5 else "partial" if arm.frozen > 0 else "full"
-    return recipes.vision_recipe(strategy, n_train, n_classes, fixed_features=False)
+    return recipes.comparison_recipe(n_train, n_classes)
 
 
 def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | None, steps_per_epoch: int,
@@ -271,8 +270,8 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
         inputs = vision.normalize(vision.center_crop(x_tr, split.pp.image_size), split.pp).contiguous().to(dev)
         val_inputs = vision.normalize(vision.center_crop(split.val_x, split.pp.image_size), split.pp).contiguous().to(dev)
 
-    # optimizer, learning rate, schedule, weight decay and label smoothing: the recipe book's for what
-    # this arm trains (an explicit lr wins); minibatch steps throughout, so every arm draws a curve
+    # optimizer, learning rate, schedule, weight decay and label smoothing: the recipe book's for the
+    # Lab's comparisons (an explicit lr wins)
     rec = arm_recipe(arm, len(y_tr), len(split.classes))
     lr = lr or rec.lr
     st = vision.stages(model)

@@ -270,3 +270,18 @@ def test_lr_finder_cli_refuses_bad_input(data, capsys):
     code = main(["lr-find", "--data", str(data), "--weights", "none", "--image-size", "32", "--steps", "15", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["suggestion"] > 0
+
+
+def test_the_lab_trains_with_the_recipe_books_comparison_settings(monkeypatch):
+    from engine import lab
+
+    seen = {}
+    real = recipes.comparison_recipe
+
+    def spy(n_train, n_classes):
+        seen["called"] = (n_train, n_classes)
+        return real(n_train, n_classes)
+
+    monkeypatch.setattr(recipes, "comparison_recipe", spy)
+    rec = lab.arm_recipe(lab.Arm("a", "pretrained", "none"), 40, 4)
+    assert seen["called"] == (40, 4) and rec.optimizer == "sgd" and rec.lr == 0.01

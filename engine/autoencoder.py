@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import workspace
+from engine import schedules, workspace
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def pretrain(images01: torch.Tensor, epochs: int, batch_size: int = 32, lr: floa
             if len(idx) < 2:
                 continue
             for gr in opt.param_groups:  # cosine decay over all epochs
-                gr["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+                gr["lr"] = lr * schedules.lr_factor(epoch, epochs, "cosine")
             clean = _augment(images01[idx], g)
             rec = ae((_corrupt(clean, g) - MEAN) / STD)
             loss = F.mse_loss(rec, clean)
@@ -192,7 +192,7 @@ def fit_classifier(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_v
                 return metrics, True
             for gr in opt.param_groups:
                 gr["base_lr"] = gr.get("base_lr", gr["lr"])
-                gr["lr"] = gr["base_lr"] * 0.5 * (1 + math.cos(math.pi * ((epoch - 1) * steps_per_epoch + step) / total))
+                gr["lr"] = gr["base_lr"] * schedules.lr_factor((epoch - 1) * steps_per_epoch + step, total, "cosine")
             b = next(stream)
             batch_loss, batch_correct = classifier_step(opt, model(_augment(x_tr[b], g)), y_tr[b])
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(b)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine import text, workspace
+from engine import schedules, text, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,7 @@ def _blocks(train: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _lr(step: int, total: int, base: float) -> float:
-    warmup = max(1, total // 10)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * max(0.0, (total - step) / max(1, total - warmup))
+    return base * schedules.warmup_linear(step, total, warmup=max(1, total // 10))
 
 
 # ----------------------------------------------------------------------------- checkpoints (no pickle)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from engine import schedules
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         return x, y, hue
 
     def lr_at(step: int, total: int) -> float:
-        warm = max(1, int(0.03 * total))
-        if step < warm:
-            return cfg.lr * (step + 1) / warm
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return cfg.lr * schedules.warmup_cosine(step, total, warmup=max(1, int(0.03 * total)))
 
     # batches are generated in order by one background thread (numpy and torch release the GIL),
     # so rendering overlaps with training on a second core and the sequence stays deterministic
@@ -474,10 +472,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def _lr_at(step: int, cfg: TextPretrainConfig, max_steps: int) -> float:
     """Linear warmup then cosine decay to min_lr (nanoGPT's schedule)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    ratio = min(1.0, (step - cfg.warmup) / max(1, max_steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+    return cfg.lr * schedules.warmup_cosine(step, max_steps, cfg.warmup, floor=cfg.min_lr / cfg.lr)
 
 
 def _batch(data, step: int, cfg: TextPretrainConfig):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine import schedules, text, workspace
+from engine import checkpoints, schedules, text, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -109,34 +109,11 @@ def _lr(step: int, total: int, base: float) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints (no pickle)
 def _save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    for name, p in model.named_parameters():
-        st = optimizer.state.get(p)
-        if st:
-            tensors[f"adam.m.{name}"] = st["exp_avg"].contiguous()
-            tensors[f"adam.v.{name}"] = st["exp_avg_sq"].contiguous()
-            state.setdefault("adam_steps", {})[name] = float(st["step"])
-    tmp = workspace.atomic_path(folder / "checkpoint.safetensors")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "checkpoint.safetensors")
-    workspace.atomic_write_json(folder / "checkpoint.json", state)
+    checkpoints.save_training_state(folder / "checkpoint", model, optimizer, state)
 
 
 def _load_checkpoint(folder: Path, model, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
-    state = json.loads((folder / "checkpoint.json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    model.tie_weights()
-    for name, p in model.named_parameters():
-        if f"adam.m.{name}" in tensors:
-            optimizer.state[p] = {"step": torch.tensor(state["adam_steps"][name]),
-                                  "exp_avg": tensors[f"adam.m.{name}"], "exp_avg_sq": tensors[f"adam.v.{name}"]}
-    return state
+    return checkpoints.load_training_state(folder / "checkpoint", model, optimizer)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine import schedules
+from engine import checkpoints, schedules
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -506,38 +506,11 @@ def _evaluate(model, data, block_size: int) -> float:
 
 
 def _save_state(path: Path, model, optimizer, step: int, extra: dict) -> None:
-    """Weights + AdamW moments as safetensors and the step as JSON (no pickle), for --resume."""
-    from safetensors.torch import save_file
-
-    from engine.workspace import atomic_path, atomic_write_json
-
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    for name, p in model.named_parameters():
-        st = optimizer.state.get(p)
-        if st:
-            tensors[f"adam.m.{name}"] = st["exp_avg"].contiguous()
-            tensors[f"adam.v.{name}"] = st["exp_avg_sq"].contiguous()
-    tmp = atomic_path(path / "state.safetensors")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path / "state.safetensors")
-    atomic_write_json(path / "state.json", {"step": step, **extra})
+    checkpoints.save_training_state(path / "state", model, optimizer, {"step": step, **extra})
 
 
 def _load_state(path: Path, model, optimizer) -> dict:
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "state.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    meta = json.loads((path / "state.json").read_text())
-    for name, p in model.named_parameters():
-        if f"adam.m.{name}" in tensors:
-            optimizer.state[p] = {
-                "step": torch.tensor(float(meta["step"])),
-                "exp_avg": tensors[f"adam.m.{name}"],
-                "exp_avg_sq": tensors[f"adam.v.{name}"],
-            }
-    return meta
+    return checkpoints.load_training_state(path / "state", model, optimizer)
 
 
 def _export(model, tokenizer, out: Path, card: dict) -> None:

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import device as devices
-from engine import distributed, recipes, schedules, sources, workspace
+from engine import checkpoints, distributed, recipes, schedules, sources, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -483,30 +483,6 @@ def classifier_step(opt: torch.optim.Optimizer, logits: torch.Tensor, y: torch.T
 
 
 # ============================================================================= checkpoints
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, state_json = {}, {}
-    for idx, st in sd["state"].items():
-        for name, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{name}"] = v.detach().cpu().contiguous()
-            else:
-                state_json.setdefault(str(idx), {})[name] = v
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": state_json}
-
-
-def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, scalars in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(scalars)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def trainable_state(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     """State (parameters and BN buffers) of everything after the first k stages: the only part
     that can change while k stages are frozen. With k=0 the whole model."""
@@ -519,16 +495,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
     """last.safetensors (trainable model part, best weights so far, optimizer tensors) and
     last.json (everything else). Frozen stages are not saved: a resume rebuilds them from the
     starting weights and checks their hash. Never pickle."""
-    from safetensors.torch import save_file
-
     tensors = {f"model.{n}": v.detach().cpu().contiguous() for n, v in trainable_state(model, k).items()}
     tensors.update({f"best.{n}": v.detach().cpu().contiguous() for n, v in best_state.items()})
-    opt_tensors, opt_meta = _optimizer_to_files(opt)
-    tensors.update(opt_tensors)
-    tmp = workspace.atomic_path(run_dir / "last.safetensors")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, run_dir / "last.safetensors")
-    workspace.atomic_write_json(run_dir / "last.json", {**meta, "optimizer": opt_meta})
+    checkpoints.save(run_dir / "last", tensors, opt, meta)
 
 
 def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> None:
@@ -753,7 +722,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
             phase2 = cfg.strategy == "two-phase" and k == 0
             opt = make_optimizer(param_groups(model, cfg, k, phase2=phase2), cfg)
             if resume_state is not None and resume_state[2] == k:
-                _optimizer_from_files(opt, resume_state[0], resume_state[1])
+                checkpoints.load_optimizer(opt, resume_state[0], resume_state[1])
             resume_state, opt_k = None, k
             # what trains this phase; DistributedDataParallel under torchrun (averages the gradients)
             net = distributed.wrap(model, (lambda m, x, k=k: forward_from(m, x, k)) if cached else (lambda m, x: m(x)), dev)

@@ -291,7 +291,8 @@ def choose_inference(model, device: torch.device, key: str, forced: str | None =
 class Prompt:
     ids: list[int]
     text: str            # the prompt text actually used (after truncation)
-    notice: str | None   # set when the prompt had to be shortened
+    notice: str | None   # set when the prompt was shortened or fewer new tokens fit
+    max_new_tokens: int = 0  # new tokens that fit after it in the model's context
 
 
 def check_prompt(prompt: str) -> None:
@@ -300,20 +301,31 @@ def check_prompt(prompt: str) -> None:
 
 
 def encode_prompt(lm: LM, prompt: str, max_new_tokens: int) -> Prompt:
-    """Tokenize; refuse an empty prompt; keep the last tokens that fit with room for max_new_tokens."""
+    """Tokenize and refuse an empty prompt; fit prompt + new tokens into the model's context.
+
+    The prompt is kept whole and the new tokens are bounded by the room left after it, as long as
+    that room is at least a quarter of the context (or all that was asked for). Only a prompt that
+    leaves less is shortened: its last tokens are kept, with room for that many new ones.
+    """
     check_prompt(prompt)
-    room = lm.context - max_new_tokens
-    if room < 1:
-        raise UserError(f"{max_new_tokens} new tokens do not fit in {lm.name}'s context of {lm.context} tokens; ask for at most {lm.context - 1}")
+    if max_new_tokens < 1:
+        raise UserError("ask for at least 1 new token")
     ids = lm.tokenizer(prompt)["input_ids"]
-    if len(ids) <= room:
-        return Prompt(ids, prompt, None)
+    if len(ids) + max_new_tokens <= lm.context:
+        return Prompt(ids, prompt, None, max_new_tokens)
+    reserve = max(1, min(max_new_tokens, lm.context // 4))
+    if len(ids) + reserve <= lm.context:
+        fit = lm.context - len(ids)
+        notice = (f"{lm.name} sees at most {lm.context} tokens and your prompt is {len(ids)}, "
+                  f"so {fit} new tokens fit (of the {max_new_tokens} asked for).")
+        return Prompt(ids, prompt, notice, fit)
+    room = lm.context - reserve
     kept = ids[-room:]
     notice = (
         f"The prompt is {len(ids)} tokens but {lm.name} sees at most {lm.context} tokens; "
-        f"kept its last {room} tokens so that {max_new_tokens} new tokens fit."
+        f"kept its last {room} tokens so that {reserve} new tokens fit."
     )
-    return Prompt(kept, lm.tokenizer.decode(kept), notice)
+    return Prompt(kept, lm.tokenizer.decode(kept), notice, reserve)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -13,6 +13,8 @@ leaving the iteration early (Stop button, page rerun) sets the stop event so the
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import secrets
@@ -222,9 +224,10 @@ def generate(lm: LM, prompt: str, cfg: GenerationConfig, stop_event: threading.E
     p = encode_prompt(lm, prompt, cfg.max_new_tokens)
     seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
     settings = {**cfg.to_dict(), "seed": seed}
+    run = dataclasses.replace(cfg, max_new_tokens=p.max_new_tokens)  # what fits after the prompt
     with lm.lock, thread_count(lm.threads):
         t0 = time.perf_counter()
-        samples = _decode(lm, p.ids, cfg, seed, stop_event, on_token, ignore_eos, lean)
+        samples = _decode(lm, p.ids, run, seed, stop_event, on_token, ignore_eos, lean)
         seconds = time.perf_counter() - t0
     n_new = sum(len(s.token_ids) for s in samples)
     return Generation(lm.name, p.text, p.notice, p.ids, settings, seed, samples, n_new, seconds,

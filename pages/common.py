@@ -109,3 +109,15 @@ def md_escape(s: str) -> str:
 def plural(n: int, word: str) -> str:
     """'1 dataset', '2 datasets'."""
     return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def bold_prompt(prompt: str) -> str:
+    """The prompt in bold, shown literally: each line's text bolded with its spaces outside the
+    asterisks (Markdown does not close a bold on a space: "**the cat **" shows its asterisks)."""
+    import re
+
+    out = []
+    for line in prompt.split("\n"):
+        lead, core, trail = re.match(r"(\s*)(.*?)(\s*)$", line, re.S).groups()
+        out.append(lead + (f"**{md_escape(core)}**" if core else "") + trail)
+    return "  \n".join(out)

@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine import history, text, textgen
 from engine.errors import UserError
-from pages.common import friendly_errors, language_model, md_escape
+from pages.common import bold_prompt, friendly_errors, language_model, md_escape
 
 D = textgen.GenerationConfig()  # the engine's defaults are the page's defaults
 ss = st.session_state
@@ -119,7 +119,7 @@ if last:
     cols = st.columns(len(gen.samples))
     for i, (col, sample) in enumerate(zip(cols, gen.samples)):
         with col.container(border=True):
-            st.markdown(f"**{md_escape(gen.prompt)}**{md_escape(sample.completion)}")
+            st.markdown(bold_prompt(gen.prompt) + md_escape(sample.completion))
             st.caption(f"sample {i + 1} · {len(sample.token_ids)} tokens · ended by {sample.finish}")
     a, b = st.columns([4, 1])
     a.caption(f"**{gen.tokens_per_s:.1f} tokens/s** · {gen.new_tokens} new tokens · {gen.seconds:.2f} s · model {gen.model} "

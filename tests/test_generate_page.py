@@ -104,3 +104,9 @@ def test_generate_works_with_the_prompt_shown_at_start(app):
     assert not app.exception and not app.error
     rows = history.recent()
     assert len(rows) == 1 and shown.endswith(rows[0]["prompt"])  # (the tiny test model's context is short)
+
+
+def test_model_text_is_shown_literally_even_when_the_prompt_ends_in_a_space(app):
+    generate(app, "the cat ")
+    shown = [m.value for m in app.markdown if m.value.startswith("**the cat**")]
+    assert shown and shown[0].startswith("**the cat** ")  # bold closes on the text (not "**the cat **", shown raw)

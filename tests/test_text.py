@@ -198,8 +198,16 @@ def test_long_prompt_keeps_its_last_tokens(lm):
     assert gen.prompt_notice and "kept its last 54 tokens" in gen.prompt_notice
     assert len(gen.prompt_ids) == 54 and gen.prompt_ids == lm.tokenizer(prompt)["input_ids"][-54:]
     assert len(gen.prompt_ids) + len(gen.samples[0].token_ids) <= lm.context
-    with pytest.raises(UserError, match="context of 64"):
-        textgen.generate(lm, "the cat", cfg(max_new_tokens=64))
+
+
+
+def test_a_short_prompt_is_kept_and_the_new_tokens_bounded_by_the_context(lm):
+    # asking for as many new tokens as the context holds used to throw the prompt away
+    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=64, stop=[]), ignore_eos=True)
+    n_prompt = len(lm.tokenizer("the cat")["input_ids"])
+    assert gen.prompt == "the cat" and len(gen.prompt_ids) == n_prompt
+    assert len(gen.samples[0].token_ids) == lm.context - n_prompt
+    assert gen.prompt_notice and f"{lm.context - n_prompt} new tokens fit" in gen.prompt_notice
 
 
 @pytest.mark.parametrize("bad", [

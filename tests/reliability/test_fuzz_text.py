@@ -75,8 +75,9 @@ def test_any_prompt_is_encoded_to_fit_or_refused_with_a_reason(tiny_lm, prompt, 
     except UserError as err:
         assert str(err).strip()
         return
-    assert 1 <= len(p.ids) <= tiny_lm.context - max_new
-    assert (p.notice is None) == (p.text == prompt)
+    # prompt and new tokens fit the context; fewer new tokens or a shortened prompt always come with a notice
+    assert 1 <= len(p.ids) and 1 <= p.max_new_tokens <= max_new and len(p.ids) + p.max_new_tokens <= tiny_lm.context
+    assert (p.notice is None) == (p.text == prompt and p.max_new_tokens == max_new)
 
 
 JSONISH = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),

@@ -14,7 +14,10 @@ from pages.common import bold_prompt, friendly_errors, language_model, md_escape
 D = textgen.GenerationConfig()  # the engine's defaults are the page's defaults
 ss = st.session_state
 KNOBS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
-COLOURS = ((0.5, "green"), (0.2, "blue"), (0.05, "orange"), (0.0, "red"))  # token probability -> background
+# token probability -> colour: an ordered scale from sure (blue) through grey to unsure (orange, then an
+# orange background), the blue/orange pair that colour-blind viewers tell apart
+COLOURS = ((0.5, "blue"), (0.05, "gray"), (0.01, "orange"), (0.0, "orange-background"))
+LEGEND = ":blue[≥ 50%] · :gray[5–50%] · :orange[1–5%] · :orange-background[< 1%]"
 
 
 def preset_caption(values: dict) -> str:
@@ -143,8 +146,7 @@ if last:
                 lead = " " * (len(s.token) - len(body))
                 parts.append(lead + (f":{colour}[{md_escape(body)}]" if body.strip() else md_escape(body)))
             st.markdown("".join(parts) or "_no tokens_")
-            st.caption("Colour = the model's probability of the token it produced (before temperature/top-k/top-p): "
-                       "green ≥ 50% · blue ≥ 20% · orange ≥ 5% · red < 5%.")
+            st.caption("Colour = the model's probability of the token it produced (before temperature/top-k/top-p): " + LEGEND)
             st.dataframe(pd.DataFrame({
                 "token": [repr(s.token) for s in scores],
                 "probability": [s.prob for s in scores],

@@ -110,3 +110,15 @@ def test_model_text_is_shown_literally_even_when_the_prompt_ends_in_a_space(app)
     generate(app, "the cat ")
     shown = [m.value for m in app.markdown if m.value.startswith("**the cat**")]
     assert shown and shown[0].startswith("**the cat** ")  # bold closes on the text (not "**the cat **", shown raw)
+
+
+def test_token_view_uses_an_ordered_colour_blind_safe_scale_with_a_legend(app):
+    # orange and red were nearly the same, so almost everything looked red: one blue-grey-orange scale
+    # (the pair colour-blind viewers tell apart), its legend drawn in the same colours
+    generate(app, "the cat")
+    view = next(m.value for m in app.markdown if m.value.count(":") >= 2 and "[" in m.value and not m.value.startswith("**"))
+    used = set(__import__("re").findall(r":([a-z]+(?:-background)?)\[", view))
+    assert used and used <= {"blue", "gray", "orange", "orange-background"}
+    legend = next(c.value for c in app.caption if "probability of the token" in c.value)
+    for mark in (":blue[", ":gray[", ":orange[", ":orange-background["):
+        assert mark in legend

@@ -28,7 +28,13 @@ left, right = st.columns([2, 1])
 with right:
     if st.button("Load sample dataset", icon=":material/nutrition:", help="4 fruit classes x 40 images, bundled with the app"):
         with friendly_errors("load sample"):
-            state.dataset = sample.load_sample()["dataset"]
+            loaded = sample.load_sample()
+            state.dataset = loaded["dataset"]
+            n = sum(loaded["classes"].values())
+            state.flash = (f"{loaded['dataset']!r} is already here: {n} images in {len(loaded['classes'])} classes."
+                           if loaded.get("existed") else
+                           f"Loaded {loaded['dataset']!r}: {n} images in {len(loaded['classes'])} classes "
+                           f"({', '.join(loaded['classes'])}). Browse them on the second tab, or fine-tune on them.")
             st.rerun()
     with st.popover("New dataset", icon=":material/add:"):
         with st.form("new_dataset", clear_on_submit=True):
@@ -45,6 +51,8 @@ with left:
     name = st.selectbox("Dataset", datasets, index=datasets.index(current))
     state.dataset = name
 
+if state.get("flash"):
+    st.success(state.pop("flash"), icon=":material/check_circle:")
 counts = imagedata.dataset_counts(name)
 add_tab, browse_tab, manage_tab = st.tabs(["Add images", "Browse", "Manage"])
 

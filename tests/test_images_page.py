@@ -95,3 +95,11 @@ def test_deleting_a_class_asks_first():
     submit.click().run()
     assert set(imagedata.dataset_counts("pets")) == {"cat", "dog"}  # not without the confirmation
     assert any("confirm" in w.value.lower() or "tick" in w.value.lower() for w in at.warning)
+
+
+def test_loading_the_sample_says_what_arrived():
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at.button[0].click().run()  # "Load sample dataset"
+    assert any("160 images" in s.value and "4 classes" in s.value for s in at.success)
+    at.button[0].click().run()  # a second time: nothing new, and it says so
+    assert any("already" in s.value for s in [*at.success, *at.info])

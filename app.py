@@ -54,21 +54,36 @@ if deep_link:
 
 @st.cache_resource(show_spinner=False)
 def environment() -> dict:
-    """Device and weight sources, found in a background thread: torch takes seconds to import
-    on a cold start and the first page should not wait for it (nor share the CPU with it)."""
-    found: dict = {}
+    """Device and weight sources, filled in by a background probe (start_probe) once the first page has
+    been drawn: torch takes seconds to import on a cold start and the first page should not wait for it
+    (nor share the CPU with it)."""
+    return {"_lock": threading.Lock()}
 
+
+def start_probe(found: dict) -> None:
+    """Start the probe once per process (every later call returns at once)."""
     def probe() -> None:
-        import time
-
-        time.sleep(1.5)  # after the first page has rendered; the sidebar shows it from the next rerun
         from engine import device, sources  # imports torch
 
         found["weights"] = sources.available()
         found["device"] = device.label()
 
-    threading.Thread(target=probe, name="environment-probe", daemon=True).start()
-    return found
+    with found["_lock"]:
+        if not found.get("_started"):
+            found["_started"] = True
+            threading.Thread(target=probe, name="environment-probe", daemon=True).start()
+
+
+def environment_lines() -> None:
+    env = environment()
+    if "device" not in env:
+        st.caption("**Device** · detecting…")
+        return
+    avail = env["weights"]
+    vision = "ImageNet" if any(avail["vision"]["imagenet_cached"].values()) else ("bundled mini" if avail["vision"]["mini"] else "none")
+    text = next((m for m, ok in avail["text"]["hf_cached"].items() if ok), "bundled mini" if avail["text"]["mini"] else "none")
+    st.caption(f"**Device** · {env['device']}")
+    st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
 
 
 @st.fragment(run_every=2)
@@ -89,17 +104,15 @@ with st.sidebar:
     elif presenting:
         st.query_params.pop("present", None)
         st.rerun()
-    env = environment()
-    if "device" not in env:
-        st.caption("**Device** · detecting…")
-    else:
-        avail = env["weights"]
-        vision = "ImageNet" if any(avail["vision"]["imagenet_cached"].values()) else ("bundled mini" if avail["vision"]["mini"] else "none")
-        text = next((m for m, ok in avail["text"]["hf_cached"].items() if ok), "bundled mini" if avail["text"]["mini"] else "none")
-        st.caption(f"**Device** · {env['device']}")
-        st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
+    if "device" in environment():
+        environment_lines()
+    else:  # until the probe has answered: poll, so the sidebar fills in on the page it is on
+        st.fragment(run_every=1)(environment_lines)()
     st.caption(f"**Workspace** · `{workspace.home().name}/`")
     if manager().active():
         job_lines()  # refreshes itself while jobs run; a page drawn with none does not poll
 
-nav.run()
+try:
+    nav.run()
+finally:
+    start_probe(environment())  # the page has been drawn: now the probe may import torch

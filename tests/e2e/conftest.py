@@ -15,6 +15,7 @@ Helpers:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -114,7 +115,8 @@ def warm_app(app_url, browser):
     pg.goto(app_url + "/")
     wait_for_idle(pg, 90_000)
     pg.get_by_role("heading", name="Transfer Studio").wait_for(timeout=90_000)
-    pg.wait_for_timeout(5_000)  # the probe starts 1.5 s after the first page and imports torch
+    # the probe imports torch once the first page is drawn; the sidebar fills in the device by itself
+    pg.get_by_text(re.compile(r"^Device · (?!detecting)")).wait_for(timeout=90_000)
     context.close()
     return app_url
 

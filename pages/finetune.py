@@ -196,6 +196,11 @@ def live_view(run_id: str, drawn_active: bool) -> None:
     run = runs.get(run_id)
     if drawn_active and run["status"] not in runs.ACTIVE:
         st.rerun()  # it just finished: redraw the whole page once, with results and without polling
+    # the status line lives here, in the part that refreshes itself (queued -> running while the page stays)
+    src = read_json(Path(run["dir"]) / "run.json", {}).get("weights")
+    src = src if isinstance(src, dict) else {}
+    st.caption(f"Run `{run_id}` · {run['status']}" + (f" · weights: {src.get('name')}" if src.get("name") else "")
+               + (f" · {run['device']}" if run.get("device") else ""))
     prog = manager().progress(run_id) or {}
     if run["status"] in runs.ACTIVE:
         pos = manager().queue_position(run_id)
@@ -269,15 +274,11 @@ def image_path(file: str) -> Path | None:
 
 def run_view(run_id: str) -> None:
     run = runs.get(run_id)
-    info = read_json(Path(run["dir"]) / "run.json", {})
     top = st.columns([4, 1])
     top[0].subheader(run["title"])
     if top[1].button("New run", icon=":material/add:", key="ft_new"):
         show(None)
         st.rerun()
-    src = info.get("weights") if isinstance(info.get("weights"), dict) else {}
-    st.caption(f"Run `{run_id}` · {run['status']}" + (f" · weights: {src.get('name')}" if src.get("name") else "")
-               + (f" · {run['device']}" if run.get("device") else ""))
     active = run["status"] in runs.ACTIVE
     st.fragment(run_every=1 if active else None)(live)(run_id, active)
     if active:

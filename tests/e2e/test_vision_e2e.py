@@ -33,8 +33,10 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     tall_screenshot(page, "vision-1-form")
     page.get_by_role("button", name="Start fine-tuning").click()
 
-    # the run id is in the URL: a refresh mid-run finds the run again
+    # the run id is in the URL; the status line follows the run by itself (it said "queued" for a whole run)
     page.wait_for_url(re.compile(r"[?&]run="))
+    page.get_by_text(re.compile(r"^Run \S+ · running")).wait_for(timeout=60_000)
+    # a refresh mid-run finds the run again
     page.reload()
     wait_for_idle(page)
     page.get_by_text(re.compile(r"Fruit \(sample\) · resnet18 · full")).first.wait_for()

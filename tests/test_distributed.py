@@ -129,7 +129,8 @@ def test_one_process_batches_keep_every_index_once():
 
 
 def test_finetune_page_shows_the_torchrun_command_for_its_settings(tmp_path):
-    from tests.test_pages_vision import make_dataset, open_page
+    from tests.helpers import make_page_dataset as make_dataset
+    from tests.helpers import open_page
 
     make_dataset(tmp_path / "imgs")
     at = open_page("pages/finetune.py")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from engine import runs, vision
 from engine.errors import UserError
-from tests.test_vision import cfg_for, make_dataset
+from tests.helpers import cfg_for, make_dataset
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine import history
-from tests.text_helpers import tiny_as_mini, tiny_dir  # noqa: F401 - fixtures
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "generate.py")
 

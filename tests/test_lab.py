@@ -2,12 +2,8 @@
 the job runner and the CLI — on tiny generated data (3 classes x 8 images, 32 px, 1-2 epochs)."""
 from __future__ import annotations
 
-import io
 import json
-import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,21 +11,8 @@ from PIL import Image
 from engine import advisor, autoencoder, jobs, lab, runs, vision
 from engine.__main__ import main
 from engine.errors import UserError
-
-COLORS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 210)}
-
-
-def make_folder(root: Path, per_class: int = 8, size: int = 32) -> Path:
-    for cls, color in COLORS.items():
-        (root / cls).mkdir(parents=True)
-        for i in range(per_class):
-            rng = np.random.default_rng([hash(cls) % 1000, i])
-            a = np.clip(np.array(color) + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype("uint8")
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, "PNG")
-            (root / cls / f"{cls}{i}.png").write_bytes(buf.getvalue())
-    return root
-
+from tests.helpers import LAB_COLORS as COLORS
+from tests.helpers import make_folder, tiny
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -40,27 +23,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> str:
-    """A resnet18 state dict (random, seeded) saved as safetensors: the 'pretrained' side in tests."""
-    import torchvision
-    from safetensors.torch import save_file
-
-    torch.manual_seed(123)
-    state = {k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_file(state, str(path))
-    return str(path)
-
-
 @pytest.fixture
 def data(tmp_path) -> str:
     return str(make_folder(tmp_path / "imgs"))
-
-
-def tiny(experiment: str, data: str, weights: str, **kw) -> lab.LabConfig:
-    base = dict(epochs=1, seeds=1, image_size=32, batch_size=8, lr=0.01)
-    return lab.LabConfig(experiment, data=data, weights=weights, **(base | kw))
 
 
 # ----------------------------------------------------------------------------- the three numbers

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 import pages  # noqa: F401 - imported outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
 from engine import imagedata, jobs, lab, runs
-from tests.test_lab import make_folder, tiny, tiny_weights  # noqa: F401 - tiny_weights is a fixture
+from tests.helpers import make_folder, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,33 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from streamlit.testing.v1 import AppTest
 
 import pages  # noqa: F401 - imported here, outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
-from engine import imagedata, jobs, recipes, runs
+from engine import jobs, recipes, runs
+from tests.helpers import PAGE_COLORS as COLORS
+from tests.helpers import make_page_dataset as make_dataset
+from tests.helpers import noisy_png as png
+from tests.helpers import has_button, open_page, widget
 
 ROOT = Path(__file__).resolve().parents[1]
-COLORS = {"red": (210, 40, 40), "blue": (40, 60, 210)}
-
-
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # tests/conftest.py
-
-
-def png(color, size=40, seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    a = np.clip(np.array(color) + rng.integers(-30, 30, (size, size, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_dataset(folder: Path, name: str = "tiny", per_class: int = 8) -> str:
-    for cls, color in COLORS.items():
-        (folder / cls).mkdir(parents=True)
-        for i in range(per_class):
-            (folder / cls / f"{cls}{i}.png").write_bytes(png(color, seed=i))
-    imagedata.import_path(folder, name)
-    return name
 
 
 def train_tiny(tmp_path: Path, epochs: int = 1) -> str:
@@ -57,26 +40,6 @@ def train_tiny(tmp_path: Path, epochs: int = 1) -> str:
     return run_id
 
 
-def widget(at: AppTest, kind: str, label: str):
-    """The one widget of a kind with this label (the training options' keys change with the recipe)."""
-    found = [w for w in at.get(kind) if w.label == label]
-    assert len(found) == 1, (kind, label, [w.label for w in at.get(kind)])
-    return found[0]
-
-
-def open_page(page: str, **query) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page(page)
-    for k, v in query.items():
-        at.query_params[k] = v
-    return at.run()
-
-
-def has_button(at: AppTest, key: str) -> bool:
-    return any(b.key == key for b in at.button)
-
-
-# ----------------------------------------------------------------------------- empty workspace
 @pytest.mark.parametrize("page, hint", [
     ("pages/finetune.py", "Images"),
     ("pages/predict.py", "Fine-tune"),

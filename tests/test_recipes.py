@@ -13,7 +13,7 @@ import torch
 
 from engine import linear_probe, lrfind, recipes, vision
 from engine.__main__ import main
-from tests.test_vision import make_dataset
+from tests.helpers import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = list(vision.STRATEGIES)
@@ -159,8 +159,7 @@ def test_advisor_demo_tour_and_probe_leave_the_settings_to_the_recipe(sentinel, 
 
 
 def test_cli_and_page_produce_the_same_settings_for_the_same_dataset(tmp_path):
-    from tests.test_pages_vision import make_dataset as make_page_dataset
-    from tests.test_pages_vision import open_page
+    from tests.helpers import make_page_dataset, open_page
 
     make_page_dataset(tmp_path / "imgs")
     at = open_page("pages/finetune.py")

@@ -8,7 +8,6 @@ import pytest
 
 from engine import history, text, textgen
 from engine.errors import UserError
-from tests.text_helpers import tiny_dir  # noqa: F401 - a fixture
 
 
 @pytest.fixture

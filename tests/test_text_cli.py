@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.__main__ import main
-from tests.text_helpers import corpus, tiny_dir  # noqa: F401 - fixture
+from tests.text_helpers import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

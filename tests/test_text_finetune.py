@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine import jobs, lmtrain, runs, text
 from engine.errors import UserError
-from tests.text_helpers import corpus, tiny_as_mini, tiny_dir  # noqa: F401 - fixtures
+from tests.text_helpers import corpus
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "text_finetune.py")
 # the page's cached manager() must belong to this test's workspace: a manager left from another test's

@@ -14,38 +14,11 @@ from PIL import Image
 
 from engine import jobs, runs, sources, vision
 from engine.errors import UserError
-
-COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 230), (230, 200, 40)]
-
-
-def make_dataset(root: Path, n_classes: int = 3, n: int = 8, size: int = 32, seed: int = 0) -> Path:
-    """Class c: a shape in colour c (with jitter) on a random grey background, random position."""
-    rng = np.random.default_rng(seed)
-    for c in range(n_classes):
-        d = root / f"class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img = np.full((size, size, 3), rng.integers(60, 190), np.uint8)
-            r = int(rng.integers(size // 5, size // 3))
-            cx, cy = rng.integers(r, size - r, size=2)
-            yy, xx = np.mgrid[0:size, 0:size]
-            mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r) if c % 2 else (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-            img[mask] = np.clip(np.array(COLOURS[c]) + rng.integers(-20, 20, 3), 0, 255)
-            Image.fromarray(img).save(d / f"img_{i}.png")
-    return root
-
+from tests.helpers import cfg_for, make_dataset
 
 @pytest.fixture
 def data(tmp_path):
     return str(make_dataset(tmp_path / "shapes"))
-
-
-def cfg_for(data, **kw):
-    # the mechanics under test, pinned: the linear strategy with SGD minibatch steps (the recipe's
-    # defaults are tested in tests/test_recipes.py)
-    base = dict(data=data, weights="none", image_size=32, epochs=2, batch_size=8, lr=1e-2, seed=0, strategy="linear",
-                optimizer="sgd", schedule="cosine", augment=[], weight_decay=0.0, label_smoothing=0.0, bn_adapt=False)
-    return vision.FinetuneConfig(**{**base, **kw})
 
 
 def fc_of(run_dir: Path) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 
 from engine import vision
 from engine.__main__ import main
-from tests.test_vision import make_dataset
+from tests.helpers import make_dataset
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 WORDS = ("the cat sat on the mat and the dog ran to the park while a bird sang in the tree "
          "every morning she reads a book about ships and stars and the sea is calm today").split()
@@ -38,19 +37,3 @@ def make_tiny_lm(folder: Path, n_positions: int = 64, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     hf_tok.save_pretrained(folder)
     return folder
-
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The tiny model as an HF folder, made once per test session (import this fixture into a test module)."""
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
-
-
-@pytest.fixture
-def tiny_as_mini(tiny_dir, monkeypatch):
-    """Pages and the CLI see the tiny model as the bundled `mini` (fast, no assets needed)."""
-    from engine import sources
-
-    monkeypatch.setattr(sources, "MINI_TEXT", tiny_dir)
-    return tiny_dir

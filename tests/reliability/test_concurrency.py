@@ -6,7 +6,6 @@ from pathlib import Path
 
 from engine import jobs, runs, text, textgen
 from tests.imgs import class_folder
-from tests.text_helpers import tiny_dir  # noqa: F401  (fixture)
 
 
 def test_two_sessions_train_and_generate_at_once(tmp_path, tiny_dir):  # noqa: F811

@@ -84,6 +84,8 @@ with st.expander("Sampling controls", expanded=ss.g_preset == "Custom"):
     a, b, c = st.columns(3)
     a.slider("Samples (side by side)", 1, textgen.MAX_SAMPLES, key="g_num_return_sequences")
     b.number_input("Seed", 0, 2**31 - 1, key="g_seed", placeholder="random", help="Empty = a fresh seed (shown afterwards). Same seed + settings = same text.")
+    b.button("Random seed", key="g_seed_random", icon=":material/casino:", on_click=ss.update, kwargs={"g_seed": None},
+             disabled=ss.g_seed is None, help="Empty the Seed box: every generation then draws a fresh seed.")
     c.text_input("Stop strings", key="g_stop", placeholder="e.g. \\n | --", help="Separate with |; \\n means a line break. A sample ends at the first one (not shown).")
 
 stops = [s.strip().replace("\\n", "\n") for s in ss.g_stop.split("|") if s.strip()]

@@ -19,13 +19,17 @@ def app(tiny_as_mini):
     return at
 
 
+def generate_button(at):
+    return next(b for b in at.button if b.label == "Generate")
+
+
 def generate(at, prompt: str, seed: int | None = 5, **widgets):
     at.text_area(key="g_prompt").set_value(prompt)
     if seed is not None:
         at.number_input(key="g_seed").set_value(seed)
     for key, value in widgets.items():
         at.slider(key=f"g_{key}").set_value(value)
-    at.button[0].click().run()
+    generate_button(at).click().run()
     assert not at.exception
     return at
 
@@ -86,12 +90,12 @@ def test_presets_set_visible_values(app):
 
 def test_reuse_this_seed_fills_the_seed_box(app):
     app.text_area(key="g_prompt").set_value("the cat")
-    app.button[0].click().run()  # no seed: a fresh one is drawn
+    generate_button(app).click().run()  # no seed: a fresh one is drawn
     first = sample_texts(app)
     seed = history.recent()[0]["settings"]["seed"]
     next(b for b in app.button if b.label == "Reuse this seed").click().run()
     assert not app.exception and app.number_input(key="g_seed").value == seed
-    app.button[0].click().run()
+    generate_button(app).click().run()
     assert sample_texts(app) == first
 
 
@@ -99,7 +103,7 @@ def test_generate_works_with_the_prompt_shown_at_start(app):
     # the box starts with a real prompt (not a placeholder that looks like one): Generate just works
     shown = app.text_area(key="g_prompt").value
     assert shown and shown.strip()
-    app.button[0].click().run()
+    generate_button(app).click().run()
     assert not app.exception and not app.error
     rows = history.recent()
     assert len(rows) == 1 and shown.endswith(rows[0]["prompt"])  # (the tiny test model's context is short)
@@ -121,3 +125,17 @@ def test_token_view_uses_an_ordered_colour_blind_safe_scale_with_a_legend(app):
     legend = next(c.value for c in app.caption if "probability of the token" in c.value)
     for mark in (":blue[", ":gray[", ":orange[", ":orange-background["):
         assert mark in legend
+
+
+def test_the_seed_can_go_back_to_random(app):
+    app.text_area(key="g_prompt").set_value("the cat")
+    generate_button(app).click().run()
+    seed = history.recent()[0]["settings"]["seed"]
+    next(b for b in app.button if b.label == "Reuse this seed").click().run()
+    assert app.number_input(key="g_seed").value == seed
+    next(b for b in app.button if b.key == "g_seed_random").click().run()  # back to a fresh seed each time
+    assert app.number_input(key="g_seed").value is None
+    generate_button(app).click().run()
+    generate_button(app).click().run()
+    seeds = [r["settings"]["seed"] for r in history.recent()[-2:]]
+    assert len(set(seeds)) == 2

@@ -69,7 +69,7 @@ def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_
     if cfg.optimizer == "lbfgs":  # the recipe's probe needs no rate: sweep the minibatch recipe for the same layer
         alt = recipes.vision_recipe("linear", len(data.train), n_classes, cfg.image_size, source.kind, fixed_features=False)
         cfg = replace(cfg, optimizer=alt.optimizer, lr=alt.lr, weight_decay=alt.weight_decay, schedule=alt.schedule)
-    pp = vision.preprocessing_for(source, cfg.image_size)
+    pp = vision.run_preprocessing(cfg, source)
     model = vision.build_model(cfg.model, n_classes, source, seed=cfg.seed).to(dev, memory_format=torch.channels_last)
     train_x = vision.load_images([p for p, _ in data.train], pp.resize)
     train_y = torch.tensor([y for _, y in data.train], dtype=torch.long)

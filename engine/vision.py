@@ -178,6 +178,15 @@ class Preprocessing:
         return asdict(self)
 
 
+def run_preprocessing(cfg: "FinetuneConfig", source: sources.Source) -> Preprocessing:
+    """The preprocessing a run uses. From scratch, the images are prepared as for the pretrained
+    weights `auto` would pick (their size and normalisation): the baseline then sees the same input as
+    the pretrained run it is compared with (random weights alone would mean ImageNet's 224 px)."""
+    if cfg.strategy == "scratch":
+        source = sources.resolve_vision(cfg.model, "auto")
+    return preprocessing_for(source, cfg.image_size)
+
+
 def preprocessing_for(source: sources.Source, image_size: int | None) -> Preprocessing:
     """The preprocessing belongs to the weights: ImageNet 256 -> 224 crop, mini its own card's."""
     if source.kind == "mini":
@@ -631,7 +640,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
     source = sources.resolve_vision(cfg.model, weights)  # bad weights fail before any image is read
     ctx.report(phase="loading", message="reading images")
     data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    pp = preprocessing_for(source, cfg.image_size)
+    pp = run_preprocessing(cfg, source)
     n_classes = len(data.classes)
     # every setting left open comes from the recipe book, for this strategy and this many images
     cfg, recipe_info = cfg.filled(len(data.train), n_classes, source.kind)

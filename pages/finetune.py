@@ -79,7 +79,7 @@ def start_form(datasets: list[dict]) -> None:
     cfg = dataclasses.replace(base, **chosen, early_stopping=int(st.session_state.get("ft_early", 0)))
     try:
         src = sources.resolve_vision(model, weights)
-        size = vision.preprocessing_for(src, cfg.image_size).image_size
+        size = vision.run_preprocessing(cfg, src).image_size
         st.info(f"**Weights:** {src.name} — {src.reason} Images are used at {size} px.", icon=":material/info:")
     except UserError as err:
         st.warning(str(err))

@@ -347,3 +347,12 @@ def test_loss_scaling_only_where_fp16_needs_it():
         cuda = torch.device("cuda")
         assert devices.grad_scaler(cuda, torch.float16).is_enabled() and not devices.grad_scaler(cuda, torch.bfloat16).is_enabled()
         assert devices.to_device(x, cuda).device.type == "cuda"
+
+
+def test_scratch_sees_the_same_input_as_the_pretrained_run_it_is_compared_with():
+    # random weights alone would mean ImageNet's 224 px: 12x the pixels of the bundled backbone's 64
+    auto = vision.preprocessing_for(sources.resolve_vision("resnet18", "auto"), None)
+    scratch = vision.run_preprocessing(vision.FinetuneConfig(data="x", strategy="scratch"), sources.resolve_vision("resnet18", "none"))
+    assert scratch == auto
+    assert vision.run_preprocessing(vision.FinetuneConfig(data="x", strategy="scratch", image_size=96),
+                                    sources.resolve_vision("resnet18", "none")).image_size == 96  # an asked size still wins

@@ -90,10 +90,12 @@ def folds(y: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
 
 def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0,
                         grid: tuple[float, ...] = WEIGHT_DECAYS, k: int = FOLDS) -> tuple[float, dict]:
-    """The L2 strength with the best k-fold cross-validated log-loss on the training features.
+    """The L2 strength with the best k-fold cross-validated accuracy on the training features.
 
-    Returns (weight decay, {str(wd): mean validation accuracy}). Ties in loss go to the stronger
-    regularisation. With too few images per class for k folds, the middle of the grid is used.
+    Returns (weight decay, {str(wd): mean held-out accuracy}). Ties in accuracy go to the lower
+    log-loss. (By log-loss alone the choice leaned to strong regularisation, 1-10, which measured
+    up to 10 points below 1e-3 on the generated shapes.) With too few images per class for k folds,
+    the middle of the grid is used.
     """
     counts = torch.bincount(y, minlength=n_classes)
     if int(counts.min()) < k:
@@ -112,5 +114,5 @@ def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: 
             hits.append(float((logits.argmax(1) == y[held]).float().mean()))
         scores[wd] = sum(losses) / k
         accs[str(wd)] = round(sum(hits) / k, 4)
-    best = min(grid, key=lambda wd: (round(scores[wd], 4), -wd))
+    best = max(grid, key=lambda wd: (accs[str(wd)], -round(scores[wd], 4), wd))
     return best, accs

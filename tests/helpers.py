@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+import pages  # noqa: F401 - imported outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
 from engine import imagedata, lab, vision
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine import workspace
+from engine import schedules, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
             if should_stop():
                 stopped = True
                 break
-            f = vision.lr_factor((epoch - 1) * steps_per_epoch + step, total, rec.schedule)
+            f = schedules.lr_factor((epoch - 1) * steps_per_epoch + step, total, rec.schedule)
             for gr in opt.param_groups:
                 gr["lr"] = gr["base_lr"] * f
             b = next(stream)

@@ -475,9 +475,6 @@ def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optim
     return torch.optim.SGD(groups, momentum=0.9, weight_decay=wd)
 
 
-lr_factor = schedules.lr_factor  # (kept under its old name: the loops below and their tests use it)
-
-
 def classifier_step(opt: torch.optim.Optimizer, logits: torch.Tensor, y: torch.Tensor,
                     label_smoothing: float = 0.0) -> tuple[float, int]:
     """Cross-entropy, backward and one optimizer step; returns (summed loss, correct) over the batch.
@@ -766,7 +763,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
                 cancelled = True
                 break
             t_step = time.time()
-            f = lr_factor((epoch - phase_start) * len(batches) + step, total_steps, cfg.schedule)
+            f = schedules.lr_factor((epoch - phase_start) * len(batches) + step, total_steps, cfg.schedule)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             y = devices.to_device(train_y[idx], dev)

@@ -11,6 +11,7 @@ Small enough for a CPU demo: 32 px images, an encoder of ~0.2M parameters.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import schedules, workspace
+from engine import loop, optimizers, schedules, workspace
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def pretrain(images01: torch.Tensor, epochs: int, batch_size: int = 32, lr: floa
     """Train a denoising autoencoder on unlabelled images in [0, 1] (N, 3, s, s). Returns (model, losses)."""
     torch.manual_seed(seed)
     ae = AutoEncoder(width)
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)
+    opt = optimizers.make(ae.parameters(), "adamw", 1e-4, lr=lr)
     g = torch.Generator().manual_seed(seed)
     n = len(images01)
     steps = max(1, math.ceil(n / batch_size))
@@ -166,39 +167,30 @@ def fit_classifier(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_v
                    should_stop=lambda: False, on_epoch=lambda row: None, encoder_lr: float = ENCODER_LR) -> tuple[list[dict], bool]:
     """SGD (momentum 0.9, cosine) on normalised inputs, the encoder at `encoder_lr` x the head's
     learning rate; rows from epoch 0 (untrained). Returns (metrics, stopped)."""
-    from engine.lab import _batches
-    from engine.vision import classifier_step
-
     def evaluate():
         model.eval()
-        with torch.inference_mode():
-            logits = model(x_val)
-        return F.cross_entropy(logits, y_val).item(), (logits.argmax(1) == y_val).float().mean().item()
+        return loop.evaluate(model, x_val, y_val)
 
-    groups = [{"params": list(model.fc.parameters()), "lr": lr, "base_lr": lr},
-              {"params": list(model.encoder.parameters()), "lr": lr * encoder_lr, "base_lr": lr * encoder_lr}]
-    opt = torch.optim.SGD(groups, momentum=0.9)
+    groups = [{"params": list(model.fc.parameters()), "lr": lr},
+              {"params": list(model.encoder.parameters()), "lr": lr * encoder_lr}]
+    for gr in groups:
+        gr["base_lr"] = gr["lr"]
+    opt = optimizers.make(groups, "sgd")
     vl, va = evaluate()
     metrics = [{"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": round(vl, 5), "val_acc": round(va, 4), "seconds": 0.0}]
     on_epoch(metrics[0])
     g = torch.Generator().manual_seed(seed * 1009 + 17)
-    stream = _batches(len(y_tr), batch_size, g)
+    stream = loop.endless_batches(len(y_tr), batch_size, g)
     total = epochs * steps_per_epoch
     for epoch in range(1, epochs + 1):
         model.train()
-        t, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for step in range(steps_per_epoch):
-            if should_stop():
-                return metrics, True
-            for gr in opt.param_groups:
-                gr["base_lr"] = gr.get("base_lr", gr["lr"])
-                gr["lr"] = gr["base_lr"] * schedules.lr_factor((epoch - 1) * steps_per_epoch + step, total, "cosine")
-            b = next(stream)
-            batch_loss, batch_correct = classifier_step(opt, model(_augment(x_tr[b], g)), y_tr[b])
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(b)
+        stats = loop.train_one_epoch(model, opt, itertools.islice(stream, steps_per_epoch), lambda b: (_augment(x_tr[b], g), y_tr[b]),
+                                     lambda step, e=epoch: schedules.lr_factor((e - 1) * steps_per_epoch + step, total, "cosine"),
+                                     cancelled=should_stop, epoch=epoch - 1, steps=steps_per_epoch)
+        if stats.cancelled:
+            return metrics, True
         vl, va = evaluate()
-        row = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 4),
-               "val_loss": round(vl, 5), "val_acc": round(va, 4), "seconds": round(time.time() - t, 3)}
+        row = stats.row(epoch, vl, va)
         metrics.append(row)
         on_epoch(row)
     return metrics, False

@@ -52,7 +52,7 @@ def _naive_linear(cfg, data, source, pp) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from engine import vision
+    from engine import loop, vision
 
     model = vision.build_model(cfg.model, len(data.classes), source, seed=cfg.seed)
     for p in model.parameters():
@@ -73,8 +73,8 @@ def _naive_linear(cfg, data, source, pp) -> dict:
     accs = []
     for epoch in range(cfg.epochs):
         model.eval()  # frozen BN in eval mode; fc has no BN
-        gen = vision.epoch_gen(cfg.seed, epoch)
-        for idx in vision.epoch_batches(len(train_paths), cfg.batch_size, gen):
+        gen = loop.epoch_gen(cfg.seed, epoch)
+        for idx in loop.epoch_batches(len(train_paths), cfg.batch_size, gen):
             x = load([train_paths[i] for i in idx])
             loss = F.cross_entropy(model(x), train_y[idx])
             opt.zero_grad(set_to_none=True)

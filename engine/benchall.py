@@ -42,7 +42,7 @@ def bench_vision(n_per_class: int, image_size: int, epochs: int, train_steps: in
     import torch
     import torch.nn.functional as F
 
-    from engine import bench, features, fractals, imagedata, sources, vision
+    from engine import bench, features, fractals, imagedata, loop, sources, vision
     from engine import device as devices
 
     rows = []
@@ -98,7 +98,7 @@ def bench_vision(n_per_class: int, image_size: int, epochs: int, train_steps: in
 
         def retrain():
             for epoch in range(10):
-                for idx in vision.epoch_batches(len(feats), 32, vision.epoch_gen(0, epoch)):
+                for idx in loop.epoch_batches(len(feats), 32, loop.epoch_gen(0, epoch)):
                     loss = F.cross_entropy(head(feats[idx]), labels[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -109,8 +109,6 @@ def prepare(force: bool = False, epochs: int | None = None, generations: bool = 
 
     `step(what)` is called before each piece is made (progress; a job's cancel check).
     """
-    from engine import vision
-
     mine = user_data()
     if mine and not force:
         raise UserError(f"this workspace holds your own data ({', '.join(mine[:3])}{'…' if len(mine) > 3 else ''}); "

@@ -22,18 +22,18 @@ BatchNorm rule for frozen stages, the cosine schedule, preprocessing) so it trai
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from engine import schedules, workspace
+from engine import loop, optimizers, schedules, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -211,24 +211,11 @@ def subset_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 # ============================================================================= the training loop
-def _batches(n: int, batch_size: int, g: torch.Generator):
-    """An endless stream of shuffled index batches over n examples (never a batch of 1: BatchNorm)."""
-    b = max(2, min(batch_size, n))
-    while True:
-        chunks = list(torch.randperm(n, generator=g).split(b))
-        if len(chunks) > 1 and len(chunks[-1]) == 1:
-            last = chunks.pop()  # (pop first: the right-hand side would run before the index is taken)
-            chunks[-1] = torch.cat([chunks[-1], last])
-        yield from chunks
-
-
-@torch.inference_mode()
-def _evaluate(model, inputs: torch.Tensor, y: torch.Tensor, k: int, bs: int = 256) -> tuple[float, float]:
+def _evaluate(model, inputs: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, float]:
     from engine.vision import forward_from
 
     model.eval()
-    logits = torch.cat([forward_from(model, inputs[i:i + bs], k) for i in range(0, len(inputs), bs)])
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    return loop.evaluate(lambda x: forward_from(model, x, k), inputs, y)
 
 
 def arm_recipe(arm: Arm, n_train: int, n_classes: int):
@@ -281,38 +268,27 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
         groups.append({"params": backbone, "lr": lr * arm.backbone_lr})
     for gr in groups:
         gr["base_lr"] = gr["lr"]
-    if rec.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, weight_decay=rec.weight_decay or 0.0)
-    else:
-        opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=rec.weight_decay or 0.0)
+    opt = optimizers.make(groups, rec.optimizer, rec.weight_decay or 0.0)
 
+    forward = lambda x: vision.forward_from(model, x, k)  # noqa: E731  (the trainable rest of the network)
     val_loss, val_acc = _evaluate(model, val_inputs, y_val, k)
     metrics = [{"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 4), "seconds": 0.0}]
     on_epoch(metrics[0])
     g = torch.Generator().manual_seed(arm.seed * 1009 + 17)
-    stream = _batches(len(y_tr), batch_size, g)
+    stream = loop.endless_batches(len(y_tr), batch_size, g)
     total = epochs * steps_per_epoch
     stopped = False
     for epoch in range(1, epochs + 1):
         vision.train_mode(model, k)  # BatchNorm of frozen stages stays in eval mode
-        t_epoch, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for step in range(steps_per_epoch):
-            if should_stop():
-                stopped = True
-                break
-            f = schedules.lr_factor((epoch - 1) * steps_per_epoch + step, total, rec.schedule)
-            for gr in opt.param_groups:
-                gr["lr"] = gr["base_lr"] * f
-            b = next(stream)
-            batch_loss, batch_correct = vision.classifier_step(opt, vision.forward_from(model, inputs[b], k), y_tr[b],
-                                                               label_smoothing=rec.label_smoothing)
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(b)
-            on_step(step + 1, steps_per_epoch)
-        if stopped:
+        stats = loop.train_one_epoch(forward, opt, itertools.islice(stream, steps_per_epoch), lambda b: (inputs[b], y_tr[b]),
+                                     lambda step, e=epoch: schedules.lr_factor((e - 1) * steps_per_epoch + step, total, rec.schedule),
+                                     label_smoothing=rec.label_smoothing, cancelled=should_stop, epoch=epoch - 1,
+                                     steps=steps_per_epoch, on_step=lambda step, steps, *_: on_step(step + 1, steps))
+        if stats.cancelled:
+            stopped = True
             break
         val_loss, val_acc = _evaluate(model, val_inputs, y_val, k)
-        row = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 4),
-               "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 4), "seconds": round(time.time() - t_epoch, 3)}
+        row = stats.row(epoch, val_loss, val_acc)
         metrics.append(row)
         on_epoch(row)
     out = {"metrics": metrics, "seconds": round(time.time() - t0, 2), "params": params,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpoints, schedules, text, workspace
+from engine import checkpoints, optimizers, schedules, text, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def run_job(ctx) -> dict:
     device = base.device
     model = copy.deepcopy(base.model).float().to(device)
     model.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    optimizer = optimizers.make(model.parameters(), "adamw", 0.01, lr=cfg.lr)
     state = {"step": 0, "losses": [], "seconds": 0.0}
     if ctx.resume and (ckpt_dir / "checkpoint.json").is_file():
         state = _load_checkpoint(ckpt_dir, model, optimizer)

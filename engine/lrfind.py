@@ -49,7 +49,7 @@ def valley(lrs: list[float], losses: list[float]) -> float:
 def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_MAX, ctx=None) -> dict:
     """Sweep the learning rate for the run `cfg` (a FinetuneConfig) would start; see the module docstring."""
     from engine import device as devices
-    from engine import features, imagedata, sources, vision
+    from engine import features, imagedata, loop, sources, vision
 
     if not isinstance(steps, int) or not 10 <= steps <= 1000:
         raise UserError(f"steps must be an integer from 10 to 1000 (got {steps!r})")
@@ -82,7 +82,7 @@ def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_
                                          data.version + "-lrfind", cfg.model, dev, None)
         inputs = feats[0]
     vision.set_trainable(model, k)
-    opt = vision.make_optimizer(vision.param_groups(model, cfg, k), cfg)
+    opt = vision.make_optimizer(vision.param_groups(model, cfg.lr, k, vision.phases(cfg)[0].rates), cfg)
     vision.train_mode(model, k)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -93,7 +93,7 @@ def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_
         if ctx.cancelled():
             break
         if not batches:
-            batches = vision.epoch_batches(len(train_y), cfg.batch_size, gen)
+            batches = loop.epoch_batches(len(train_y), cfg.batch_size, gen)
         idx = batches.pop(0)
         lr = lr_min * (lr_max / lr_min) ** (step / (steps - 1))
         for g in opt.param_groups:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine import checkpoints, schedules
+from engine import checkpoints, optimizers, schedules
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -611,8 +611,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
     # AdamW with weight decay on matrices only (not biases / LayerNorm), as in nanoGPT.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95)
+    optimizer = optimizers.make(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], "adamw", lr=cfg.lr, betas=(0.9, 0.95)
     )
     state_dir = cfg.state_dir or workspace.subdir("cache") / "pretrain-text"
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ Regenerate with `python -m engine data make-sample` (needs Debian's fonts-noto-c
 """
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 

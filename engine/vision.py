@@ -5,7 +5,7 @@ The flow (torchvision references/classification/train.py, flattened):
     data   = imagedata.training_data(...)          # stored image paths, stratified split, version hash
     source = sources.resolve_vision(arch, weights)  # which weights and why
     model  = build_model(arch, n_classes, source)   # torchvision resnet, weights loaded safely, new fc
-    for epoch: train_one_epoch(...); evaluate(...)  # checkpoint every epoch, best weights kept
+    for epoch: loop.train_one_epoch(...); evaluate  # FinetuneRun: phases, best weights, checkpoints
 
 A ResNet is five *stages*: stem (conv1+bn1+relu+maxpool), layer1, layer2, layer3, layer4,
 then global average pooling and `fc`. Strategies differ in how many stages stay frozen:
@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import device as devices
-from engine import checkpoints, distributed, recipes, schedules, sources, workspace
+from engine import checkpoints, distributed, loop, optimizers, recipes, schedules, sources, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ AUGMENTATIONS = ("flip", "crop", "color", "rotate")
 OPTIMIZERS = ("sgd", "adamw", "lbfgs")  # lbfgs: the linear probe, a logistic regression on cached features
 SCHEDULES = schedules.SCHEDULES
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-CHECKPOINT_EVERY_S = 2.0  # at most this often when epochs are fast (always after the last epoch)
+CHECKPOINT_EVERY_S = 10.0  # at most this often (and always after the last epoch): a save of a trained ResNet and its AdamW state costs ~0.4 s on a CPU, a fifth of a short epoch
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -139,15 +139,43 @@ class FinetuneConfig:
         return self
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs trained with the same frozen stages and one optimizer; the learning-rate
+    schedule runs over each phase (two-phase restarts it when everything unfreezes)."""
+
+    first_epoch: int
+    epochs: int
+    frozen: int            # how many of the 5 stages stay frozen (5: only the new fc trains)
+    rates: str = "one"     # one: every trainable parameter at lr | backbone/10 | ladder (see param_groups)
+
+    @property
+    def end(self) -> int:
+        return self.first_epoch + self.epochs
+
+
+def phases(cfg: FinetuneConfig) -> list[Phase]:
+    """A strategy as data: the phases it trains in for cfg.epochs epochs (None: open-ended)."""
+    e = cfg.epochs if cfg.epochs is not None else 10**9
+    if cfg.strategy == "linear":
+        return [Phase(0, e, 5)]
+    if cfg.strategy == "partial":
+        return [Phase(0, e, cfg.freeze)]
+    if cfg.strategy == "full":
+        return [Phase(0, e, 0, "backbone/10")]
+    if cfg.strategy == "two-phase":  # fastai's fine_tune: one epoch of the head alone, then everything
+        return [Phase(0, 1, 5), Phase(1, max(1, e - 1), 0, "ladder")]
+    return [Phase(0, e, 0)]  # scratch
+
+
+def phase_at(plan: list[Phase], epoch: int) -> Phase:
+    """The phase that `epoch` (0-based) belongs to."""
+    return next((p for p in plan if epoch < p.end), plan[-1])
+
+
 def frozen_stages(cfg: FinetuneConfig, epoch: int) -> int:
     """How many of the 5 stages are frozen in `epoch` (0-based). 5 = everything but fc."""
-    if cfg.strategy == "linear":
-        return 5
-    if cfg.strategy == "partial":
-        return cfg.freeze
-    if cfg.strategy == "two-phase":
-        return 5 if epoch == 0 else 0
-    return 0  # full, scratch
+    return phase_at(phases(cfg), epoch).frozen
 
 
 def cache_plan(cfg: FinetuneConfig) -> tuple[bool, str]:
@@ -441,25 +469,25 @@ def count_params(model: nn.Module) -> dict:
     return {"trainable": trainable, "total": total}
 
 
-def param_groups(model: nn.Module, cfg: FinetuneConfig, k: int, phase2: bool = False) -> list[dict]:
-    """Optimizer parameter groups with their learning rates.
+def param_groups(model: nn.Module, lr: float, k: int, rates: str = "one") -> list[dict]:
+    """Optimizer parameter groups of everything after the first k stages, with their learning rates.
 
-    full:      pretrained stages lr/10, new head lr
-    two-phase: phase 2 spreads lr geometrically from lr/100 (stem) to lr (head), like fastai's
-               fit_one_cycle(slice(lr/100, lr)) after base_lr /= 2
-    others:    every trainable parameter at lr
+    one:          every trainable parameter at lr
+    backbone/10:  (full) pretrained stages lr/10, new head lr
+    ladder:       (two-phase, phase 2) lr spread geometrically from lr/100 (stem) to lr (head), like
+                  fastai's fit_one_cycle(slice(lr/100, lr)) after base_lr /= 2
     """
     st = stages(model)
-    if cfg.strategy == "full":
-        return [{"name": "backbone", "params": [p for s in st for p in s.parameters()], "lr": cfg.lr / 10},
-                {"name": "head", "params": list(model.fc.parameters()), "lr": cfg.lr}]
-    if cfg.strategy == "two-phase" and phase2:
-        base = cfg.lr / 2
+    if rates == "backbone/10":
+        return [{"name": "backbone", "params": [p for s in st[k:] for p in s.parameters()], "lr": lr / 10},
+                {"name": "head", "params": list(model.fc.parameters()), "lr": lr}]
+    if rates == "ladder":
+        base = lr / 2
         lrs = np.geomspace(base / 100, base, num=6)
-        groups = [{"name": name, "params": list(s.parameters()), "lr": float(lr)} for name, s, lr in zip(STAGES, st, lrs[:5])]
+        groups = [{"name": name, "params": list(s.parameters()), "lr": float(r)} for name, s, r in zip(STAGES, st, lrs[:5])]
         return groups + [{"name": "head", "params": list(model.fc.parameters()), "lr": float(lrs[5])}]
     params = [p for s in st[k:] for p in s.parameters()] + list(model.fc.parameters())
-    return [{"name": "trainable", "params": params, "lr": cfg.lr}]
+    return [{"name": "trainable", "params": params, "lr": lr}]
 
 
 def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -470,22 +498,7 @@ def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optim
         # the probe fits with its own L-BFGS (engine/linear_probe.py); this never steps, it only
         # gives the checkpoint code the same optimizer object to save as every other strategy
         return torch.optim.SGD(groups, lr=0.0)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=wd)
-    return torch.optim.SGD(groups, momentum=0.9, weight_decay=wd)
-
-
-def classifier_step(opt: torch.optim.Optimizer, logits: torch.Tensor, y: torch.Tensor,
-                    label_smoothing: float = 0.0) -> tuple[float, int]:
-    """Cross-entropy, backward and one optimizer step; returns (summed loss, correct) over the batch.
-
-    The plain fp32 step of the Lab's and the autoencoder's small loops (fine-tuning has its own, with AMP).
-    """
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.item() * len(y), int((logits.argmax(1) == y).sum())
+    return optimizers.make(groups, cfg.optimizer, wd)
 
 
 # ============================================================================= checkpoints
@@ -528,43 +541,14 @@ class Quiet:
         return False
 
 
-def epoch_batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
-    """Index batches for one epoch (shuffled with `gen`); a last batch of 1 joins the previous one
-    (BatchNorm in training mode cannot normalise a single sample)."""
-    idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    out = list(torch.split(idx, batch_size))
-    if len(out) > 1 and len(out[-1]) == 1:
-        last = out.pop()  # (not out[-2] = cat(.., out.pop()): the target index is taken after the pop)
-        out[-1] = torch.cat([out[-1], last])
-    return out
-
-
-def epoch_gen(seed: int, epoch: int) -> torch.Generator:
-    """Per-epoch generator: shuffling and augmentation depend only on (seed, epoch), so a resumed
-    run sees exactly the batches an uninterrupted one would have."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-@torch.inference_mode()
-def _predict_logits(model: nn.Module, inputs: torch.Tensor, k: int, dev: torch.device, amp, bs: int = 256, pp: Preprocessing | None = None) -> torch.Tensor:
+def predict_logits(model: nn.Module, inputs: torch.Tensor, k: int, dev: torch.device, amp, pp: Preprocessing | None = None) -> torch.Tensor:
     """Logits for a whole tensor: cached features (k>0) or uint8 images (k=0, centre-cropped)."""
     model.eval()
-    out = []
-    for i in range(0, len(inputs), bs):
-        x = inputs[i:i + bs]
-        if k == 0:
-            x = normalize(center_crop(x, pp.image_size), pp)
-        with devices.autocast(dev, amp):
-            out.append(forward_from(model, devices.to_device(x, dev), k).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def _metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    if len(labels) == 0:
-        return float("nan"), float("nan")
-    loss = F.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, acc
+    if k:
+        prepare = lambda x: devices.to_device(x, dev)  # noqa: E731
+    else:
+        prepare = lambda x: devices.to_device(normalize(center_crop(x, pp.image_size), pp), dev)  # noqa: E731
+    return loop.predict(lambda x: forward_from(model, x, k), inputs, prepare=prepare, dev=dev, amp=amp)
 
 
 def evaluation_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], files: list[str], max_mistakes: int = 50) -> dict:
@@ -603,7 +587,13 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     """
     threads = torch.get_num_threads()
     try:
-        return _finetune(cfg, out_dir, ctx, threads)
+        run = FinetuneRun(cfg, Path(out_dir), ctx or Quiet(), threads)
+        run.prepare()
+        run.restore()
+        for epoch in range(run.start_epoch, run.cfg.epochs):
+            if not run.train_epoch(epoch):
+                break
+        return run.finish()
     finally:
         torch.set_num_threads(threads)
 
@@ -615,279 +605,304 @@ def _head_threads(dev: torch.device, head_only: bool, threads: int) -> None:
         torch.set_num_threads(1 if head_only else threads)
 
 
-def _finetune(cfg: FinetuneConfig, out_dir: Path, ctx, threads: int) -> dict:
-    from engine import features, imagedata
+class FinetuneRun:
+    """One fine-tuning run, in the order finetune() calls its steps:
 
-    cfg.validate()
-    ctx = ctx or Quiet()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    dev = torch.device(getattr(ctx, "device", None) or devices.best_device())
-    distributed.setup(dev)  # under torchrun: join the process group (no-op otherwise)
-    dev = distributed.local_device(dev)
-    # AMP: bf16 (or fp16 with loss scaling) autocast on CUDA for training; on CPU training stays fp32
-    # (see engine/device.py). cuDNN picks the fastest convolution algorithms for our fixed input shape.
-    train_amp = devices.amp_dtype(dev) if dev.type == "cuda" else None
-    scaler = devices.grad_scaler(dev, train_amp)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        prepare()          device, data, recipe, model, run.json
+        restore()          the last checkpoint when resuming (else a fresh start)
+        train_epoch(e)     for each epoch: enter its phase, train (loop.train_one_epoch or the probe's
+                           L-BFGS chunk), evaluate, keep the best weights, checkpoint, early stopping
+        finish()           best weights -> model.safetensors, evaluation, summary
 
-    weights = "none" if cfg.strategy == "scratch" else cfg.weights
-    source = sources.resolve_vision(cfg.model, weights)  # bad weights fail before any image is read
-    ctx.report(phase="loading", message="reading images")
-    data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    pp = run_preprocessing(cfg, source)
-    n_classes = len(data.classes)
-    # every setting left open comes from the recipe book, for this strategy and this many images
-    cfg, recipe_info = cfg.filled(len(data.train), n_classes, source.kind)
-    cfg.validate()
-    model = build_model(cfg.model, n_classes, source, seed=cfg.seed)
-    start_hash = features.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
-    model = model.to(dev, memory_format=torch.channels_last)
+    The state between the steps lives on the object, as in minGPT's Trainer.
+    """
 
-    train_x = load_images([p for p, _ in data.train], pp.resize)
-    train_y = torch.tensor([y for _, y in data.train], dtype=torch.long)
-    val_x = load_images([p for p, _ in data.val], pp.resize)
-    val_y = torch.tensor([y for _, y in data.val], dtype=torch.long)
-    val_files = [str(p) for p, _ in data.val]
-    most_frozen = max(frozen_stages(cfg, e) for e in range(cfg.epochs))
-    features_id = start_hash
-    if cfg.bn_adapt and most_frozen > 0:
-        # deterministic in the images, so a resume (which rebuilds the frozen stages) repeats it exactly
-        ctx.report(phase="loading", message="re-estimating BatchNorm statistics on your images")
-        adapt_batchnorm(model, most_frozen, train_x, pp, dev)
-        features_id = f"{start_hash}-adabn"
+    def __init__(self, cfg: FinetuneConfig, out_dir: Path, ctx, threads: int):
+        self.cfg, self.out_dir, self.ctx, self.threads = cfg, out_dir, ctx, threads
 
-    use_cache, cache_reason = cache_plan(cfg)
-    counts = {}
-    for phase_k in sorted({frozen_stages(cfg, e) for e in range(cfg.epochs)}, reverse=True):
-        set_trainable(model, phase_k)
-        counts[f"frozen_{phase_k}"] = count_params(model) | {"frozen_stages": list(STAGES[:phase_k])}
-    run_info = {
-        "kind": "finetune",
-        "config": asdict(cfg),
-        "classes": data.classes,
-        "data": {"version": data.version, "train_images": len(data.train), "val_images": len(data.val)},
-        "arch": cfg.model,
-        "weights": {"kind": source.kind, "name": source.name, "reason": source.reason},
-        "preprocessing": pp.to_dict(),
-        "strategy": {"name": cfg.strategy, "description": STRATEGIES[cfg.strategy], "params": counts},
-        "feature_cache": {"used": use_cache, "reason": cache_reason},
-        "recipe": recipe_info,
-        "device": str(dev),
-    }
-    if distributed.is_main():
-        workspace.atomic_write_json(out_dir / "run.json", run_info)
+    # ------------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        from engine import features, imagedata
 
-    # ---- state: fresh, or from the last checkpoint
-    metrics: list[dict] = []
-    start_epoch, best = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
-    resume_state = None
-    best_state: dict[str, torch.Tensor] = {}  # best weights so far: the part that was trainable then
-    if getattr(ctx, "resume", False) and (out_dir / "last.json").is_file():
-        meta = json.loads((out_dir / "last.json").read_text())
-        if meta.get("start_hash") != start_hash:
-            raise UserError("the starting weights differ from the ones this run began with (e.g. 'auto' now finds other weights); "
-                            "resume with the same --weights, or start a new run")
-        tensors = safe_load_state(out_dir / "last.safetensors")
-        model.load_state_dict({n[6:]: v for n, v in tensors.items() if n.startswith("model.")}, strict=False)
-        best_state = {n[5:]: v for n, v in tensors.items() if n.startswith("best.")}
-        metrics, start_epoch, best = meta["metrics"], meta["epoch"], meta["best"]
-        resume_state = (tensors, meta["optimizer"], meta.get("opt_phase_k"))
-        log.info("resuming at epoch %d", start_epoch)
-    elif getattr(ctx, "resume", False):
-        raise UserError(f"nothing to resume in {out_dir} (no checkpoint yet); start the run again")
+        cfg, ctx = self.cfg.validate(), self.ctx
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.time()
+        dev = torch.device(getattr(ctx, "device", None) or devices.best_device())
+        distributed.setup(dev)  # under torchrun: join the process group (no-op otherwise)
+        self.dev = dev = distributed.local_device(dev)
+        # AMP: bf16 (or fp16 with loss scaling) autocast on CUDA for training; on CPU training stays fp32
+        # (see engine/device.py). cuDNN picks the fastest convolution algorithms for our fixed input shape.
+        self.amp = devices.amp_dtype(dev) if dev.type == "cuda" else None
+        self.scaler = devices.grad_scaler(dev, self.amp)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> (train features, val features)
-    opt, opt_k = None, (resume_state[2] if resume_state else None)
-    probe = None  # the linear probe's L-BFGS fit (fitter lbfgs)
-    step_times: list[float] = []
-    last_saved, unsaved = time.time(), False
-    images_trained, train_seconds = 0, 0.0
-    epochs_done, cancelled, early_stopped = start_epoch, False, False
-    k = frozen_stages(cfg, max(0, min(start_epoch, cfg.epochs - 1)))
-    stale = 0 if not metrics else _stale_epochs(metrics)
+        weights = "none" if cfg.strategy == "scratch" else cfg.weights
+        source = sources.resolve_vision(cfg.model, weights)  # bad weights fail before any image is read
+        ctx.report(phase="loading", message="reading images")
+        self.data = data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        self.pp = pp = run_preprocessing(cfg, source)
+        self.n_classes = len(data.classes)
+        # every setting left open comes from the recipe book, for this strategy and this many images
+        cfg, self.recipe_info = cfg.filled(len(data.train), self.n_classes, source.kind)
+        self.cfg = cfg = cfg.validate()
+        self.phases = phases(cfg)
+        model = build_model(cfg.model, self.n_classes, source, seed=cfg.seed)
+        self.start_hash = features.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
+        self.model = model = model.to(dev, memory_format=torch.channels_last)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        k = frozen_stages(cfg, epoch)
-        cached = use_cache and k > 0
-        if cached and k not in cache:
-            with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
-                feats = features.cached_features(model, k, train_x, val_x, pp, features_id, data.version, cfg.model, dev, ctx)
-            if feats is None:  # the user cancelled during extraction
-                cancelled = True
-                break
-            cache[k] = feats
+        self.train_x = load_images([p for p, _ in data.train], pp.resize)
+        self.train_y = torch.tensor([y for _, y in data.train], dtype=torch.long)
+        self.val_x = load_images([p for p, _ in data.val], pp.resize)
+        self.val_y = torch.tensor([y for _, y in data.val], dtype=torch.long)
+        self.val_files = [str(p) for p, _ in data.val]
+        most_frozen = max(p.frozen for p in self.phases)
+        self.features_id = self.start_hash
+        if cfg.bn_adapt and most_frozen > 0:
+            # deterministic in the images, so a resume (which rebuilds the frozen stages) repeats it exactly
+            ctx.report(phase="loading", message="re-estimating BatchNorm statistics on your images")
+            adapt_batchnorm(model, most_frozen, self.train_x, pp, dev)
+            self.features_id = f"{self.start_hash}-adabn"
+
+        self.use_cache, cache_reason = cache_plan(cfg)
+        counts = {}
+        for phase_k in sorted({p.frozen for p in self.phases}, reverse=True):
+            set_trainable(model, phase_k)
+            counts[f"frozen_{phase_k}"] = count_params(model) | {"frozen_stages": list(STAGES[:phase_k])}
+        self.run_info = {
+            "kind": "finetune",
+            "config": asdict(cfg),
+            "classes": data.classes,
+            "data": {"version": data.version, "train_images": len(data.train), "val_images": len(data.val)},
+            "arch": cfg.model,
+            "weights": {"kind": source.kind, "name": source.name, "reason": source.reason},
+            "preprocessing": pp.to_dict(),
+            "strategy": {"name": cfg.strategy, "description": STRATEGIES[cfg.strategy], "params": counts},
+            "feature_cache": {"used": self.use_cache, "reason": cache_reason},
+            "recipe": self.recipe_info,
+            "device": str(dev),
+        }
+        if distributed.is_main():
+            workspace.atomic_write_json(self.out_dir / "run.json", self.run_info)
+
+    def restore(self) -> None:
+        """Fresh state, or the state of the last checkpoint (ctx.resume)."""
+        cfg, out_dir = self.cfg, self.out_dir
+        self.metrics: list[dict] = []
+        self.start_epoch, self.best = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
+        self.best_state: dict[str, torch.Tensor] = {}  # best weights so far: the part that was trainable then
+        resume_state = None
+        if getattr(self.ctx, "resume", False) and (out_dir / "last.json").is_file():
+            meta = json.loads((out_dir / "last.json").read_text())
+            if meta.get("start_hash") != self.start_hash:
+                raise UserError("the starting weights differ from the ones this run began with (e.g. 'auto' now finds other weights); "
+                                "resume with the same --weights, or start a new run")
+            tensors = safe_load_state(out_dir / "last.safetensors")
+            self.model.load_state_dict({n[6:]: v for n, v in tensors.items() if n.startswith("model.")}, strict=False)
+            self.best_state = {n[5:]: v for n, v in tensors.items() if n.startswith("best.")}
+            self.metrics, self.start_epoch, self.best = meta["metrics"], meta["epoch"], meta["best"]
+            resume_state = (tensors, meta["optimizer"], meta.get("opt_phase_k"))
+            log.info("resuming at epoch %d", self.start_epoch)
+        elif getattr(self.ctx, "resume", False):
+            raise UserError(f"nothing to resume in {out_dir} (no checkpoint yet); start the run again")
+
+        self.resume_state = resume_state
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> (train features, val features)
+        self.opt, self.opt_k, self.net = None, (resume_state[2] if resume_state else None), None
+        self.probe = None  # the linear probe's L-BFGS fit (optimizer lbfgs)
+        self.step_times: list[float] = []
+        self.last_saved, self.unsaved = time.time(), False
+        self.images_trained, self.train_seconds = 0, 0.0
+        self.epochs_done, self.cancelled, self.early_stopped = self.start_epoch, False, False
+        self.k = frozen_stages(cfg, max(0, min(self.start_epoch, cfg.epochs - 1)))
+
+    # ------------------------------------------------------------------ one epoch
+    def enter_phase(self, phase: "Phase", cached: bool) -> None:
+        """Freeze what this phase freezes; a new optimizer (and DDP wrapper) when the phase changes."""
+        model, k = self.model, phase.frozen
         set_trainable(model, k)
-        if opt_k is not None and opt_k != k and best_state:
+        if self.opt_k is not None and self.opt_k != k and self.best_state:
             # entering a phase that trains more layers: the best weights so far are the current
             # model's frozen part (still untouched) plus the saved trainable part
-            best_state = {**{n: v.detach().clone() for n, v in model.state_dict().items()}, **best_state}
-        if opt is None or opt_k != k:
-            phase2 = cfg.strategy == "two-phase" and k == 0
-            opt = make_optimizer(param_groups(model, cfg, k, phase2=phase2), cfg)
-            if resume_state is not None and resume_state[2] == k:
-                checkpoints.load_optimizer(opt, resume_state[0], resume_state[1])
-            resume_state, opt_k = None, k
+            self.best_state = {**{n: v.detach().clone() for n, v in model.state_dict().items()}, **self.best_state}
+        if self.opt is None or self.opt_k != k:
+            self.opt = make_optimizer(param_groups(model, self.cfg.lr, k, phase.rates), self.cfg)
+            if self.resume_state is not None and self.resume_state[2] == k:
+                checkpoints.load_optimizer(self.opt, self.resume_state[0], self.resume_state[1])
+            self.resume_state, self.opt_k = None, k
             # what trains this phase; DistributedDataParallel under torchrun (averages the gradients)
-            net = distributed.wrap(model, (lambda m, x, k=k: forward_from(m, x, k)) if cached else (lambda m, x: m(x)), dev)
-        # the schedule runs over the epochs of the current phase (two-phase restarts it for phase 2)
-        phase_start = 1 if (cfg.strategy == "two-phase" and k == 0) else 0
-        phase_epochs = cfg.epochs - phase_start if not (cfg.strategy == "two-phase" and k == 5) else 1
-        inputs = cache[k][0] if cached else train_x
-        gen = epoch_gen(cfg.seed, epoch)
-        batches = distributed.shard_batches(epoch_batches(len(inputs), cfg.batch_size, gen))  # this rank's part of each batch
-        total_steps = phase_epochs * len(batches)
+            self.net = distributed.wrap(model, (lambda m, x, k=k: forward_from(m, x, k)) if cached else (lambda m, x: m(x)), self.dev)
 
-        _head_threads(dev, cached and k == 5, threads)
+    def train_epoch(self, epoch: int) -> bool:
+        """Train and evaluate one epoch; False when the run stops here (cancelled or early-stopped)."""
+        from engine import features
+
+        cfg, ctx, model, dev = self.cfg, self.ctx, self.model, self.dev
+        phase = phase_at(self.phases, epoch)
+        self.k = k = phase.frozen
+        cached = self.use_cache and k > 0
+        if cached and k not in self.cache:
+            with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
+                feats = features.cached_features(model, k, self.train_x, self.val_x, self.pp, self.features_id,
+                                                 self.data.version, cfg.model, dev, ctx)
+            if feats is None:  # the user cancelled during extraction
+                self.cancelled = True
+                return False
+            self.cache[k] = feats
+        self.enter_phase(phase, cached)
+        _head_threads(dev, cached and k == 5, self.threads)
         train_mode(model, k)
-        t_epoch = time.time()
-        loss_sum, correct, seen = 0.0, 0, 0
-        if cfg.optimizer == "lbfgs":
-            # the linear probe: one chunk of L-BFGS iterations on all cached features is one "epoch"
-            if probe is None:
-                probe = _start_probe(model, cache[k][0], train_y, n_classes, cfg, ctx)
-                recipe_info["weight_decay_chosen"] = probe.wd
-            probe.step(LBFGS_ITERS_PER_EPOCH)
-            w, b = probe.folded()
-            with torch.no_grad():
-                model.fc.weight.copy_(w)
-                model.fc.bias.copy_(b)
-            train_logits = probe.logits(cache[k][0]).float()
-            loss_sum = F.cross_entropy(train_logits, devices.to_device(train_y, dev)).item() * len(train_y)
-            correct, seen = int((train_logits.argmax(1).cpu() == train_y).sum()), len(train_y)
-            batches = []  # no minibatch steps below
-        for step, idx in enumerate(batches):
-            if ctx.cancelled():
-                cancelled = True
-                break
-            t_step = time.time()
-            f = schedules.lr_factor((epoch - phase_start) * len(batches) + step, total_steps, cfg.schedule)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * f
-            y = devices.to_device(train_y[idx], dev)
-            if cached:
-                x = inputs[idx]
-            elif cfg.augment:
-                x = normalize(augment_batch(train_x[idx], pp, cfg.augment, gen), pp)
-            else:
-                x = normalize(center_crop(train_x[idx], pp.image_size), pp)
-            x = devices.to_device(x, dev)
-            with devices.autocast(dev, train_amp):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing or 0.0)
-            if not math.isfinite(loss.item()):
-                raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not a number); lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            # bookkeeping and progress
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
-            step_times.append(time.time() - t_step)
-            remaining = (cfg.epochs - epoch) * len(batches) - step - 1
-            avg = sum(step_times[-20:]) / len(step_times[-20:])
-            ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=len(batches),
-                       loss=loss_sum / seen, acc=correct / seen, img_s=len(idx) / max(step_times[-1], 1e-9),
-                       eta_s=remaining * avg)
-        if cfg.optimizer != "lbfgs":  # (every rank fits the same probe on all features: nothing to sum)
-            loss_sum, correct, seen = distributed.all_reduce_sums(loss_sum, correct, seen, device=dev)  # over all ranks
-        correct, seen = int(correct), int(seen)
+        stats = self.probe_epoch(k) if cfg.optimizer == "lbfgs" else self.minibatch_epoch(epoch, phase, cached)
         distributed.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: every rank evaluates the same model
-        epoch_seconds = time.time() - t_epoch
-        train_seconds += epoch_seconds
-        images_trained += seen
-        if cancelled and seen == 0:
-            break
+        self.train_seconds += stats.seconds
+        self.images_trained += stats.seen
+        self.cancelled = self.cancelled or stats.cancelled
+        if self.cancelled and stats.seen == 0:
+            return False
 
-        # ---- evaluate on the validation split
         ctx.report(phase="evaluating", epoch=epoch + 1, epochs=cfg.epochs)
-        val_in = cache[k][1] if cached else val_x
-        val_loss, val_acc = _metrics(_predict_logits(model, val_in, k if cached else 0, dev, train_amp, pp=pp), val_y)
-        if cancelled:
-            break  # a partial epoch: keep its weights (below), but do not count it as an epoch
-        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 5), "train_acc": round(correct / seen, 4),
-               "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 4), "seconds": round(epoch_seconds, 3),
-               "img_s": round(seen / max(epoch_seconds, 1e-9), 1), "frozen_stages": k, "cached": cached}
-        metrics.append(row)
-        epochs_done = epoch + 1
-        if val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"]):
-            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
-            best_state = {n: v.detach().clone() for n, v in trainable_state(model, k).items()}
+        val_in = self.cache[k][1] if cached else self.val_x
+        val_loss, val_acc = loop.metrics(predict_logits(model, val_in, k if cached else 0, dev, self.amp, pp=self.pp), self.val_y)
+        if self.cancelled:
+            return False  # a partial epoch: keep its weights (finish), but do not count it as an epoch
+        row = stats.row(epoch + 1, val_loss, val_acc) | {"img_s": round(stats.seen / max(stats.seconds, 1e-9), 1),
+                                                          "frozen_stages": k, "cached": cached}
+        self.metrics.append(row)
+        self.epochs_done = epoch + 1
+        if val_acc > self.best["val_acc"] or (val_acc == self.best["val_acc"] and val_loss < self.best["val_loss"]):
+            self.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+            self.best_state = {n: v.detach().clone() for n, v in trainable_state(model, k).items()}
         # checkpoint first: metrics.json never lists an epoch that a resume would not start after.
         # Epochs on cached features take milliseconds: then save at most every CHECKPOINT_EVERY_S
         # (and after the loop), or the disk syncs would cost more than the training.
-        unsaved = True
-        if time.time() - last_saved >= CHECKPOINT_EVERY_S or epoch + 1 == cfg.epochs:
-            if distributed.is_main():
-                save_checkpoint(out_dir, model, opt, {"epoch": epoch + 1, "metrics": metrics, "best": best, "opt_phase_k": k,
-                                                      "start_hash": start_hash}, k, best_state)
-                workspace.atomic_write_json(out_dir / "metrics.json", metrics)
-            last_saved, unsaved = time.time(), False
+        self.unsaved = True
+        if time.time() - self.last_saved >= CHECKPOINT_EVERY_S or epoch + 1 == cfg.epochs:
+            self.checkpoint(epoch + 1, k)
+            self.last_saved, self.unsaved = time.time(), False
         distributed.barrier()
         ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, epoch_done=epoch + 1, train_loss=row["train_loss"],
                    val_loss=row["val_loss"], val_acc=row["val_acc"],
                    message=f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}")
-        stale = _stale_epochs(metrics)
+        stale = _stale_epochs(self.metrics)
         if cfg.early_stopping and stale >= cfg.early_stopping:
-            early_stopped = True
+            self.early_stopped = True
             log.info("early stopping after epoch %d (val loss not better for %d epochs)", epoch + 1, stale)
-            break
+            return False
+        return True
 
-    # ---- what was learned is kept, also when cancelled mid-epoch
-    ctx.report(phase="saving", message="saving and evaluating")
-    if (cancelled or unsaved) and opt is not None and distributed.is_main():
-        # keep what was learned in the unfinished epoch too: resume continues from these weights
-        save_checkpoint(out_dir, model, opt, {"epoch": epochs_done, "metrics": metrics, "best": best, "opt_phase_k": opt_k,
-                                              "start_hash": start_hash, "cancelled_mid_epoch": cancelled}, opt_k, best_state)
-        workspace.atomic_write_json(out_dir / "metrics.json", metrics)
-    # model.safetensors: the best epoch's weights (or the current ones when no epoch finished)
-    if best_state:
-        model.load_state_dict(best_state, strict=False)
-    if distributed.is_main():
-        save_weights(out_dir / "model.safetensors", model, {"classes": data.classes, "arch": cfg.model, "preprocessing": pp.to_dict()})
-    # final evaluation of those weights: from the cached features when the last phase used them
-    # (the frozen part is the same function), else through the whole network as predict does
-    if use_cache and k > 0 and k in cache:
-        logits = _predict_logits(model, cache[k][1], k, dev, train_amp)
-    else:
-        _head_threads(dev, False, threads)
-        logits = _predict_logits(model, val_x, 0, dev, train_amp, pp=pp)
-    report = evaluation_report(logits, val_y, data.classes, val_files)
-    if distributed.is_main():
-        workspace.atomic_write_json(out_dir / "eval.json", report)
+    def minibatch_epoch(self, epoch: int, phase: "Phase", cached: bool) -> loop.EpochStats:
+        """One pass of minibatch steps (this rank's share of each batch), summed over all ranks."""
+        cfg, dev, pp = self.cfg, self.dev, self.pp
+        inputs = self.cache[phase.frozen][0] if cached else self.train_x
+        gen = loop.epoch_gen(cfg.seed, epoch)
+        batches = distributed.shard_batches(loop.epoch_batches(len(inputs), cfg.batch_size, gen))  # this rank's part of each batch
+        # the schedule runs over the epochs of the current phase (two-phase restarts it for phase 2)
+        done, total = (epoch - phase.first_epoch) * len(batches), phase.epochs * len(batches)
 
-    seconds = time.time() - t_start
-    summary = {
-        "best_val_acc": round(best["val_acc"], 4) if best["val_acc"] >= 0 else report["accuracy"],
-        "best_epoch": best["epoch"],
-        "final_val_acc": report["accuracy"],
-        "epochs_done": epochs_done,
-        "epochs": cfg.epochs,
-        "img_s": round(images_trained / train_seconds, 1) if train_seconds else None,
-        "seconds": round(seconds, 2),
-        "train_seconds": round(train_seconds, 3),
-        "weights": run_info["weights"],
-        "strategy": cfg.strategy,
-        "arch": cfg.model,
-        "data": cfg.data,
-        "classes": data.classes,
-        "feature_cache": use_cache,
-        "cancelled": cancelled,
-        "early_stopped": early_stopped,
-        "device": str(dev),
-        "settings": {k: getattr(cfg, k) for k in recipes.RECIPE_FIELDS},
-        "from_recipe": recipe_info["from_recipe"],
-    }
-    run_info["summary"] = summary
-    if distributed.is_main():
-        workspace.atomic_write_json(out_dir / "run.json", run_info)
-    distributed.barrier()
-    ctx.report(phase="finished" if not cancelled else "cancelled", message="cancelled: progress saved" if cancelled else "done")
-    return summary
+        def get_batch(idx):
+            y = devices.to_device(self.train_y[idx], dev)
+            if cached:
+                x = inputs[idx]
+            elif cfg.augment:
+                x = normalize(augment_batch(self.train_x[idx], pp, cfg.augment, gen), pp)
+            else:
+                x = normalize(center_crop(self.train_x[idx], pp.image_size), pp)
+            return devices.to_device(x, dev), y
+
+        def progress(step, steps, n, seconds, stats):
+            self.step_times.append(seconds)
+            avg = sum(self.step_times[-20:]) / len(self.step_times[-20:])
+            self.ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, step=step + 1, steps=steps,
+                            loss=stats.loss, acc=stats.acc, img_s=n / max(seconds, 1e-9),
+                            eta_s=((cfg.epochs - epoch) * steps - step - 1) * avg)
+
+        stats = loop.train_one_epoch(self.net, self.opt, batches, get_batch,
+                                     lambda step: schedules.lr_factor(done + step, total, cfg.schedule),
+                                     label_smoothing=cfg.label_smoothing, scaler=self.scaler, dev=dev, amp=self.amp,
+                                     cancelled=self.ctx.cancelled, on_step=progress, epoch=epoch)
+        stats.loss_sum, stats.correct, stats.seen = distributed.all_reduce_sums(stats.loss_sum, stats.correct, stats.seen, device=dev)
+        stats.correct, stats.seen = int(stats.correct), int(stats.seen)
+        return stats
+
+    def probe_epoch(self, k: int) -> loop.EpochStats:
+        """The linear probe: one chunk of L-BFGS iterations on all cached features is one "epoch".
+        (Every rank fits the same probe on all features: nothing to sum.)"""
+        t0 = time.time()
+        feats = self.cache[k][0]
+        if self.probe is None:
+            self.probe = _start_probe(self.model, feats, self.train_y, self.n_classes, self.cfg, self.ctx)
+            self.recipe_info["weight_decay_chosen"] = self.probe.wd
+        self.probe.step(LBFGS_ITERS_PER_EPOCH)
+        w, b = self.probe.folded()
+        with torch.no_grad():
+            self.model.fc.weight.copy_(w)
+            self.model.fc.bias.copy_(b)
+        logits = self.probe.logits(feats).float()
+        y = devices.to_device(self.train_y, self.dev)
+        return loop.EpochStats(loss_sum=F.cross_entropy(logits, y).item() * len(y), correct=int((logits.argmax(1) == y).sum()),
+                               seen=len(y), seconds=time.time() - t0)
+
+    def checkpoint(self, epoch: int, k: int, **extra) -> None:
+        if distributed.is_main():
+            save_checkpoint(self.out_dir, self.model, self.opt, {"epoch": epoch, "metrics": self.metrics, "best": self.best,
+                                                                 "opt_phase_k": k, "start_hash": self.start_hash, **extra},
+                            k, self.best_state)
+            workspace.atomic_write_json(self.out_dir / "metrics.json", self.metrics)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> dict:
+        """What was learned is kept, also when cancelled mid-epoch: checkpoint, best weights, evaluation, summary."""
+        cfg, model, dev, k = self.cfg, self.model, self.dev, self.k
+        self.ctx.report(phase="saving", message="saving and evaluating")
+        if (self.cancelled or self.unsaved) and self.opt is not None:
+            # keep what was learned in the unfinished epoch too: resume continues from these weights
+            self.checkpoint(self.epochs_done, self.opt_k, cancelled_mid_epoch=self.cancelled)
+        # model.safetensors: the best epoch's weights (or the current ones when no epoch finished)
+        if self.best_state:
+            model.load_state_dict(self.best_state, strict=False)
+        if distributed.is_main():
+            save_weights(self.out_dir / "model.safetensors", model, {"classes": self.data.classes, "arch": cfg.model,
+                                                                     "preprocessing": self.pp.to_dict()})
+        # final evaluation of those weights: from the cached features when the last phase used them
+        # (the frozen part is the same function), else through the whole network as predict does
+        if self.use_cache and k > 0 and k in self.cache:
+            logits = predict_logits(model, self.cache[k][1], k, dev, self.amp)
+        else:
+            _head_threads(dev, False, self.threads)
+            logits = predict_logits(model, self.val_x, 0, dev, self.amp, pp=self.pp)
+        report = evaluation_report(logits, self.val_y, self.data.classes, self.val_files)
+        if distributed.is_main():
+            workspace.atomic_write_json(self.out_dir / "eval.json", report)
+
+        best = self.best
+        summary = {
+            "best_val_acc": round(best["val_acc"], 4) if best["val_acc"] >= 0 else report["accuracy"],
+            "best_epoch": best["epoch"],
+            "final_val_acc": report["accuracy"],
+            "epochs_done": self.epochs_done,
+            "epochs": cfg.epochs,
+            "img_s": round(self.images_trained / self.train_seconds, 1) if self.train_seconds else None,
+            "seconds": round(time.time() - self.t_start, 2),
+            "train_seconds": round(self.train_seconds, 3),
+            "weights": self.run_info["weights"],
+            "strategy": cfg.strategy,
+            "arch": cfg.model,
+            "data": cfg.data,
+            "classes": self.data.classes,
+            "feature_cache": self.use_cache,
+            "cancelled": self.cancelled,
+            "early_stopped": self.early_stopped,
+            "device": str(dev),
+            "settings": {k: getattr(cfg, k) for k in recipes.RECIPE_FIELDS},
+            "from_recipe": self.recipe_info["from_recipe"],
+        }
+        self.run_info["summary"] = summary
+        if distributed.is_main():
+            workspace.atomic_write_json(self.out_dir / "run.json", self.run_info)
+        distributed.barrier()
+        self.ctx.report(phase="finished" if not self.cancelled else "cancelled",
+                        message="cancelled: progress saved" if self.cancelled else "done")
+        return summary
 
 
 LBFGS_ITERS_PER_EPOCH = 10

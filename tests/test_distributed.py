@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import distributed, vision
+from engine import distributed, loop, vision
 from tests.imgs import class_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_shard_batches_under_two_ranks(monkeypatch):
 def test_one_process_batches_keep_every_index_once():
     # a last batch of 1 joins the one before it (and 3 images in batches of 2 make one batch of 3)
     for n, bs in [(3, 2), (5, 2), (9, 4), (8, 4)]:
-        parts = vision.epoch_batches(n, bs, None)
+        parts = loop.epoch_batches(n, bs, None)
         assert sorted(i for b in parts for i in b.tolist()) == list(range(n))
         assert min(len(b) for b in parts) >= 2
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import advisor, autoencoder, jobs, lab, runs, vision
+from engine import advisor, autoencoder, jobs, lab, loop, runs, vision
 from engine.__main__ import main
 from engine.errors import UserError
 from tests.helpers import LAB_COLORS as COLORS
@@ -282,7 +282,7 @@ def test_cli_bad_input_exits_2_with_one_error_line(argv, words, capsys):
 def test_batches_cover_every_example_once_per_pass_and_never_leave_one_alone():
     g = torch.Generator().manual_seed(0)
     for n, bs in ((9, 8), (9, 4), (16, 8), (3, 16), (2, 8)):
-        stream = lab._batches(n, bs, g)
+        stream = loop.endless_batches(n, bs, g)
         seen = []
         while len(seen) < n:
             b = next(stream)

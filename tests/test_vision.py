@@ -58,13 +58,13 @@ def test_each_strategy_freezes_exactly_what_it_says(strategy, freeze, epoch, k):
 
 def test_lr_groups():
     model = vision.build_model("resnet18", 3, sources.resolve_vision("resnet18", "none"))
-    full = vision.param_groups(model, vision.FinetuneConfig(data="x", strategy="full", lr=0.01), 0)
+    full = vision.param_groups(model, 0.01, 0, vision.phases(vision.FinetuneConfig(data="x", strategy="full"))[0].rates)
     lrs = {g["name"]: g["lr"] for g in full}
     assert lrs["head"] == 0.01 and math.isclose(lrs["backbone"], 0.001)
     n_params = sum(len(g["params"]) for g in full)
     assert n_params == len(list(model.parameters()))
     # two-phase, phase 2: geometric from lr/200 (stem) to lr/2 (head), increasing with depth
-    tp = vision.param_groups(model, vision.FinetuneConfig(data="x", strategy="two-phase", lr=0.01), 0, phase2=True)
+    tp = vision.param_groups(model, 0.01, 0, vision.phases(vision.FinetuneConfig(data="x", strategy="two-phase"))[1].rates)
     assert [g["name"] for g in tp] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     lr = [g["lr"] for g in tp]
     assert math.isclose(lr[-1], 0.005) and math.isclose(lr[0], 0.005 / 100)
@@ -72,7 +72,7 @@ def test_lr_groups():
     assert all(math.isclose(lr[i + 1] / lr[i], lr[1] / lr[0]) for i in range(5))
     # partial: one group, exactly the trainable parameters
     vision.set_trainable(model, 3)
-    (g,) = vision.param_groups(model, vision.FinetuneConfig(data="x", strategy="partial", freeze=3, lr=0.01), 3)
+    (g,) = vision.param_groups(model, 0.01, 3)
     assert {id(p) for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
 
 

@@ -692,6 +692,7 @@ class FinetuneRun:
         self.start_epoch, self.best = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
         self.best_state: dict[str, torch.Tensor] = {}  # best weights so far: the part that was trainable then
         resume_state = None
+        self.seconds_before = self.train_seconds_before = 0.0  # of earlier sessions of this run (a resume)
         if getattr(self.ctx, "resume", False) and (out_dir / "last.json").is_file():
             meta = json.loads((out_dir / "last.json").read_text())
             if meta.get("start_hash") != self.start_hash:
@@ -702,6 +703,7 @@ class FinetuneRun:
             self.best_state = {n[5:]: v for n, v in tensors.items() if n.startswith("best.")}
             self.metrics, self.start_epoch, self.best = meta["metrics"], meta["epoch"], meta["best"]
             resume_state = (tensors, meta["optimizer"], meta.get("opt_phase_k"))
+            self.seconds_before, self.train_seconds_before = meta.get("seconds", 0.0), meta.get("train_seconds", 0.0)
             log.info("resuming at epoch %d", self.start_epoch)
         elif getattr(self.ctx, "resume", False):
             raise UserError(f"nothing to resume in {out_dir} (no checkpoint yet); start the run again")
@@ -845,9 +847,15 @@ class FinetuneRun:
     def checkpoint(self, epoch: int, k: int, **extra) -> None:
         if distributed.is_main():
             save_checkpoint(self.out_dir, self.model, self.opt, {"epoch": epoch, "metrics": self.metrics, "best": self.best,
-                                                                 "opt_phase_k": k, "start_hash": self.start_hash, **extra},
+                                                                 "opt_phase_k": k, "start_hash": self.start_hash,
+                                                                 "seconds": self.seconds(), "train_seconds": self.train_seconds_before + self.train_seconds,
+                                                                 **extra},
                             k, self.best_state)
             workspace.atomic_write_json(self.out_dir / "metrics.json", self.metrics)
+
+    def seconds(self) -> float:
+        """Wall-clock seconds of this run over all its sessions (time between a crash and the resume not counted)."""
+        return self.seconds_before + time.time() - self.t_start
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict:
@@ -882,8 +890,8 @@ class FinetuneRun:
             "epochs_done": self.epochs_done,
             "epochs": cfg.epochs,
             "img_s": round(self.images_trained / self.train_seconds, 1) if self.train_seconds else None,
-            "seconds": round(time.time() - self.t_start, 2),
-            "train_seconds": round(self.train_seconds, 3),
+            "seconds": round(self.seconds(), 2),  # all sessions of the run (a resumed run counts its earlier ones)
+            "train_seconds": round(self.train_seconds_before + self.train_seconds, 3),
             "weights": self.run_info["weights"],
             "strategy": cfg.strategy,
             "arch": cfg.model,

@@ -11,6 +11,7 @@ from engine import runs
 from pages.common import curves, friendly_errors, manager, read_json
 
 st.title("Runs")
+NAN = float("nan")
 
 
 def row(run: dict) -> dict:
@@ -32,10 +33,13 @@ def row(run: dict) -> dict:
         "weights": src.get("name") or Path(str(cfg.get("weights", ""))).name,
         "strategy": strategy + (f" k={cfg.get('freeze')}" if strategy == "partial" else ""),
         "epochs": f"{len(metrics)}/{cfg['epochs']}" if "epochs" in cfg else "",
-        "best val acc": summary.get("best_val_acc", max(accs) if accs else None),
+        # numbers a run does not have are NaN, not None: a column of None is shown as the word "None"
+        "best val acc": summary.get("best_val_acc", max(accs) if accs else NAN),
         "status": run["status"],
-        "duration": (end - run["started"]) if end and run.get("started") else None,
-        "img/s": (sum(speeds) / len(speeds)) if speeds else None,
+        # a finished run: the time it trained, summed over its sessions (a resume does not count the gap)
+        "duration": (summary.get("seconds") if run["status"] != "running" else None)
+                    or ((end - run["started"]) if end and run.get("started") else NAN),
+        "img/s": (sum(speeds) / len(speeds)) if speeds else NAN,
         "id": run["id"],
     }
 

@@ -280,6 +280,22 @@ def test_runs_resume_interrupted(tmp_path):
     assert jobs.get_manager().wait(run_id, timeout=300) == "done"
 
 
+def test_runs_show_no_none_for_an_imported_model_and_time_trained_for_a_resumed_run(tmp_path):
+    from engine import vision, workspace
+
+    run_id = train_tiny(tmp_path)
+    imported = vision.import_model(vision.export_run(runs.run_dir(run_id), tmp_path / "m.zip", onnx=False))
+    # a resumed run: started long before it finished (the gap between its sessions is not training)
+    with workspace.db() as db:
+        db.execute("UPDATE runs SET started = started - 1000 WHERE id = ?", (run_id,))
+    at = open_page("pages/runs.py")
+    df = at.dataframe[0].value.set_index("id")
+    for col in ("best val acc", "duration", "img/s"):
+        assert df[col].dtype.kind == "f", col  # numeric: a missing value is empty, never the word "None"
+    assert df.loc[imported, "strategy"] == "imported"
+    assert df.loc[run_id, "duration"] == pytest.approx(runs.get(run_id)["summary"]["seconds"])
+
+
 def test_runs_show_image_speed_only_where_images_were_trained_on(tmp_path):
     # a linear run trains its head on cached features: an "img/s" there (50,000) is not comparable with a
     # full run's (11); the table shows the speed of training on images only

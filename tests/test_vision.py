@@ -205,8 +205,12 @@ def test_resume_continues_from_checkpoint(data, tmp_path, strategy, epochs, stop
     first = vision.finetune(cfg, tmp_path / "resumed", StopAfter(stop))
     assert first["cancelled"] and first["epochs_done"] == stop
     assert json.loads((tmp_path / "resumed" / "last.json").read_text())["epoch"] == stop
+    before = json.loads((tmp_path / "resumed" / "last.json").read_text())["seconds"]
+    t0 = time.time()
     second = vision.finetune(cfg, tmp_path / "resumed", StopAfter(99, resume=True))
     assert second["epochs_done"] == epochs and not second["cancelled"]
+    # the run's time is both sessions' (what Runs and the report show), not the second one's alone
+    assert before < second["seconds"] <= before + (time.time() - t0) + 0.01
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
     # seeded per-epoch batches + restored optimizer state: same result as never stopping

@@ -67,10 +67,12 @@ def confusion_figure(ev: dict) -> go.Figure:
     return fig
 
 
-def comparison_figure(curves: dict[str, list[float]], title: str) -> go.Figure:
+def comparison_figure(curves: dict[str, dict], title: str) -> go.Figure:
+    """The Lab's mean curves ({name: {"epoch": [...], "mean": [...]}}, as engine.lab.mean_curve gives
+    them), on the Lab's own epoch axis: epoch 0 is the untrained network."""
     fig = go.Figure()
-    for label, ys in curves.items():
-        fig.add_scatter(x=list(range(1, len(ys) + 1)), y=ys, name=label, mode="lines+markers")
+    for label, curve in curves.items():
+        fig.add_scatter(x=curve["epoch"], y=curve["mean"], name=label, mode="lines+markers")
     fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="validation accuracy", yaxis_range=[0, 1.02])
     return fig
 
@@ -131,8 +133,7 @@ def _comparisons(run: dict) -> str:
         res = state.get("result") or {}
         if r["status"] != "done" or state.get("experiment") != "compare" or r["config"].get("data") != data or not res.get("curves"):
             continue
-        curves = {k: v["mean"] if isinstance(v, dict) else v for k, v in res["curves"].items()}
-        parts.append(_fig_html(comparison_figure(curves, html.escape(r["title"]))))
+        parts.append(_fig_html(comparison_figure(res["curves"], html.escape(r["title"]))))
         if isinstance(res.get("benefits"), dict):
             parts.append(_benefits_table(res["benefits"]))
     return "".join(parts)

@@ -127,9 +127,8 @@ elif step == 6:
     states = [lab.read_result(r["dir"]) or {} for r in runs.list_runs("lab") if r["status"] == "done"]
     result = next((s.get("result") or {} for s in states if s.get("experiment") == "compare"), {})
     if result.get("curves"):
-        curves_ = {k: v["mean"] if isinstance(v, dict) else v for k, v in result["curves"].items()}
-        st.markdown(comparison_sentence(curves_))
-        st.plotly_chart(report.comparison_figure(curves_, "Validation accuracy per epoch"), width="stretch")
+        st.markdown(comparison_sentence({k: v["mean"] for k, v in result["curves"].items()}))
+        st.plotly_chart(report.comparison_figure(result["curves"], "Validation accuracy per epoch"), width="stretch")
     else:
         st.info("No comparison yet: the Transfer Lab runs one in about a minute.")
     st.page_link("pages/lab.py", label="Open the Transfer Lab", icon=":material/science:")

@@ -311,3 +311,23 @@ def test_demo_tasks_are_generated_deterministically_and_import_once():
         demodata.import_demo("nope")
     # the two versions of a task differ only in size: small below the advisor's threshold, large above
     assert demodata.DEMOS["similar-small"].per_class < advisor.SMALL_MAX_PER_CLASS <= demodata.DEMOS["similar-large"].per_class
+
+
+def test_the_tour_draws_the_lab_comparison_on_the_labs_own_epochs(data, tiny_weights):
+    """Epoch 0 is the untrained network in the Lab; the tour's chart of the same result numbers it the same."""
+    import json as _json
+
+    from tests.helpers import open_page
+
+    m = jobs.get_manager()
+    run_id = lab.submit(tiny("compare", data, tiny_weights, epochs=2), m)
+    assert m.wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
+    curves = lab.read_result(runs.get(run_id)["dir"])["result"]["curves"]
+    at = open_page("pages/tour.py", step="6")
+    assert not at.exception
+    drawn = {t["name"]: t for t in _json.loads(at.get("plotly_chart")[0].proto.spec)["data"]}
+    for group in ("pretrained", "scratch"):
+        assert list(drawn[group]["x"]) == curves[group]["epoch"] == [0, 1, 2]
+        assert list(drawn[group]["y"]) == curves[group]["mean"]
+    pre = curves["pretrained"]["mean"]
+    assert any(f"After one epoch: **{pre[1]:.0%}** pretrained" in md.value for md in at.markdown)

@@ -116,7 +116,7 @@ def vision_recipe(strategy: str, n_train: int, n_classes: int, image_size: int |
     if strategy == "linear":
         why["optimizer"] = ("Frozen features: the standard linear-probe protocol, a regularised logistic regression "
                          "fitted with L-BFGS on standardised features (no learning rate to choose).")
-        why["weight_decay"] = "L2 strength chosen by 3-fold cross-validation on the training images."
+        why["weight_decay"] = "L2 strength chosen by cross-validation on the training images (5 folds, twice, by held-out log-loss)."
         why["epochs"] = f"The fit is shown in {LINEAR_CHUNKS} chunks of L-BFGS iterations, one curve point each."
         why["bn_adapt"] = "BatchNorm keeps the pretrained statistics: re-estimating them measured -2 to +3 points, within the spread."
         return Recipe(strategy, LINEAR_CHUNKS, batch_size_for(n_train), 1.0, "frozen", "lbfgs", "constant", None, 0.0, (),

@@ -200,6 +200,16 @@ def test_weight_decay_is_chosen_by_cross_validation():
     x[:, 0] += y * 3.0
     wd, accs = linear_probe.choose_weight_decay(x, y, 2)
     assert wd in linear_probe.WEIGHT_DECAYS and set(accs) == {str(w) for w in linear_probe.WEIGHT_DECAYS}
+    # few images, many noise features: strong regularisation; many images, a clean signal: weak
+    noisy_x, noisy_y = torch.randn(40, 300, generator=g), torch.arange(40) % 2
+    noisy_x[:, 0] += noisy_y * 1.0
+    clean_y = torch.arange(200) % 2
+    clean_x = torch.randn(200, 5, generator=g)
+    clean_x[:, :2] += clean_y[:, None] * 4.0
+    noisy, _ = linear_probe.choose_weight_decay(noisy_x, noisy_y, 2)
+    clean, _ = linear_probe.choose_weight_decay(clean_x, clean_y, 2)
+    assert noisy >= 1.0 and clean <= 1e-2
+    assert linear_probe.choose_weight_decay(noisy_x, noisy_y, 2, seed=5) == linear_probe.choose_weight_decay(noisy_x, noisy_y, 2, seed=5)
 
 
 def test_linear_strategy_trains_with_lbfgs_and_draws_its_curve(data, tmp_path):

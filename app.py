@@ -35,6 +35,7 @@ sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
     if (root / file).is_file():
         sections.setdefault(section, []).append(st.Page(file, title=title, icon=icon))
+st.set_option("client.showSidebarNavigation", True)  # off only for the legacy first run (.streamlit/config.toml)
 nav = st.navigation(sections)
 if presenting and nav.url_path == "" and not st.session_state.get("_toured"):
     st.session_state["_toured"] = True  # a presenter landing on the app starts with the tour, once

@@ -2,7 +2,6 @@
 
 Fixtures:
   app_url          base URL of a server on a free port with its own empty workspace (session-wide)
-  warm_app         the same, after one throwaway session has loaded it (every `page` waits for it)
   app_workspace    that workspace folder (to prepare data through the engine before a test)
   browser          one headless Chromium for the session
   page             a fresh page (own context) per test
@@ -14,6 +13,7 @@ Helpers:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -68,13 +68,14 @@ def app_workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e-workspace")
 
 
-@pytest.fixture(scope="session")
-def app_url(app_workspace):
+@contextlib.contextmanager
+def streamlit_server(workspace: Path, log_name: str = "server.log"):
+    """`streamlit run app.py` on a free port with its own workspace; yields its base URL."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
     port = _free_port()
-    env = dict(os.environ, TRANSFER_STUDIO_HOME=str(app_workspace), PYTHONUNBUFFERED="1")
-    log = open(app_workspace / "server.log", "w")
+    env = dict(os.environ, TRANSFER_STUDIO_HOME=str(workspace), PYTHONUNBUFFERED="1")
+    log = open(workspace / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
@@ -92,7 +93,13 @@ def app_url(app_workspace):
             proc.kill()
         log.close()
         ARTIFACTS.mkdir(exist_ok=True)
-        shutil.copy(app_workspace / "server.log", ARTIFACTS / "server.log")
+        shutil.copy(workspace / log_name, ARTIFACTS / log_name)
+
+
+@pytest.fixture(scope="session")
+def app_url(app_workspace):
+    with streamlit_server(app_workspace) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -105,24 +112,8 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="session")
-def warm_app(app_url, browser):
-    """The server after its first session: the first request's hand-over to app.py and the sidebar's
-    background torch import are over before a test starts clicking (a file chosen in that window was
-    sometimes never uploaded)."""
-    context = browser.new_context()
-    pg = context.new_page()
-    pg.goto(app_url + "/")
-    wait_for_idle(pg, 90_000)
-    pg.get_by_role("heading", name="Transfer Studio").wait_for(timeout=90_000)
-    # the probe imports torch once the first page is drawn; the sidebar fills in the device by itself
-    pg.get_by_text(re.compile(r"^Device · (?!detecting)")).wait_for(timeout=90_000)
-    context.close()
-    return app_url
-
-
 @pytest.fixture
-def page(browser, warm_app):
+def page(browser, app_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     pg = context.new_page()
     pg.set_default_timeout(90_000)  # generous: CI machines have 2 cores

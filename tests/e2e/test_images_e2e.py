@@ -16,16 +16,8 @@ def _add_class(page, name, color, tmp_path):
     wait_for_idle(page)
     # the previous upload's widget is replaced by a fresh one; wait until only the fresh one is left
     page.wait_for_function("document.querySelectorAll(\"[data-testid='stFileUploaderDropzoneInput']\").length === 1")
-    add = page.get_by_role("button", name=f"Add 3 file(s) to {name}")
     page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(files)
-    try:
-        add.wait_for(timeout=30_000)
-    except Exception:
-        # seen about once in ten cold starts of a fresh server: the class name's rerun lands after the
-        # files were chosen and the chooser comes back empty (a person would pick the files again)
-        screenshot(page, f"images-no-add-button-{name}")
-        page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(files)
-    add.click()
+    page.get_by_role("button", name=f"Add 3 file(s) to {name}").click()
     wait_for_idle(page)
     page.get_by_text("3 of 3 files added.").wait_for()
 

@@ -9,11 +9,20 @@ from pages.common import manager
 
 st.set_page_config(page_title="Transfer Studio", page_icon="🧪", layout="wide")
 
+# Projector type: everything people read from the back of a room gets bigger (text, metrics, inputs,
+# selectors, tables), and the page keeps less empty space at the top, so a tour step fits 1280x720.
 PROJECTOR_CSS = """<style>
+.stMainBlockContainer { padding-top: 2.5rem !important; padding-bottom: 1rem !important; }
 .stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer label { font-size: 1.3rem !important; }
-.stMainBlockContainer h1 { font-size: 3.4rem !important; }
-.stMainBlockContainer h3 { font-size: 2rem !important; }
+.stMainBlockContainer h1 { font-size: 2.8rem !important; padding: 0.2rem 0 !important; }
+.stMainBlockContainer h3 { font-size: 1.7rem !important; padding: 0.2rem 0 !important; }
 .stMainBlockContainer button p { font-size: 1.2rem !important; }
+.stMainBlockContainer [data-testid="stMetricValue"] { font-size: 3.2rem !important; }
+.stMainBlockContainer [data-testid="stMetricLabel"] p { font-size: 1.3rem !important; }
+.stMainBlockContainer input, .stMainBlockContainer textarea, .stMainBlockContainer [data-baseweb="select"] div {
+  font-size: 1.3rem !important; }
+.stMainBlockContainer [data-testid="stDataFrame"], .stMainBlockContainer [data-testid="stTable"] { zoom: 1.3; }
+.stMainBlockContainer [data-testid="stCaptionContainer"] p { font-size: 1.1rem !important; }
 </style>"""
 
 # (file, title, icon, section); a page whose file does not exist yet is simply absent.
@@ -29,7 +38,13 @@ PAGES = [
     ("pages/tour.py", "Guided tour", ":material/slideshow:", "Learn"),
 ]
 # Presentation mode (?present=1, bookmarkable): bigger type, expert controls hidden, the tour first.
-presenting = st.query_params.get("present") == "1"
+# The sidebar's page links carry no query parameters, so the session remembers the mode and every
+# page puts ?present=1 back into its address (a reload or a copied link stays in the mode).
+if st.query_params.get("present") == "1":
+    st.session_state["_present"] = True
+presenting = st.session_state.get("_present", False)
+if presenting and st.query_params.get("present") != "1":
+    st.query_params["present"] = "1"
 root = Path(__file__).parent
 sections: dict[str, list] = {}
 for file, title, icon, section in PAGES:
@@ -100,9 +115,11 @@ def job_lines() -> None:
 with st.sidebar:
     if st.toggle("Presentation mode", value=presenting, help="Bigger text for a projector, expert controls hidden, the guided tour first. Bookmark it: ?present=1"):
         if not presenting:
+            st.session_state["_present"] = True
             st.query_params["present"] = "1"
             st.rerun()
     elif presenting:
+        st.session_state["_present"] = False
         st.query_params.pop("present", None)
         st.rerun()
     if "device" in environment():

@@ -20,8 +20,8 @@ def manager() -> jobs.JobManager:
 
 
 def presenting() -> bool:
-    """Presentation mode (?present=1): pages hide expert controls."""
-    return st.query_params.get("present") == "1"
+    """Presentation mode (?present=1, remembered for the session by app.py): pages hide expert controls."""
+    return st.session_state.get("_present", False) or st.query_params.get("present") == "1"
 
 
 @contextmanager

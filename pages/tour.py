@@ -21,7 +21,15 @@ STEPS = [
 step = int(st.query_params.get("step", 1))
 step = min(max(step, 1), len(STEPS))
 title, sentence = STEPS[step - 1]
-st.progress(step / len(STEPS), text=f"Step {step} of {len(STEPS)}")
+# Back and Next above the step, beside its progress: always in the same place, never scrolled away
+back, bar, forward = st.columns([1, 5, 1], vertical_alignment="bottom")
+bar.progress(step / len(STEPS), text=f"Step {step} of {len(STEPS)}")
+if back.button("Back", disabled=step == 1, icon=":material/arrow_back:", width="stretch"):
+    st.query_params["step"] = step - 1
+    st.rerun()
+if forward.button("Next", disabled=step == len(STEPS), icon=":material/arrow_forward:", type="primary", width="stretch"):
+    st.query_params["step"] = step + 1
+    st.rerun()
 st.title(title)
 st.subheader(sentence, divider="blue")
 
@@ -88,7 +96,7 @@ elif step == 3:
         if metrics:
             st.markdown(learning_sentence(metrics, len(read_json(Path(run["dir"]) / "run.json", {}).get("classes") or [1])))
             _, acc = curves({"run": metrics})
-            acc.update_layout(height=420)
+            acc.update_layout(height=330)  # the whole step fits a 1280x720 projector
             st.plotly_chart(acc, width="stretch")
     watch()
 
@@ -99,18 +107,19 @@ elif step == 4:
         st.info("Finish a run first (step 2).")
     else:
         left, right = st.columns([3, 2])
-        left.plotly_chart(report.confusion_figure(ev), width="stretch")
-        with right:
-            for m in ev["mistakes"][:6]:
-                if Path(m["file"]).is_file():
-                    st.image(m["file"], width=120, caption=f"{m['true']} → {m['pred']} ({m['conf']:.0%})")
+        left.plotly_chart(report.confusion_figure(ev).update_layout(height=380), width="stretch")
+        shown = [m for m in ev["mistakes"] if Path(m["file"]).is_file()][:6]
+        grid = right.columns(3)  # two rows of three: the step fits a projector without scrolling
+        for i, m in enumerate(shown):
+            grid[i % 3].image(m["file"], width="stretch", caption=f"{m['true']} → {m['pred']} ({m['conf']:.0%})")
 
 elif step == 5:
     run = latest_run("done")
     if not run:
         st.info("Finish a run first (step 2).")
     else:
-        photo = st.camera_input("Take a photo") or st.file_uploader("…or choose an image", type=["png", "jpg", "jpeg", "webp"])
+        cam, pick = st.columns(2)  # side by side: a full-width camera alone is taller than a projector
+        photo = cam.camera_input("Take a photo") or pick.file_uploader("…or choose an image", type=["png", "jpg", "jpeg", "webp"])
         if photo:
             with friendly_errors("tour predict"):
                 img = imagedata.decode_image(photo.getvalue(), photo.name)
@@ -128,7 +137,8 @@ elif step == 6:
     result = next((s.get("result") or {} for s in states if s.get("experiment") == "compare"), {})
     if result.get("curves"):
         st.markdown(comparison_sentence({k: v["mean"] for k, v in result["curves"].items()}))
-        st.plotly_chart(report.comparison_figure(result["curves"], "Validation accuracy per epoch"), width="stretch")
+        st.plotly_chart(report.comparison_figure(result["curves"], "Validation accuracy per epoch").update_layout(height=360),
+                        width="stretch")
     else:
         st.info("No comparison yet: the Transfer Lab runs one in about a minute.")
     st.page_link("pages/lab.py", label="Open the Transfer Lab", icon=":material/science:")
@@ -144,10 +154,3 @@ elif step == 7:
             st.info(md_escape(gen.samples[0].text))
             st.caption(f"{lm.name} · {gen.tokens_per_s:.0f} tokens/s")
 
-back, _, forward = st.columns([1, 4, 1])
-if back.button("Back", disabled=step == 1, icon=":material/arrow_back:", width="stretch"):
-    st.query_params["step"] = step - 1
-    st.rerun()
-if forward.button("Next", disabled=step == len(STEPS), icon=":material/arrow_forward:", type="primary", width="stretch"):
-    st.query_params["step"] = step + 1
-    st.rerun()

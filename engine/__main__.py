@@ -95,6 +95,12 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+# FinetuneConfig's fields on the command line: what picks the model a run starts from (also lr-find's), then training
+RUN_FIELDS = ["data", "model", "weights", "strategy", "freeze", "batch_size", "optimizer", "image_size", "seed"]
+TRAIN_FIELDS = ["epochs", "lr", "schedule", "weight_decay", "label_smoothing", "bn_adapt", "augment", "early_stopping",
+                "val_fraction", "cache"]
+
+
 def cmd_finetune(args) -> int:
     import signal
     from pathlib import Path
@@ -102,13 +108,9 @@ def cmd_finetune(args) -> int:
     from engine import vision
     from engine.jobs import JobContext
 
-    cfg = vision.FinetuneConfig(
-        data=args.data, model=args.model, weights=args.weights, strategy=args.strategy, freeze=args.freeze,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-        image_size=args.image_size, seed=args.seed, augment=None if args.augment is None else _csv(args.augment.replace("none", "")),
-        early_stopping=args.early_stopping, val_fraction=args.val_fraction, cache=not args.no_cache,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, bn_adapt=args.bn_adapt,
-    ).validate()
+    from engine import cli_options
+
+    cfg = vision.FinetuneConfig(**cli_options.values(args, RUN_FIELDS + TRAIN_FIELDS)).validate()
     out = Path(args.out)
     if args.resume and not (out / "last.json").is_file():
         raise UserError(f"nothing to resume in {out} (no last.json checkpoint)")
@@ -147,9 +149,9 @@ def cmd_finetune(args) -> int:
 def cmd_lr_find(args) -> int:
     from engine import lrfind, vision
 
-    cfg = vision.FinetuneConfig(data=args.data, model=args.model, weights=args.weights, strategy=args.strategy,
-                                freeze=args.freeze, batch_size=args.batch_size, optimizer=args.optimizer,
-                                image_size=args.image_size, seed=args.seed)
+    from engine import cli_options
+
+    cfg = vision.FinetuneConfig(**cli_options.values(args, RUN_FIELDS))
     result = lrfind.find_lr(cfg, steps=args.steps)
     emit(args, result, f"suggested learning rate (head): {result['suggestion']:.2e}  (lowest loss at {result['minimum_lr']:.2e}; "
                        f"the recipe uses {result['recipe_lr']:g})\n{result['steps']} steps, {result['seconds']:.1f} s")
@@ -470,47 +472,19 @@ def build_parser() -> Parser:
     s = data.add_parser("make-sample", help="regenerate assets/sample (maintainers; needs fonts-noto-color-emoji)")
     s.set_defaults(func=cmd_data_make_sample)
 
-    # (vision parsers)
-    # literal copies of engine.vision's names (importing it here would load torch for every command);
-    # tests/test_vision_cli.py checks they agree
-    VISION_ARCHS = ("resnet18", "resnet34", "resnet50")
-    STRATEGIES = ("linear", "partial", "full", "two-phase", "scratch")
-    OPTIMIZERS, SCHEDULES = ("sgd", "adamw", "lbfgs"), ("cosine", "onecycle", "constant")
-    from engine.recipes import DEFAULT_STRATEGY  # (no torch)
-
-    def run_options(s, optimizers=OPTIMIZERS) -> None:
-        """What picks the model a run starts from: data, model, weights, strategy, batch, optimizer, size, seed."""
-        s.add_argument("--data", required=True, help="workspace dataset name, folder of class subfolders, or .zip")
-        s.add_argument("--model", default="resnet18", choices=VISION_ARCHS)
-        s.add_argument("--weights", default="auto", help="auto | imagenet | mini | none | FILE.safetensors")
-        s.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
-        s.add_argument("--freeze", type=int, default=3, help="partial: frozen stages among stem,layer1..layer4 (1..4)")
-        # left out, these come from the recipe book for the strategy and the dataset's size (engine/recipes.py)
-        s.add_argument("--batch-size", type=int, default=None, help="default: from the recipe")
-        s.add_argument("--optimizer", default=None, choices=optimizers, help="default: from the recipe (lbfgs: linear only)")
-        s.add_argument("--image-size", type=int, default=None, help="default: the weights' own size")
-        s.add_argument("--seed", type=int, default=0)
+    # (vision parsers) options made from FinetuneConfig's fields: names, defaults, choices and help in one place
+    from engine import cli_options
+    from engine.finetune_config import FinetuneConfig  # (no torch)
 
     s = sub.add_parser("finetune", help="fine-tune a ResNet on an image dataset")
-    run_options(s)
-    s.add_argument("--epochs", type=int, default=None, help="default: the recipe's step budget for this dataset")
-    s.add_argument("--lr", type=float, default=None, help="the new head's learning rate; default: from the recipe")
-    s.add_argument("--schedule", default=None, choices=SCHEDULES, help="default: from the recipe")
-    s.add_argument("--weight-decay", type=float, default=None, help="default: from the recipe (linear: cross-validated)")
-    s.add_argument("--label-smoothing", type=float, default=None, help="default: from the recipe")
-    s.add_argument("--bn-adapt", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-estimate frozen BatchNorm statistics on your images (AdaBN); default: from the recipe")
-    s.add_argument("--augment", default=None, help="comma list of flip,crop,color,rotate, or none (default: from the recipe)")
-    s.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE")
-    s.add_argument("--val-fraction", type=float, default=0.2)
-    s.add_argument("--no-cache", action="store_true", help="run the frozen layers every step (no feature cache)")
+    cli_options.add_options(s, FinetuneConfig, RUN_FIELDS + TRAIN_FIELDS)
     s.add_argument("--out", required=True, metavar="RUN_DIR")
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("lr-find", help="suggest a learning rate: a short sweep on a copy of the model (changes nothing)")
-    run_options(s, optimizers=("sgd", "adamw"))
+    cli_options.add_options(s, FinetuneConfig, RUN_FIELDS, choices={"optimizer": ("sgd", "adamw")})
     s.add_argument("--steps", type=int, default=60, help="learning rates tried, one step each (10..1000)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lr_find)

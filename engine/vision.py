@@ -38,105 +38,15 @@ import torch.nn.functional as F
 
 from engine import device as devices
 from engine import checkpoints, distributed, loop, optimizers, recipes, schedules, sources, workspace
-from engine.errors import UserError, number_in
+from engine.errors import UserError
+from engine.finetune_config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, STRATEGIES, FinetuneConfig  # noqa: F401 (vision's API)
 
 log = logging.getLogger(__name__)
 
-STRATEGIES: dict[str, str] = {
-    "linear": "Freeze the whole pretrained network and train only a new output layer (fastest: features are computed once and cached).",
-    "partial": "Freeze the first k stages of the network (stem, layer1, ...) and train the later stages plus a new output layer.",
-    "full": "Train every layer: the pretrained layers learn 10x slower than the new output layer so they are adjusted, not overwritten.",
-    "two-phase": "Train only the new output layer for one epoch, then unfreeze everything with smaller learning rates for earlier layers (fastai fine_tune).",
-    "scratch": "Start from random weights and train everything: the baseline that shows what pretraining buys.",
-}
-AUGMENTATIONS = ("flip", "crop", "color", "rotate")
-OPTIMIZERS = ("sgd", "adamw", "lbfgs")  # lbfgs: the linear probe, a logistic regression on cached features
-SCHEDULES = schedules.SCHEDULES
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 CHECKPOINT_EVERY_S = 10.0  # at most this often (and always after the last epoch): a save of a trained ResNet and its AdamW state costs ~0.4 s on a CPU, a fifth of a short epoch
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-# ============================================================================= config
-@dataclass
-class FinetuneConfig:
-    """One fine-tuning run. Fields left None come from the recipe book (engine/recipes.py) for this
-    strategy and dataset when the run starts; a value set here always wins."""
-
-    data: str
-    model: str = "resnet18"
-    weights: str = "auto"
-    strategy: str = recipes.DEFAULT_STRATEGY
-    freeze: int = 3               # partial: how many of stem, layer1..layer4 stay frozen (1..4)
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None  # sgd (momentum 0.9) | adamw | lbfgs (linear only)
-    schedule: str | None = None   # cosine | onecycle | constant (per step)
-    image_size: int | None = None  # None = the weights' default
-    seed: int = 0
-    augment: list[str] | None = None
-    early_stopping: int = 0       # patience in epochs on validation loss; 0 = off
-    val_fraction: float = 0.2
-    cache: bool = True            # use the frozen-feature cache when it applies
-    weight_decay: float | None = None
-    label_smoothing: float | None = None
-    bn_adapt: bool | None = None  # frozen paths: re-estimate BatchNorm statistics on the training images (AdaBN)
-
-    def filled(self, n_train: int, n_classes: int, weights_kind: str) -> tuple["FinetuneConfig", dict]:
-        """A copy with every None field filled from the recipe, and where each value came from."""
-        return recipes.fill(self, n_train, n_classes, weights_kind)
-
-    def validate(self) -> "FinetuneConfig":
-        """Check every option; raise UserError naming the bad one. Returns self."""
-        if not isinstance(self.data, str) or not self.data.strip():
-            raise UserError("choose a dataset (a workspace dataset name or a folder/ZIP path)")
-        if self.model not in sources.VISION_ARCHS:
-            raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(sources.VISION_ARCHS)}")
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.strategy == "partial" and not (isinstance(self.freeze, int) and 1 <= self.freeze <= 4):
-            raise UserError(f"freeze must be 1..4 stages for the partial strategy (got {self.freeze!r})")
-        if self.strategy == "scratch" and self.weights not in ("auto", "none"):
-            raise UserError("the scratch strategy starts from random weights; use weights none (or auto)")
-        # recipe fields may still be None here: they are checked again once filled
-        if self.epochs is not None and not (isinstance(self.epochs, int) and 1 <= self.epochs <= 1000):
-            raise UserError(f"epochs must be an integer from 1 to 1000 (got {self.epochs!r})")
-        if self.strategy == "two-phase" and self.epochs is not None and self.epochs < 2:
-            raise UserError("two-phase needs at least 2 epochs (one for the head, then the rest unfrozen)")
-        if self.batch_size is not None and not (isinstance(self.batch_size, int) and 2 <= self.batch_size <= 4096):
-            raise UserError(f"batch size must be an integer from 2 to 4096 (got {self.batch_size!r})")
-        if self.lr is not None and not (number_in(self.lr, 0, 10) and self.lr > 0):
-            raise UserError(f"learning rate must be > 0 and <= 10 (got {self.lr!r})")
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.image_size is not None and not (isinstance(self.image_size, int) and 32 <= self.image_size <= 512):
-            raise UserError(f"image size must be from 32 to 512 pixels (got {self.image_size!r})")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise UserError(f"seed must be a non-negative integer (got {self.seed!r})")
-        if self.augment is not None and not isinstance(self.augment, (list, tuple)):
-            raise UserError(f"augment must be a list of {', '.join(AUGMENTATIONS)} (got {self.augment!r})")
-        bad = [a for a in self.augment or [] if a not in AUGMENTATIONS]
-        if bad:
-            raise UserError(f"unknown augmentation {', '.join(map(repr, bad))}; choose from {', '.join(AUGMENTATIONS)}")
-        if not isinstance(self.early_stopping, int) or self.early_stopping < 0:
-            raise UserError(f"early stopping patience must be 0 (off) or a positive number of epochs (got {self.early_stopping!r})")
-        if not number_in(self.val_fraction, 0.05, 0.5):
-            raise UserError(f"validation fraction must be from 0.05 to 0.5 (got {self.val_fraction!r})")
-        if self.weight_decay is not None and not number_in(self.weight_decay, 0, 10):
-            raise UserError(f"weight decay must be from 0 to 10 (got {self.weight_decay!r})")
-        if self.label_smoothing is not None and not number_in(self.label_smoothing, 0, 0.5):
-            raise UserError(f"label smoothing must be from 0 to 0.5 (got {self.label_smoothing!r})")
-        if self.optimizer == "lbfgs" and self.strategy != "linear":
-            raise UserError("the lbfgs optimizer is for the linear strategy (a logistic regression on frozen features)")
-        if self.optimizer == "lbfgs" and (self.augment or not self.cache):
-            raise UserError("the lbfgs optimizer fits fixed features: turn augmentation off and the feature cache on, or use adamw")
-        if self.bn_adapt is not None and not isinstance(self.bn_adapt, bool):
-            raise UserError(f"bn_adapt must be true or false (got {self.bn_adapt!r})")
-        return self
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """CLI twins of the vision UI: finetune, predict, export, import-model; `error:` + exit 2 on bad input."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -138,3 +139,20 @@ def test_bench_finetune_smoke(capsys, workspace_home):
         assert key in r, key
     assert abs(r["naive_val_acc"] - r["linear_val_acc"]) <= 0.01  # same optimisation, computed two ways
     assert not list(workspace_home.glob("images/*/*"))  # generated data stayed out of the user's workspace
+
+
+def test_cli_options_come_from_the_config_fields_and_load_no_torch():
+    from engine.__main__ import RUN_FIELDS, TRAIN_FIELDS, build_parser
+    from engine.finetune_config import FinetuneConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
+    by_dest = {a.dest: a for a in sub._actions}
+    for f in dataclasses.fields(FinetuneConfig):  # every field is an option, with the field's default
+        assert f.name in RUN_FIELDS + TRAIN_FIELDS, f.name
+        assert by_dest[f.name].default == (None if f.name == "data" else f.default), f.name
+    assert by_dest["data"].required and "recipe" in by_dest["lr"].help
+    args = build_parser().parse_args(["finetune", "--data", "d", "--out", "o", "--augment", "none", "--no-cache", "--lr", "0.1"])
+    assert (args.augment, args.cache, args.lr, args.epochs) == ([], False, 0.1, None)
+    code = "import sys; from engine.__main__ import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # `--help` and every parse stay fast: no torch import

@@ -128,7 +128,8 @@ def show_advice(res: dict) -> None:
                f"Weights: {res['weights']['name']}.")
     cfg = advisor.recommended_config(res["data"], advisor.Advice(**adv), res["weights"].get("requested", "auto"),
                                      res.get("requested_image_size"))
-    label = f"Start this run on the Fine-tune page ({cfg.strategy}" + (f", k={cfg.freeze}" if cfg.strategy == "partial" else "") + f", {cfg.epochs} epochs)"
+    # the other settings come from the recipe book when the run starts (the Fine-tune page shows them)
+    label = f"Start this run on the Fine-tune page ({cfg.strategy}" + (f", k={cfg.freeze}" if cfg.strategy == "partial" else "") + ", the recipe's settings)"
     if st.button(label, type="primary", icon=":material/play_arrow:", key="lab_start_advised"):
         with friendly_errors("lab: start advised run"):
             run_id = manager().submit("finetune", dataclasses.asdict(cfg), f"{cfg.data} · resnet18 · {cfg.strategy} (advised)")

@@ -75,6 +75,7 @@ def test_advisor_result_starts_the_recommended_finetune_run(tmp_path, tiny_weigh
     assert not at.exception and not at.error
     assert at.success and "small + " in at.success[0].value  # 8 images per class: a small dataset
     button = next(b for b in at.button if b.key == "lab_start_advised")
+    assert "None" not in button.label and "recipe" in button.label  # the epochs come from the recipe when it starts
     button.click().run()
     ft = [r for r in runs.list_runs("finetune")]
     assert len(ft) == 1 and ft[0]["config"]["data"] == "tiny" and "(advised)" in ft[0]["title"]

@@ -102,13 +102,10 @@ TRAIN_FIELDS = ["epochs", "lr", "schedule", "weight_decay", "label_smoothing", "
 
 
 def cmd_finetune(args) -> int:
-    import signal
     from pathlib import Path
 
-    from engine import vision
-    from engine.jobs import JobContext
-
-    from engine import cli_options
+    from engine import cli_options, vision
+    from engine.jobs import JobContext, ctrl_c_cancels
 
     cfg = vision.FinetuneConfig(**cli_options.values(args, RUN_FIELDS + TRAIN_FIELDS)).validate()
     out = Path(args.out)
@@ -132,11 +129,8 @@ def cmd_finetune(args) -> int:
             print(p.get("message", ""), file=stream, flush=True)
 
     ctx = JobContext(run_id=out.name, config=cfg.__dict__, run_dir=out, resume=args.resume, on_report=on_report)
-    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())  # Ctrl-C: stop and keep what was learned
-    try:
+    with ctrl_c_cancels(ctx):  # Ctrl-C: stop and keep what was learned
         summary = vision.finetune(cfg, out, ctx)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     text = (f"settings: {vision.describe_settings(summary['settings'], summary['from_recipe'])}\n"
             f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), {summary['epochs_done']} epochs, "
             f"{summary['seconds']:.1f}s, {summary['img_s']} img/s, weights: {summary['weights']['name']}"
@@ -147,9 +141,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from engine import lrfind, vision
-
-    from engine import cli_options
+    from engine import cli_options, lrfind, vision
 
     cfg = vision.FinetuneConfig(**cli_options.values(args, RUN_FIELDS))
     result = lrfind.find_lr(cfg, steps=args.steps)
@@ -269,11 +261,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_lm_finetune(args) -> int:
-    import signal
     from pathlib import Path
 
     from engine import lmtrain
-    from engine.jobs import JobContext
+    from engine.jobs import JobContext, ctrl_c_cancels
 
     cfg = lmtrain.LMFinetuneConfig(texts=args.text, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,
                                    batch_size=args.batch_size, seed=args.seed, sample_prompt=args.prompt or "").validate()
@@ -290,11 +281,8 @@ def cmd_lm_finetune(args) -> int:
             print(f"epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['steps']} loss {p['loss']:.3f} ({p['tokens_s']:.0f} tokens/s)", file=stream, flush=True)
 
     ctx = JobContext(run_id=out.name, config=cfg.__dict__, run_dir=out, resume=args.resume, on_report=on_report)
-    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())  # Ctrl-C: stop, keep a resumable checkpoint
-    try:
+    with ctrl_c_cancels(ctx):  # Ctrl-C: stop, keep a resumable checkpoint
         summary = lmtrain.run_job(ctx)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if ctx.cancelled():
         emit(args, summary, f"cancelled at step {summary['step']}/{summary['steps']}; continue with --resume")
         return 130
@@ -372,10 +360,9 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 
 
 def cmd_lab(args) -> int:
-    import signal
 
     from engine import lab, runs
-    from engine.jobs import JobContext
+    from engine.jobs import JobContext, ctrl_c_cancels
 
     cfg = lab.LabConfig(
         experiment=args.lab_command, data=args.data, preset=args.preset, weights=args.weights,
@@ -397,15 +384,13 @@ def cmd_lab(args) -> int:
             print(msg, file=stream, flush=True)
 
     ctx = JobContext(run_id=run_id, config=vars(resolved), run_dir=runs.run_dir(run_id), on_report=on_report)
-    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())  # Ctrl-C: stop, keep finished runs
     runs.set_status(run_id, "running")
     try:
-        summary = lab.run_lab(cfg, ctx.run_dir, ctx)
+        with ctrl_c_cancels(ctx):  # Ctrl-C: stop, keep finished runs
+            summary = lab.run_lab(cfg, ctx.run_dir, ctx)
     except BaseException as err:
         runs.set_status(run_id, "failed", error=str(err)[:300])
         raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
     runs.set_status(run_id, "cancelled" if ctx.cancelled() else "done", summary=summary)
     state = lab.read_result(ctx.run_dir) or {}
     emit(args, lab.cli_object(run_id, state), lab.format_text(run_id, state))

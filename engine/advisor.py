@@ -106,23 +106,13 @@ def advise(images_per_class: float, similarity: float) -> Advice:
 def recommended_config(data: str, advice: Advice, weights: str = "auto", image_size: int | None = None):
     """The FinetuneConfig the advice stands for (what the one-click button submits): the weights
     and image size that were measured, the strategy and its settings from the advice."""
-    from engine.vision import FinetuneConfig
+    from engine.finetune_config import FinetuneConfig
 
     return FinetuneConfig(data=data, weights=weights, image_size=image_size, **advice.config).validate()
 
 
 # ----------------------------------------------------------------------------- measuring
 @torch.inference_mode()
-def frozen_features(model, k: int, images_uint8: torch.Tensor, pp, dev: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Output of the first k stages (k=5: the pooled feature vector) for uint8 images, float32 on the CPU."""
-    from engine.vision import center_crop, forward_until, normalize
-
-    model.eval()
-    out = [forward_until(model, normalize(center_crop(images_uint8[i:i + batch_size], pp.image_size), pp).to(dev), k).float().cpu()
-           for i in range(0, len(images_uint8), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
-
-
 def prototype_accuracy(x: torch.Tensor, y: torch.Tensor, shots: int = SHOTS, episodes: int = EPISODES, seed: int = 0) -> float:
     """Few-shot nearest-class-mean accuracy, averaged over random draws of the labelled images.
 
@@ -161,9 +151,9 @@ def measure(data: str, weights: str = "auto", arch: str = "resnet18", max_per_cl
             image_size: int | None = None, ctx=None) -> dict:
     """Size and similarity of a dataset, the scenario, and the advice. See the module docstring."""
     from engine import device as devices
-    from engine import imagedata, sources, vision
+    from engine import features, imagedata, jobs, sources, vision
 
-    ctx = ctx or vision.Quiet()
+    ctx = ctx or jobs.Quiet()
     ctx.report(phase="loading", message="reading images")
     td = imagedata.training_data(data, seed=seed)
     items = td.train + td.val
@@ -192,7 +182,7 @@ def measure(data: str, weights: str = "auto", arch: str = "resnet18", max_per_cl
             return {}
         ctx.report(phase="extracting", message=f"features of the {name} backbone")
         model = vision.build_model(arch, len(td.classes), src, seed=seed).to(dev)
-        feats = frozen_features(model, 5, images, pp, dev)
+        feats = features.extract(features.frozen_prefix(model, 5, dev), images, pp, dev, None)  # fp32
         accs[name] = prototype_accuracy(feats.cpu(), y, seed=seed)
     sim = similarity_score(accs["pretrained"], accs["random"])
     adv = advise(per_class, sim)

@@ -78,12 +78,20 @@ def write_digits(folder: Path, per_class: int) -> Path:
 
 
 def _run(data: str, strategy: str, seed: int, settings: dict, out: Path) -> dict:
+    """One run; its folder is deleted afterwards (a benchmark keeps numbers, not the ~90 MB of
+    weights and optimizer state each run writes: a whole benchmark would need ~15 GB)."""
+    import shutil
+
     from engine import vision
 
     cfg = vision.FinetuneConfig(data=data, strategy=strategy, seed=seed, **settings)
     t0 = time.time()
-    s = vision.finetune(cfg, out)
-    return {"acc": s["best_val_acc"], "final": s["final_val_acc"], "seconds": round(time.time() - t0, 2), "settings": s["settings"]}
+    try:
+        s = vision.finetune(cfg, out)
+        seconds = round(time.time() - t0, 2)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"acc": s["best_val_acc"], "final": s["final_val_acc"], "seconds": seconds, "settings": s["settings"]}
 
 
 def grid_points(strategy: str, rec) -> list[dict]:

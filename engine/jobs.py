@@ -15,10 +15,12 @@ live in SQLite (engine.runs) so a restart finds them.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,6 +75,31 @@ class JobContext:
     def check_cancel(self) -> None:
         if self.cancel_event.is_set():
             raise Cancelled()
+
+
+class Quiet:
+    """A JobContext stand-in for work run outside a job (a test, a script): reports go nowhere and
+    nothing is ever cancelled."""
+
+    resume = False
+    device = None
+
+    def report(self, **_) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(ctx: JobContext):
+    """While the CLI runs a job in the foreground, Ctrl-C asks it to stop (it keeps what it learned and
+    can be resumed) instead of killing the process mid-write."""
+    previous = signal.signal(signal.SIGINT, lambda *_: ctx.cancel_event.set())
+    try:
+        yield ctx
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _runner(kind: str) -> Callable[[JobContext], dict]:

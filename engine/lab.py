@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from engine import loop, optimizers, schedules, workspace
+from engine import jobs, loop, optimizers, schedules, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
     `steps_per_epoch` steps, the same for every arm of an experiment, so a run on 5 images per
     class gets as many updates as one on all of them (it just sees each image more often).
     """
-    from engine import advisor, sources, vision
+    from engine import features, sources, vision
 
     t0 = time.time()
     source = sources.resolve_vision(ARCH, arm.weights)
@@ -251,8 +251,9 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
     y_val = split.val_y.to(dev)
     if k > 0:
         # frozen stages never change: run them once, train the rest on their output
-        inputs = advisor.frozen_features(model, k, x_tr, split.pp, dev).to(dev)
-        val_inputs = advisor.frozen_features(model, k, split.val_x, split.pp, dev).to(dev)
+        prefix = features.frozen_prefix(model, k, dev)  # the feature cache's extractor, in fp32
+        inputs = features.extract(prefix, x_tr, split.pp, dev, None).to(dev)
+        val_inputs = features.extract(prefix, split.val_x, split.pp, dev, None).to(dev)
     else:
         inputs = vision.normalize(vision.center_crop(x_tr, split.pp.image_size), split.pp).contiguous().to(dev)
         val_inputs = vision.normalize(vision.center_crop(split.val_x, split.pp.image_size), split.pp).contiguous().to(dev)
@@ -478,7 +479,7 @@ def run_lab(cfg: LabConfig, out_dir: Path, ctx=None) -> dict:
     if dev.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
-        return _run_lab(cfg, Path(out_dir), ctx or _Quiet(), dev)
+        return _run_lab(cfg, Path(out_dir), ctx or jobs.Quiet(), dev)
     finally:
         torch.set_num_threads(before)
 
@@ -616,17 +617,6 @@ def format_text(run_id: str, state: dict) -> str:
     if state.get("ae", {}).get("loss"):
         lines.append(f"autoencoder reconstruction error: {state['ae']['loss'][0]:.4f} -> {state['ae']['loss'][-1]:.4f}")
     return "\n".join(lines)
-
-
-class _Quiet:
-    resume = False
-    device = None
-
-    def report(self, **_):
-        pass
-
-    def cancelled(self) -> bool:
-        return False
 
 
 def run_job(ctx) -> dict:

@@ -49,7 +49,7 @@ def valley(lrs: list[float], losses: list[float]) -> float:
 def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_MAX, ctx=None) -> dict:
     """Sweep the learning rate for the run `cfg` (a FinetuneConfig) would start; see the module docstring."""
     from engine import device as devices
-    from engine import features, imagedata, loop, sources, vision
+    from engine import features, imagedata, jobs, loop, sources, vision
 
     if not isinstance(steps, int) or not 10 <= steps <= 1000:
         raise UserError(f"steps must be an integer from 10 to 1000 (got {steps!r})")
@@ -58,7 +58,7 @@ def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_
     cfg.validate()
     if cfg.optimizer == "lbfgs":
         raise UserError("the lbfgs linear probe has no learning rate to find; choose the adamw or sgd optimizer to sweep one")
-    ctx = ctx or vision.Quiet()
+    ctx = ctx or jobs.Quiet()
     t0 = time.time()
     dev = torch.device(getattr(ctx, "device", None) or devices.best_device())
     source = sources.resolve_vision(cfg.model, "none" if cfg.strategy == "scratch" else cfg.weights)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import device as devices
-from engine import checkpoints, distributed, loop, optimizers, recipes, schedules, sources, workspace
+from engine import checkpoints, distributed, jobs, loop, optimizers, recipes, schedules, sources, workspace
 from engine.errors import UserError
 from engine.finetune_config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, STRATEGIES, FinetuneConfig  # noqa: F401 (vision's API)
 
@@ -439,18 +439,6 @@ def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> 
 
 
 # ============================================================================= training
-class Quiet:
-    """A stand-in JobContext when finetune() is called without one."""
-
-    resume = False
-
-    def report(self, **_):
-        pass
-
-    def cancelled(self) -> bool:
-        return False
-
-
 def predict_logits(model: nn.Module, inputs: torch.Tensor, k: int, dev: torch.device, amp, pp: Preprocessing | None = None) -> torch.Tensor:
     """Logits for a whole tensor: cached features (k>0) or uint8 images (k=0, centre-cropped)."""
     model.eval()
@@ -497,7 +485,7 @@ def finetune(cfg: FinetuneConfig, out_dir: Path, ctx=None) -> dict:
     """
     threads = torch.get_num_threads()
     try:
-        run = FinetuneRun(cfg, Path(out_dir), ctx or Quiet(), threads)
+        run = FinetuneRun(cfg, Path(out_dir), ctx or jobs.Quiet(), threads)
         run.prepare()
         run.restore()
         for epoch in range(run.start_epoch, run.cfg.epochs):

@@ -46,3 +46,7 @@ def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch)
     page.wait_for_timeout(2500)  # the page redraws once more when the job's record says done
     wait_for_idle(page)
     tall_screenshot(page, "lab-3-done")
+    # the finished experiment is labelled as such where it is picked, without a reload
+    results = page.get_by_test_id("stSelectbox").filter(has_text="Results").first
+    page.wait_for_function("e => e.innerText.includes('· done ·')", arg=results.element_handle(), timeout=30_000)
+    assert "running" not in results.inner_text()

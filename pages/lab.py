@@ -155,6 +155,8 @@ def live(run_id: str, drawn_active: bool) -> None:
         a.progress(min(frac, 1.0), text=text)
         if b.button("Cancel", icon=":material/stop:", key=f"lab_cancel_{run_id}", help="Stops now; finished runs are kept."):
             manager().cancel(run_id)
+    elif run["status"] == "done":
+        st.caption(f"Done: {len(state.get('runs', []))} training runs in {state.get('seconds', 0):.0f} s.")
     elif run["status"] == "failed":
         st.error(f"The experiment failed: {run.get('error') or 'no reason recorded'}")
     elif run["status"] in ("cancelled", "interrupted"):
@@ -182,7 +184,9 @@ def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
     # this session's latest run, else the latest one on the chosen dataset, else the latest of all
     wanted = st.session_state.get(f"lab_{exp}") or next((r["id"] for r in mine if r["config"].get("data") == data), None)
     pick = st.selectbox("Results", ids, index=ids.index(wanted) if wanted in ids else 0, key=f"lab_pick_{exp}",
-                        format_func=lambda i: next(f"{r['title'].split(' · ', 2)[-1]} · {r['status']} · {i}" for r in mine if r["id"] == i))
+                        # no status in the label: it is drawn once per page run and would stay "running" after the
+                        # run finishes; the live part below shows the status and keeps it current
+                        format_func=lambda i: next(f"{r['title'].split(' · ', 2)[-1]} · {i}" for r in mine if r["id"] == i))
     active = runs.get(pick)["status"] in runs.ACTIVE
     st.fragment(run_every=1 if active else None)(live)(pick, active)
 

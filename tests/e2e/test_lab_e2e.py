@@ -46,7 +46,8 @@ def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch)
     page.wait_for_timeout(2500)  # the page redraws once more when the job's record says done
     wait_for_idle(page)
     tall_screenshot(page, "lab-3-done")
-    # the finished experiment is labelled as such where it is picked, without a reload
+    # the finished experiment is labelled as such without a reload, and never as still running
+    page.get_by_text(re.compile(r"^Done: 4 training runs in \d+ s\.")).wait_for(timeout=30_000)
     results = page.get_by_test_id("stSelectbox").filter(has_text="Results").first
-    page.wait_for_function("e => e.innerText.includes('· done ·')", arg=results.element_handle(), timeout=30_000)
-    assert "running" not in results.inner_text()
+    shown = results.evaluate("e => e.innerText + ' ' + Array.from(e.querySelectorAll('input')).map(i => i.value).join(' ')")
+    assert "Fruit (sample)" in shown and "running" not in shown

@@ -91,10 +91,6 @@ def cmd_data_make_sample(args) -> int:
 
 
 # --------------------------------------------------------------------------- vision (finetune, predict, export, bench finetune)
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
-
-
 # FinetuneConfig's fields on the command line: what picks the model a run starts from (also lr-find's), then training
 RUN_FIELDS = ["data", "model", "weights", "strategy", "freeze", "batch_size", "optimizer", "image_size", "seed"]
 TRAIN_FIELDS = ["epochs", "lr", "schedule", "weight_decay", "label_smoothing", "bn_adapt", "augment", "early_stopping",
@@ -187,9 +183,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_model(args) -> int:
-    from engine import vision
+    from engine import cli_options, vision
 
-    run_id = vision.import_model(args.file, labels=_csv(args.labels) or None)
+    run_id = vision.import_model(args.file, labels=cli_options.csv(args.labels) or None)
     emit(args, {"run_id": run_id}, f"imported as run {run_id}")
     return 0
 
@@ -218,9 +214,9 @@ def cmd_bench_all(args) -> int:
 def cmd_bench_recipes(args) -> int:
     from pathlib import Path
 
-    from engine import bench_recipes
+    from engine import bench_recipes, cli_options
 
-    datasets, strategies = _csv(args.datasets), _csv(args.strategies)
+    datasets, strategies = cli_options.csv(args.datasets), cli_options.csv(args.strategies)
     bad = [d for d in datasets if d not in bench_recipes.DATASETS] + [s for s in strategies if s not in bench_recipes.STRATEGIES]
     if bad or not datasets or not strategies:
         raise UserError(f"unknown dataset or strategy {', '.join(bad) or '(none given)'}; datasets: {', '.join(bench_recipes.DATASETS)}; "

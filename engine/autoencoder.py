@@ -173,8 +173,6 @@ def fit_classifier(model: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, x_v
 
     groups = [{"params": list(model.fc.parameters()), "lr": lr},
               {"params": list(model.encoder.parameters()), "lr": lr * encoder_lr}]
-    for gr in groups:
-        gr["base_lr"] = gr["lr"]
     opt = optimizers.make(groups, "sgd")
     vl, va = evaluate()
     metrics = [{"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": round(vl, 5), "val_acc": round(va, 4), "seconds": 0.0}]

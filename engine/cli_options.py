@@ -27,8 +27,13 @@ def _kind(tp) -> tuple[type, bool]:
 
 
 def csv(text: str) -> list[str]:
-    """A comma list as typed on a command line ("none" or "" is the empty list)."""
-    return [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    """A comma list as typed on a command line ("" is the empty list)."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def csv_or_none(text: str) -> list[str]:
+    """A list field's value: a comma list, or "none" for the empty list (e.g. --augment none)."""
+    return [t for t in csv(text) if t != "none"]
 
 
 def add_options(parser: argparse.ArgumentParser, cls, names: list[str], choices: dict | None = None, **extra_help: str) -> None:
@@ -53,7 +58,7 @@ def add_options(parser: argparse.ArgumentParser, cls, names: list[str], choices:
             kw["choices"] = list((choices or {}).get(name, meta.get("choices")))
         if "metavar" in meta:
             kw["metavar"] = meta["metavar"]
-        parser.add_argument(flag, type=csv if is_list else base, default=default, required=required, **kw)
+        parser.add_argument(flag, type=csv_or_none if is_list else base, default=default, required=required, **kw)
 
 
 def values(args: argparse.Namespace, names: list[str]) -> dict:

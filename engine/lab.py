@@ -267,8 +267,6 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
     groups = [{"params": list(model.fc.parameters()), "lr": lr}]
     if backbone:
         groups.append({"params": backbone, "lr": lr * arm.backbone_lr})
-    for gr in groups:
-        gr["base_lr"] = gr["lr"]
     opt = optimizers.make(groups, rec.optimizer, rec.weight_decay or 0.0)
 
     forward = lambda x: vision.forward_from(model, x, k)  # noqa: E731  (the trainable rest of the network)

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from engine import recipes, workspace
 from engine.errors import UserError
@@ -96,19 +95,13 @@ def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_
             batches = loop.epoch_batches(len(train_y), cfg.batch_size, gen)
         idx = batches.pop(0)
         lr = lr_min * (lr_max / lr_min) ** (step / (steps - 1))
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] / cfg.lr * lr  # the head at lr; other groups keep their ratio to it
+        loop.set_lr(opt, lr / cfg.lr)  # the head at lr; other groups keep their ratio to it
         if k > 0:
             x = inputs[idx]
-            logits = vision.forward_from(model, x, k)
         else:
-            x = vision.normalize(vision.center_crop(train_x[idx], pp.image_size), pp)
-            logits = model(devices.to_device(x, dev))
-        loss = F.cross_entropy(logits.float(), devices.to_device(train_y[idx], dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
+            x = devices.to_device(vision.normalize(vision.center_crop(train_x[idx], pp.image_size), pp), dev)
+        loss, _ = loop.step(lambda t: vision.forward_from(model, t, k), opt, x, devices.to_device(train_y[idx], dev))
+        value = loss.item()  # (a loss that is not a number is not stepped on: the sweep ends there)
         if not math.isfinite(value):
             break
         avg = SMOOTH * avg + (1 - SMOOTH) * value

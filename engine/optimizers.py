@@ -18,10 +18,18 @@ def _fusable(groups) -> bool:
 
 
 def make(groups, name: str = "adamw", weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
-    """AdamW (fused where possible) or SGD with momentum 0.9 over `groups` (parameters or param groups)."""
+    """AdamW (fused where possible) or SGD with momentum 0.9 over `groups` (parameters or param groups).
+
+    Every group keeps its starting rate as `base_lr`: schedules scale it (engine/loop.set_lr), so
+    discriminative rates keep their ratios.
+    """
     groups = list(groups)
     if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=_fusable(groups) or None, **kwargs)
-    if name == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        opt = torch.optim.AdamW(groups, weight_decay=weight_decay, fused=_fusable(groups) or None, **kwargs)
+    elif name == "sgd":
+        opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay, **kwargs)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    for g in opt.param_groups:
+        g.setdefault("base_lr", g["lr"])
+    return opt

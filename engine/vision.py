@@ -401,8 +401,6 @@ def param_groups(model: nn.Module, lr: float, k: int, rates: str = "one") -> lis
 
 
 def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    for g in groups:
-        g["base_lr"] = g["lr"]
     wd = cfg.weight_decay or 0.0  # (None: the linear probe's L2 is chosen by cross-validation instead)
     if cfg.optimizer == "lbfgs":
         # the probe fits with its own L-BFGS (engine/linear_probe.py); this never steps, it only
@@ -585,7 +583,7 @@ class FinetuneRun:
 
     def restore(self) -> None:
         """Fresh state, or the state of the last checkpoint (ctx.resume)."""
-        cfg, out_dir = self.cfg, self.out_dir
+        out_dir = self.out_dir
         self.metrics: list[dict] = []
         self.start_epoch, self.best = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
         self.best_state: dict[str, torch.Tensor] = {}  # best weights so far: the part that was trainable then
@@ -614,7 +612,7 @@ class FinetuneRun:
         self.last_saved, self.unsaved = time.time(), False
         self.images_trained, self.train_seconds = 0, 0.0
         self.epochs_done, self.cancelled, self.early_stopped = self.start_epoch, False, False
-        self.k = frozen_stages(cfg, max(0, min(self.start_epoch, cfg.epochs - 1)))
+        self.k = phase_at(self.phases, self.start_epoch).frozen
 
     # ------------------------------------------------------------------ one epoch
     def enter_phase(self, phase: "Phase", cached: bool) -> None:

@@ -177,8 +177,14 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from engine import vision
 
-    path = vision.export_run(args.run, args.out, onnx=args.onnx)
-    emit(args, {"zip": str(path)}, f"wrote {path}")
+    from engine import export
+
+    path = vision.export_run(args.run, args.out, onnx=args.onnx, half=args.fp16)
+    check = export.parity(args.run, path) if args.onnx else None
+    text = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"
+    if check:
+        text += f"\nparity on {check['what']}: largest probability difference app vs model.onnx {check['max_prob_diff']:.1e}, top class agrees on {check['top1_agree']}/{check['images']}"
+    emit(args, {"zip": str(path), "bytes": path.stat().st_size, "parity": check}, text)
     return 0
 
 
@@ -481,6 +487,7 @@ def build_parser() -> Parser:
     s.add_argument("--run", required=True, help="run folder or run id")
     s.add_argument("--out", required=True, metavar="FILE.zip")
     s.add_argument("--onnx", action="store_true", help="include model.onnx (checked against PyTorch)")
+    s.add_argument("--fp16", action="store_true", help="store the weights in fp16 (about half the size)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_export)
 

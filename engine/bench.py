@@ -57,9 +57,9 @@ def _naive_linear(cfg, data, source, pp) -> dict:
     model = vision.build_model(cfg.model, len(data.classes), source, seed=cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.fc.parameters():
+    for p in vision.head(model).parameters():
         p.requires_grad_(True)
-    opt = torch.optim.SGD(model.fc.parameters(), lr=cfg.lr, momentum=0.9)
+    opt = torch.optim.SGD(vision.head(model).parameters(), lr=cfg.lr, momentum=0.9)
     train_paths, train_y = [p for p, _ in data.train], torch.tensor([y for _, y in data.train])
     val_paths, val_y = [p for p, _ in data.val], torch.tensor([y for _, y in data.val])
 

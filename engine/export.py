@@ -1,11 +1,17 @@
 """Export a run as a ZIP that works elsewhere, import one back, and check untrusted safetensors.
 
     model.zip
-        model.safetensors    fp32 state dict of the whole network (labels etc. also in its metadata)
+        model.safetensors    state dict of the whole network, fp32 or fp16 (labels etc. also in its metadata)
         labels.json          ["class0", "class1", ...] (index = output)
         preprocessing.json   {"arch", "image_size", "resize", "mean", "std", "interpolation", "steps"}
-        model_card.md        data, strategy, weights, metrics
-        model.onnx           same network, input (N, 3, S, S) float normalised, output logits
+        model_card.md        data, strategy, weights, metrics, a 10-line onnxruntime example
+        model.onnx           input `image`: uint8 RGB (N, S, S, 3) as the crop comes; the scaling to
+                             [0, 1] and the normalisation are inside the graph; outputs `logits` and
+                             `probabilities` (softmax). With fp16, weights are stored in half precision
+                             and cast back to fp32 at load: half the size, fp32 arithmetic.
+
+A parity check (parity()) runs validation images through the app and through onnxruntime on the
+exported file after every export; the page and the CLI show its largest probability difference.
 """
 from __future__ import annotations
 
@@ -103,7 +109,9 @@ def safetensors_metadata(path: Path) -> dict:
 
 
 # ============================================================================= export
-def _model_card(info: dict, metrics: list[dict], ev: dict | None, onnx_diff: float | None) -> str:
+def _model_card(info: dict, metrics: list[dict], ev: dict | None, onnx_diff: float | None, half: bool = False) -> str:
+    from engine import backbones
+
     s = info.get("summary", {})
     cfg = info.get("config", {})
     w = info.get("weights", {})
@@ -124,13 +132,16 @@ def _model_card(info: dict, metrics: list[dict], ev: dict | None, onnx_diff: flo
         f"{pp['image_size']}x{pp['image_size']}, RGB scaled to [0, 1], normalised with mean {pp['mean']} and std {pp['std']}.",
         "",
         "## Files",
-        "- `model.safetensors`: PyTorch state dict for `torchvision.models." + str(info.get("arch")) + "` with `fc` replaced by "
-        f"`Linear(in_features, {len(info['classes'])})`.",
+        "- `model.safetensors`: PyTorch state dict for `torchvision.models." + str(info.get("arch")) + "` with `" + backbones.get(info["arch"]).head + "` replaced by "
+        f"`Linear(in_features, {len(info['classes'])})`" + (", weights stored in fp16 (load them into an fp32 model as usual)." if half else "."),
         "- `labels.json`: class names in output order; `preprocessing.json`: the preprocessing above.",
     ]
     if onnx_diff is not None:
-        lines.append(f"- `model.onnx`: input `input` (N, 3, {pp['image_size']}, {pp['image_size']}) normalised, output `logits`; "
-                     f"max |ONNX - PyTorch| on a test batch: {onnx_diff:.2e}.")
+        lines.append(f"- `model.onnx`: input `image`, uint8 RGB (N, {pp['image_size']}, {pp['image_size']}, 3) — the crop as it comes, "
+                     f"the scaling and normalisation are inside the model; outputs `logits` and `probabilities`; "
+                     f"max |ONNX - PyTorch| probability on a test batch: {onnx_diff:.2e}.")
+        lines += ["", "## Use it with onnxruntime", "", "Needs `pip install onnxruntime pillow numpy` and nothing else:", "",
+                  "```python", *ONNX_EXAMPLE.strip().splitlines(), "```"]
     if metrics:
         lines += ["", "## Per-epoch metrics", "", "| epoch | train loss | val loss | val acc |", "|---|---|---|---|"]
         lines += [f"| {m['epoch']} | {m['train_loss']} | {m['val_loss']} | {m['val_acc']} |" for m in metrics]
@@ -140,37 +151,127 @@ def _model_card(info: dict, metrics: list[dict], ev: dict | None, onnx_diff: flo
     return "\n".join(lines) + "\n"
 
 
-def export_onnx(loaded, path: Path, batch: int = 4) -> float:
-    """Write model.onnx and return max |onnxruntime - PyTorch| on a random test batch."""
+# The model card's example, run as written by tests/test_export.py: it must predict what the app predicts.
+ONNX_EXAMPLE = """
+import json, numpy as np, onnxruntime as ort
+from PIL import Image
+pp, labels = json.load(open("preprocessing.json")), json.load(open("labels.json"))
+img, r, s = Image.open("photo.jpg").convert("RGB"), pp["resize"], pp["image_size"]
+scale = r / min(img.size)  # shorter side to r, then the centre s x s crop
+img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BILINEAR)
+left, top = (img.width - r) // 2 + (r - s) // 2, (img.height - r) // 2 + (r - s) // 2
+x = np.asarray(img.crop((left, top, left + s, top + s)))[None]  # uint8 (1, s, s, 3): no scaling needed
+logits, probs = ort.InferenceSession("model.onnx").run(None, {"image": x})
+print(labels[int(probs[0].argmax())], float(probs[0].max()))
+"""
+
+
+def image_model(model, pp):
+    """`model` behind its own preprocessing: uint8 NHWC crops in, (logits, probabilities) out."""
+    import torch  # deferred: this module is read without torch (header checks)
+
+    class ImageModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+            self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1))
+
+        def forward(self, image):
+            x = image.permute(0, 3, 1, 2).float() / 255.0  # as vision.normalize: (x/255 - mean) / std
+            logits = self.net((x - self.mean) / self.std)
+            return logits, logits.softmax(1)
+
+    return ImageModel().eval()
+
+
+def _fp16_storage(path: Path) -> None:
+    """Store every fp32 weight of an ONNX file as fp16, cast back to fp32 by a Cast node (folded by
+    onnxruntime at load): half the file, the arithmetic unchanged."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    casts = []
+    for init in list(g.initializer):
+        if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < 16:  # scalars and tiny vectors stay fp32
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
+        g.initializer.remove(init)
+        g.initializer.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+    for node in reversed(casts):
+        g.node.insert(0, node)
+    onnx.save(m, str(path))
+
+
+def export_onnx(loaded, path: Path, half: bool = False, batch: int = 4) -> float:
+    """Write model.onnx (uint8 images in) and return max |onnxruntime - PyTorch| probability on a test batch."""
+    import copy
+    import warnings
+
     import numpy as np
     import torch
 
-    import copy
-
-    model = copy.deepcopy(loaded.model).to("cpu").float().eval()  # the loaded model may be shared (app cache)
+    net = copy.deepcopy(loaded.model).to("cpu").float().eval()  # the loaded model may be shared (app cache)
+    wrapped = image_model(net, loaded.preprocessing)
     S = loaded.preprocessing.image_size
-    x = torch.randn(batch, 3, S, S, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 256, (batch, S, S, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     tmp = workspace.atomic_path(path)
     # TorchScript-based exporter: the dynamo exporter needs onnxscript, which is not a dependency
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x.contiguous(),), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(wrapped, (x,), str(tmp), input_names=["image"], output_names=["logits", "probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    if half:
+        _fp16_storage(tmp)
     os.replace(tmp, path)
     try:
         import onnxruntime as ort
     except ImportError:
         return float("nan")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input": x.numpy()})[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probabilities"], {"image": x.numpy()})[0]
     with torch.inference_mode():
-        want = model(x).numpy()
+        want = wrapped(x)[1].numpy()
     return float(np.abs(got - want).max())
 
 
-def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True) -> Path:
+def parity(run_dir: str | Path, zip_path: Path, n: int = 20) -> dict:
+    """Up to n validation images of the run through the app (PyTorch, the run's own weights) and
+    through onnxruntime on the exported ZIP's model.onnx: the largest probability difference and
+    whether the top-1 class agrees on every image."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    from engine import vision
+
+    run_dir = vision.resolve_run(run_dir)
+    loaded = vision.load_model(run_dir)
+    files = [f for f in loaded.info.get("data", {}).get("parity_files", []) if Path(f).is_file()][:n]
+    if files:
+        images = [Image.open(f).convert("RGB") for f in files]
+        what = f"{len(images)} validation images"
+    else:  # a run from before the list was kept, or imported: generated images
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(n)]
+        what = f"{n} generated images (the run keeps no validation list)"
+    app = vision.probabilities(loaded, images).numpy()
+    with zipfile.ZipFile(zip_path) as z:
+        if "model.onnx" not in z.namelist():
+            raise UserError(f"{Path(zip_path).name} has no model.onnx to check")
+        sess = ort.InferenceSession(z.read("model.onnx"), providers=["CPUExecutionProvider"])
+    pp = loaded.preprocessing
+    x = np.stack([vision.center_crop(vision.load_square(im, pp.resize), pp.image_size).permute(1, 2, 0).numpy() for im in images])
+    onnx_probs = sess.run(["probabilities"], {"image": x})[0]
+    return {"images": len(images), "what": what, "max_prob_diff": float(np.abs(onnx_probs - app).max()),
+            "top1_agree": int((onnx_probs.argmax(1) == app.argmax(1)).sum())}
+
+
+def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True, half: bool = False) -> Path:
     """Write the export ZIP for a run (folder or id); returns its path."""
     import tempfile
 
@@ -189,17 +290,18 @@ def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         vision.save_weights(tmp / "model.safetensors", loaded.model,
-                            {"classes": loaded.classes, "arch": loaded.arch, "preprocessing": loaded.preprocessing.to_dict()})
+                            {"classes": loaded.classes, "arch": loaded.arch, "preprocessing": loaded.preprocessing.to_dict()},
+                            dtype="float16" if half else None)
         onnx_diff = None
         if onnx:
-            onnx_diff = export_onnx(loaded, tmp / "model.onnx")
-            if not onnx_diff < 1e-4:
+            onnx_diff = export_onnx(loaded, tmp / "model.onnx", half=half)
+            if not onnx_diff < (1e-2 if half else 1e-4):
                 log.warning("ONNX output differs from PyTorch by %.2e", onnx_diff)
         files = {
             "model.safetensors": (tmp / "model.safetensors").read_bytes(),
             "labels.json": json.dumps(loaded.classes, indent=2).encode(),
             "preprocessing.json": json.dumps(pp, indent=2).encode(),
-            "model_card.md": _model_card(info, metrics, ev, onnx_diff).encode(),
+            "model_card.md": _model_card(info, metrics, ev, onnx_diff, half).encode(),
         }
         if onnx:
             files["model.onnx"] = (tmp / "model.onnx").read_bytes()
@@ -226,14 +328,14 @@ def _read_member(z: zipfile.ZipFile, name: str, cap: int) -> bytes | None:
     return data
 
 
-def _infer_arch(shapes: dict) -> str:
-    """resnet18/34/50 from the tensor names and shapes of a state dict."""
-    from engine.sources import VISION_ARCHS
+def _infer_arch(shapes: dict, name: str) -> str:
+    """The registry family whose tensor names a state dict has (its metadata did not say)."""
+    from engine import backbones
 
-    if "layer1.0.conv3.weight" in shapes:
-        return "resnet50"
-    blocks = {k.split(".")[1] for k in shapes if k.startswith("layer3.")}
-    return "resnet34" if len(blocks) >= 6 else "resnet18" if "layer1.0.conv1.weight" in shapes else VISION_ARCHS[0]
+    arch = backbones.infer(set(shapes))
+    if arch is None:
+        raise UserError(f"{name}: the tensors fit none of the known models ({', '.join(backbones.NAMES)})")
+    return arch
 
 
 def import_model(file: str | Path, labels: list[str] | None = None, title: str | None = None) -> str:
@@ -243,7 +345,7 @@ def import_model(file: str | Path, labels: list[str] | None = None, title: str |
     """
     import tempfile
 
-    from engine import runs, vision
+    from engine import backbones, runs, vision
 
     file = Path(file)
     if not file.is_file():
@@ -273,9 +375,6 @@ def import_model(file: str | Path, labels: list[str] | None = None, title: str |
         raise UserError(f"{file.name}: upload an exported .zip or a .safetensors file (pickle checkpoints such as .pt/.pth are refused)")
 
     shapes = {k: s for k, (_, s) in check_safetensors_header(weights).items()}
-    if "fc.weight" not in shapes or len(shapes["fc.weight"]) != 2:
-        raise UserError(f"{file.name}: no classifier layer (fc.weight) found; is this a torchvision ResNet state dict?")
-    n_classes = shapes["fc.weight"][0]
     with tempfile.TemporaryDirectory() as tmp:
         wpath = Path(tmp) / "model.safetensors"
         wpath.write_bytes(weights)
@@ -283,15 +382,19 @@ def import_model(file: str | Path, labels: list[str] | None = None, title: str |
         try:
             labels = labels or (json.loads(meta["classes"]) if "classes" in meta else None)
             pp_dict = pp_dict or (json.loads(meta["preprocessing"]) if "preprocessing" in meta else None)
-            arch = json.loads(meta["arch"]) if "arch" in meta else _infer_arch(shapes)
+            arch = json.loads(meta["arch"]) if "arch" in meta else _infer_arch(shapes, file.name)
         except (json.JSONDecodeError, TypeError):
             raise UserError(f"{file.name}: unreadable metadata in the safetensors header") from None
+        if arch not in backbones.NAMES:
+            raise UserError(f"{file.name}: unsupported architecture {arch!r}")
+        head = backbones.get(arch).head + ".weight"
+        if head not in shapes or len(shapes[head]) != 2:
+            raise UserError(f"{file.name}: no classifier layer ({head}) found; is this a torchvision {arch} state dict?")
+        n_classes = shapes[head][0]
         if labels is None:
             labels = [f"class_{i}" for i in range(n_classes)]
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) != n_classes:
             raise UserError(f"{file.name}: {len(labels) if isinstance(labels, list) else '?'} labels for a model with {n_classes} outputs")
-        if arch not in ("resnet18", "resnet34", "resnet50"):
-            raise UserError(f"{file.name}: unsupported architecture {arch!r}")
         if pp_dict is None:
             pp = vision.Preprocessing(224, 256, vision.IMAGENET_MEAN, vision.IMAGENET_STD)
         else:

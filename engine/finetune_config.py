@@ -34,7 +34,7 @@ class FinetuneConfig:
     model: str = field(default="resnet18", metadata={"choices": VISION_ARCHS})
     weights: str = field(default="auto", metadata={"help": "auto | imagenet | mini | none | FILE.safetensors"})
     strategy: str = field(default=recipes.DEFAULT_STRATEGY, metadata={"choices": tuple(STRATEGIES)})
-    freeze: int = field(default=3, metadata={"help": "partial: frozen stages among stem,layer1..layer4 (1..4)"})
+    freeze: int = field(default=3, metadata={"help": "partial: frozen stages among stem, layer1 ... layer4 (1..4)"})
     epochs: int | None = field(default=None, metadata={"help": "passes over the training images; the recipe's follow from its step budget for the dataset"})
     batch_size: int | None = None
     lr: float | None = field(default=None, metadata={"help": "the new head's learning rate"})

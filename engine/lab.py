@@ -264,7 +264,7 @@ def train_arm(arm: Arm, split: Split, epochs: int, batch_size: int, lr: float | 
     lr = lr or rec.lr
     st = vision.stages(model)
     backbone = [p for s in st[k:] for p in s.parameters()]
-    groups = [{"params": list(model.fc.parameters()), "lr": lr}]
+    groups = [{"params": list(vision.head(model).parameters()), "lr": lr}]
     if backbone:
         groups.append({"params": backbone, "lr": lr * arm.backbone_lr})
     opt = optimizers.make(groups, rec.optimizer, rec.weight_decay or 0.0)

@@ -12,10 +12,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import backbones
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MINI_VISION = ASSETS / "mini-resnet18"
 MINI_TEXT = ASSETS / "mini-gpt2"
-VISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+VISION_ARCHS = backbones.NAMES
 TEXT_HUB_IDS = ("gpt2", "distilgpt2", "gpt2-medium")
 
 
@@ -75,8 +77,7 @@ def resolve_vision(arch: str, weights: str) -> Source:
     """Turn the user's choice into a concrete source, or raise UserError saying what to do."""
     from engine.errors import UserError
 
-    if arch not in VISION_ARCHS:
-        raise UserError(f"unknown model {arch!r}; choose one of {', '.join(VISION_ARCHS)}")
+    backbones.get(arch)  # an unknown name is a UserError listing the known ones
     if weights == "auto":
         if imagenet_cached(arch):
             return Source("imagenet", f"ImageNet ({arch})", "ImageNet weights found in the local torch cache.", imagenet_file(arch))

@@ -1,16 +1,16 @@
-"""Fine-tuning a pretrained ResNet: strategies, training loop, evaluation, prediction.
+"""Fine-tuning a pretrained ConvNet: strategies, training loop, evaluation, prediction.
 
 The flow (torchvision references/classification/train.py, flattened):
 
     data   = imagedata.training_data(...)          # stored image paths, stratified split, version hash
     source = sources.resolve_vision(arch, weights)  # which weights and why
-    model  = build_model(arch, n_classes, source)   # torchvision resnet, weights loaded safely, new fc
+    model  = build_model(arch, n_classes, source)   # torchvision model, weights loaded safely, new head
     for epoch: loop.train_one_epoch(...); evaluate  # FinetuneRun: phases, best weights, checkpoints
 
-A ResNet is five *stages*: stem (conv1+bn1+relu+maxpool), layer1, layer2, layer3, layer4,
-then global average pooling and `fc`. Strategies differ in how many stages stay frozen:
+Every backbone is five *stages* (stem, layer1 ... layer4), a pool and a head (engine/backbones.py
+says which layers those are for each family). Strategies differ in how many stages stay frozen:
 
-    linear    k=5  only the new fc trains
+    linear    k=5  only the new head trains
     partial   k    the first k stages are frozen (1..4)
     full      k=0  everything trains; pretrained layers at lr/10
     two-phase k=5 for one epoch, then k=0 with discriminative learning rates (fastai fine_tune)
@@ -37,13 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import device as devices
-from engine import checkpoints, distributed, jobs, loop, optimizers, recipes, schedules, sources, workspace
+from engine import backbones, checkpoints, distributed, jobs, loop, optimizers, recipes, schedules, sources, workspace
 from engine.errors import UserError
 from engine.finetune_config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, STRATEGIES, FinetuneConfig  # noqa: F401 (vision's API)
 
 log = logging.getLogger(__name__)
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+STAGES = backbones.STAGES
 CHECKPOINT_EVERY_S = 10.0  # at most this often (and always after the last epoch): a save of a trained ResNet and its AdamW state costs ~0.4 s on a CPU, a fifth of a short epoch
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -265,9 +265,10 @@ def _load_imagenet(arch: str, source: sources.Source) -> dict[str, torch.Tensor]
 
 
 def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load every layer but fc from `state`; names and shapes must match exactly."""
-    want = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    got = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    """Load every layer but the head from `state`; names and shapes must match exactly."""
+    head = backbones.head_prefix(backbones.entry(model).name)
+    want = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    got = {k: v for k, v in state.items() if not k.startswith(head)}
     # older torchvision checkpoints have no BatchNorm step counters; they only matter with momentum=None
     want_required = {k for k in want if not k.endswith("num_batches_tracked")}
     missing = sorted(want_required - set(got))
@@ -285,32 +286,25 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], what: 
 
 
 def build_model(arch: str, n_classes: int, source: sources.Source, seed: int = 0) -> nn.Module:
-    """torchvision `arch` with `source` weights in every layer but fc, and a new fc (n_classes, seeded)."""
-    import torchvision
-
+    """torchvision `arch` with `source` weights in every layer but the head, and a new head (n_classes, seeded)."""
     if source.kind in ("imagenet", "mini", "file"):
         # every backbone tensor is overwritten below: skip the random init (build on the meta device)
-        with torch.device("meta"):
-            model = getattr(torchvision.models, arch)(weights=None)
-        model = model.to_empty(device="cpu")
-        for name, buf in model.named_buffers():
-            if name.endswith("num_batches_tracked"):
-                buf.zero_()
+        model = backbones.empty(arch)
     else:
         torch.manual_seed(seed)
-        model = getattr(torchvision.models, arch)(weights=None)
+        model = backbones.construct(arch)
     if source.kind == "imagenet":
         load_backbone_state(model, _load_imagenet(arch, source), f"ImageNet weights for {arch}")
     elif source.kind in ("mini", "file"):
         load_backbone_state(model, safe_load_state(source.path), source.name)
     # the new head: one output per class (the seeds: copy every layer but the output layer)
     torch.manual_seed(seed + 1)
-    model.fc = nn.Linear(model.fc.in_features, n_classes)
+    backbones.set_head(model, nn.Linear(backbones.feature_dim(model), n_classes))
     return model
 
 
-def stages(model: nn.Module) -> list[nn.Module]:
-    return [nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool), model.layer1, model.layer2, model.layer3, model.layer4]
+stages = backbones.stages
+head = backbones.head
 
 
 def forward_until(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -318,7 +312,7 @@ def forward_until(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     for st in stages(model)[:k]:
         x = st(x)
     if k == 5:
-        x = torch.flatten(model.avgpool(x), 1)
+        x = backbones.pool(model)(x)
     return x
 
 
@@ -327,8 +321,8 @@ def forward_from(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     if k < 5:
         for st in stages(model)[k:]:
             x = st(x)
-        x = torch.flatten(model.avgpool(x), 1)
-    return model.fc(x)
+        x = backbones.pool(model)(x)
+    return head(model)(x)
 
 
 def set_trainable(model: nn.Module, k: int) -> None:
@@ -336,7 +330,9 @@ def set_trainable(model: nn.Module, k: int) -> None:
     for i, st in enumerate(stages(model)):
         for p in st.parameters():
             p.requires_grad_(i >= k)
-    for p in model.fc.parameters():
+    for p in backbones.pool_parameters(model):  # a pretrained neck (MobileNetV3) is frozen with the last stage
+        p.requires_grad_(k < 5)
+    for p in head(model).parameters():
         p.requires_grad_(True)
 
 
@@ -346,6 +342,8 @@ def train_mode(model: nn.Module, k: int) -> None:
     model.train()
     for st in stages(model)[:k]:
         st.eval()
+    if k >= 5:
+        backbones.pool(model).eval()
 
 
 @torch.no_grad()
@@ -388,15 +386,18 @@ def param_groups(model: nn.Module, lr: float, k: int, rates: str = "one") -> lis
                   fastai's fit_one_cycle(slice(lr/100, lr)) after base_lr /= 2
     """
     st = stages(model)
+    neck = backbones.pool_parameters(model) if k < 5 else []  # pretrained layers after the last stage (if any)
+    fc = list(head(model).parameters())
     if rates == "backbone/10":
-        return [{"name": "backbone", "params": [p for s in st[k:] for p in s.parameters()], "lr": lr / 10},
-                {"name": "head", "params": list(model.fc.parameters()), "lr": lr}]
+        return [{"name": "backbone", "params": [p for s in st[k:] for p in s.parameters()] + neck, "lr": lr / 10},
+                {"name": "head", "params": fc, "lr": lr}]
     if rates == "ladder":
         base = lr / 2
         lrs = np.geomspace(base / 100, base, num=6)
         groups = [{"name": name, "params": list(s.parameters()), "lr": float(r)} for name, s, r in zip(STAGES, st, lrs[:5])]
-        return groups + [{"name": "head", "params": list(model.fc.parameters()), "lr": float(lrs[5])}]
-    params = [p for s in st[k:] for p in s.parameters()] + list(model.fc.parameters())
+        groups[-1]["params"] += neck
+        return groups + [{"name": "head", "params": fc, "lr": float(lrs[5])}]
+    params = [p for s in st[k:] for p in s.parameters()] + neck + fc
     return [{"name": "trainable", "params": params, "lr": lr}]
 
 
@@ -413,7 +414,7 @@ def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optim
 def trainable_state(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
     """State (parameters and BN buffers) of everything after the first k stages: the only part
     that can change while k stages are frozen. With k=0 the whole model."""
-    frozen = tuple(f"{name}." for name in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")[: (k + 1 if k else 0)])
+    frozen = backbones.prefixes(backbones.entry(model).name, k)
     return {n: v for n, v in model.state_dict().items() if not n.startswith(frozen)}
 
 
@@ -427,10 +428,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
     checkpoints.save(run_dir / "last", tensors, opt, meta)
 
 
-def save_weights(path: Path, model: nn.Module, metadata: dict | None = None) -> None:
+def save_weights(path: Path, model: nn.Module, metadata: dict | None = None, dtype: str | None = None) -> None:
+    """The whole state dict as safetensors; dtype "float16" halves the floating tensors (exports)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    half = dtype == "float16"
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = workspace.atomic_path(path)
     save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
@@ -569,7 +572,9 @@ class FinetuneRun:
             "kind": "finetune",
             "config": asdict(cfg),
             "classes": data.classes,
-            "data": {"version": data.version, "train_images": len(data.train), "val_images": len(data.val)},
+            "data": {"version": data.version, "train_images": len(data.train), "val_images": len(data.val),
+                     # validation images spread over the classes, for the export's parity check
+                     "parity_files": self.val_files[::max(1, len(self.val_files) // 20)][:20]},
             "arch": cfg.model,
             "weights": {"kind": source.kind, "name": source.name, "reason": source.reason},
             "preprocessing": pp.to_dict(),
@@ -733,8 +738,8 @@ class FinetuneRun:
         self.probe.step(LBFGS_ITERS_PER_EPOCH)
         w, b = self.probe.folded()
         with torch.no_grad():
-            self.model.fc.weight.copy_(w)
-            self.model.fc.bias.copy_(b)
+            head(self.model).weight.copy_(w)
+            head(self.model).bias.copy_(b)
         logits = self.probe.logits(feats).float()
         y = devices.to_device(self.train_y, self.dev)
         return loop.EpochStats(loss_sum=F.cross_entropy(logits, y).item() * len(y), correct=int((logits.argmax(1) == y).sum()),
@@ -823,7 +828,7 @@ def _start_probe(model: nn.Module, feats: torch.Tensor, train_y: torch.Tensor, n
         ctx.report(phase="training", message="choosing the regularisation by cross-validation")
         wd, _ = linear_probe.choose_weight_decay(x, y, n_classes, seed=cfg.seed)
     probe = linear_probe.LogReg(x, y, n_classes, wd)
-    probe.start_from(model.fc.weight.detach(), model.fc.bias.detach())
+    probe.start_from(head(model).weight.detach(), head(model).bias.detach())
     return probe
 
 
@@ -902,8 +907,6 @@ def resolve_run(run: str | Path) -> Path:
 
 def load_model(run_dir: str | Path) -> LoadedModel:
     """The best weights of a run, in eval mode on the best device, with its classes and preprocessing."""
-    import torchvision
-
     run_dir = resolve_run(run_dir)
     info_path, weights_path = run_dir / "run.json", run_dir / "model.safetensors"
     if not info_path.is_file() or not weights_path.is_file():
@@ -913,41 +916,44 @@ def load_model(run_dir: str | Path) -> LoadedModel:
     if arch not in sources.VISION_ARCHS or not classes:
         raise UserError(f"{run_dir}/run.json does not describe a vision model")
     pp = Preprocessing(**info["preprocessing"])
-    model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = nn.Linear(model.fc.in_features, len(classes))
+    model = backbones.empty(arch)  # every tensor is loaded below
+    backbones.set_head(model, nn.Linear(backbones.feature_dim(model), len(classes)))
     state = safe_load_state(weights_path)
     load_backbone_state(model, state, weights_path.name)
-    fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
-    if set(fc) != {"weight", "bias"} or tuple(fc["weight"].shape) != tuple(model.fc.weight.shape):
+    prefix = backbones.head_prefix(arch)
+    fc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if set(fc) != {"weight", "bias"} or tuple(fc["weight"].shape) != tuple(head(model).weight.shape):
         raise UserError(f"{weights_path.name}: the output layer does not match the {len(classes)} classes in run.json")
-    model.fc.load_state_dict(fc)
+    head(model).load_state_dict(fc)
     dev = devices.best_device()
     model = model.to(dev, memory_format=torch.channels_last).eval()
     return LoadedModel(model, list(classes), pp, dev, arch, run_dir, info)
 
 
 @torch.inference_mode()
+def probabilities(loaded: LoadedModel, images: list) -> torch.Tensor:
+    """Class probabilities (N, classes) on the CPU for PIL images, with the run's own preprocessing."""
+    pp = loaded.preprocessing
+    x = torch.stack([center_crop(load_square(im, pp.resize), pp.image_size) for im in images])
+    return torch.cat([loaded.model(normalize(x[i:i + 64], pp).to(loaded.device)).float().softmax(1).cpu()
+                      for i in range(0, len(x), 64)])
+
+
 def predict(loaded: LoadedModel, images: list, top_k: int = 3) -> list[list[tuple[str, float]]]:
     """Top-k (label, probability) per PIL image, with the run's own preprocessing."""
     if not images:
         return []
     top_k = max(1, min(int(top_k), len(loaded.classes)))
-    pp = loaded.preprocessing
-    x = torch.stack([center_crop(load_square(im, pp.resize), pp.image_size) for im in images])
-    out = []
-    for i in range(0, len(x), 64):
-        probs = loaded.model(normalize(x[i:i + 64], pp).to(loaded.device)).float().softmax(1).cpu()
-        p, idx = probs.topk(top_k, dim=1)
-        out += [[(loaded.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
-    return out
+    p, idx = probabilities(loaded, images).topk(top_k, dim=1)
+    return [[(loaded.classes[j], float(q)) for q, j in zip(pr.tolist(), ix.tolist())] for pr, ix in zip(p, idx)]
 
 
 # ============================================================================= export / import (engine/export.py)
-def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True) -> Path:
-    """ZIP with model.safetensors, labels.json, preprocessing.json, model_card.md (+ model.onnx)."""
+def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True, half: bool = False) -> Path:
+    """ZIP with model.safetensors, labels.json, preprocessing.json, model_card.md (+ model.onnx); fp16 weights with half."""
     from engine import export
 
-    return export.export_run(run_dir, out_zip, onnx=onnx)
+    return export.export_run(run_dir, out_zip, onnx=onnx, half=half)
 
 
 def import_model(file: Path, labels: list[str] | None = None) -> str:

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import distributed, export, imagedata, report, runs, sources, vision, workspace
+from engine import backbones, distributed, export, imagedata, report, runs, sources, vision, workspace
 from engine.errors import UserError
 from pages.common import curves, friendly_errors, manager, read_json
 from pages.finetune_options import training_options
@@ -50,16 +50,17 @@ def start_form(datasets: list[dict]) -> None:
         current = st.session_state.get("dataset")
         data = st.selectbox("Dataset", names, key="ft_data", index=names.index(current) if current in names else len(names) - 1,
                             format_func=lambda n: f"{n} · {by_name[n]['classes']} classes · {by_name[n]['images']} images")
-        model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model")
+        model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model",
+                             help="\n".join(f"- **{b.name}**: {b.good_for}" for b in backbones.REGISTRY.values()))
         scratch = strategy == "scratch"
         choice = st.selectbox("Weights", list(WEIGHTS), format_func=WEIGHTS.get, key="ft_weights", disabled=scratch,
                               help="Training from scratch always starts from random weights.")
         weights = "none" if scratch else choice
         if choice == "upload" and not scratch:
-            up = st.file_uploader("Backbone weights (a torchvision ResNet state dict)", type=["safetensors"], key="ft_upload")
+            up = st.file_uploader(f"Backbone weights (a torchvision {model} state dict)", type=["safetensors"], key="ft_upload")
             weights = saved_upload(up) if up else None
     if weights is None:
-        st.info("Upload a .safetensors state dict of a torchvision ResNet to use your own backbone weights.")
+        st.info(f"Upload a .safetensors state dict of a torchvision {model} to use your own backbone weights.")
         return
     base = vision.FinetuneConfig(data=data, model=model, weights=weights, strategy=strategy, freeze=int(freeze),
                                  image_size=st.session_state.get("ft_size"), seed=int(st.session_state.get("ft_seed", D.seed)))

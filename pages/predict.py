@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import imagedata, runs, vision, workspace
+from engine import export, imagedata, runs, vision, workspace
 from engine.errors import UserError
 from pages.common import friendly_errors, loaded_model, read_json
 
@@ -130,16 +130,25 @@ def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
 
 def export_tab(run: dict) -> None:
     onnx = st.checkbox("Include ONNX (runs anywhere with onnxruntime; takes a few seconds more)", value=True, key="pr_onnx")
+    half = st.checkbox("fp16 weights (about half the size; predictions change by about 1e-3)", value=False, key="pr_fp16")
     if st.button("Build export ZIP", icon=":material/package_2:", key="pr_export"):
-        with friendly_errors("predict: export"), st.spinner("Exporting…"):
-            out = Path(run["dir"]) / "export" / f"{run['id']}{'-onnx' if onnx else ''}.zip"
-            st.session_state["pr_zip"] = str(vision.export_run(Path(run["dir"]), out, onnx=onnx))
+        with friendly_errors("predict: export"), st.spinner("Exporting, then checking the file against the app…"):
+            out = Path(run["dir"]) / "export" / f"{run['id']}{'-onnx' if onnx else ''}{'-fp16' if half else ''}.zip"
+            st.session_state["pr_zip"] = str(vision.export_run(Path(run["dir"]), out, onnx=onnx, half=half))
+            st.session_state["pr_parity"] = export.parity(Path(run["dir"]), out) if onnx else None
     path = st.session_state.get("pr_zip")
     if path and Path(path).is_file() and Path(path).is_relative_to(Path(run["dir"])):
+        left, right = st.columns([2, 3], vertical_alignment="center")
         # a callable: the (large) file is read only when the button is clicked, not on every rerun
-        st.download_button(f"Download {Path(path).name} ({Path(path).stat().st_size / 2**20:.1f} MB)", lambda: Path(path).read_bytes(),
-                           file_name=Path(path).name, mime="application/zip", type="primary", icon=":material/download:", key="pr_download")
-        st.caption("Contains model.safetensors, labels, preprocessing, a model card" + (" and model.onnx." if "-onnx" in path else "."))
+        left.download_button(f"Download {Path(path).name} ({Path(path).stat().st_size / 2**20:.1f} MB)", lambda: Path(path).read_bytes(),
+                             file_name=Path(path).name, mime="application/zip", type="primary", icon=":material/download:", key="pr_download")
+        check = st.session_state.get("pr_parity")
+        if check and "-onnx" in path:
+            right.metric("Parity: largest probability difference, app vs model.onnx", f"{check['max_prob_diff']:.1e}",
+                         help=f"{check['what']} through the app and through onnxruntime on the exported file; "
+                              f"the top class agrees on {check['top1_agree']} of {check['images']}.")
+        st.caption("Contains model.safetensors, labels, preprocessing, a model card" +
+                   (" and model.onnx, which takes uint8 RGB crops (the card has a 10-line example)." if "-onnx" in path else "."))
 
 
 def import_tab() -> None:

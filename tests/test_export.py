@@ -35,16 +35,63 @@ def test_export_zip_contents_and_onnx_matches_pytorch(trained, tmp_path):
     assert labels == ["class_0", "class_1", "class_2"]
     assert pp["image_size"] == 32 and pp["arch"] == "resnet18" and len(pp["mean"]) == len(pp["std"]) == 3
     assert "class_0" in card and "linear" in card and "Best validation accuracy" in card
-    # ONNX vs PyTorch on a batch of real, preprocessed images: within 1e-4
+    # ONNX (uint8 crops in, preprocessing inside the graph) vs PyTorch on real images: within 1e-4
     loaded = vision.load_model(run_dir)
-    x = torch.stack([vision.center_crop(vision.load_square(im, pp["resize"]), pp["image_size"]) for im in images])
-    x = vision.normalize(x, loaded.preprocessing).contiguous()
+    crops = torch.stack([vision.center_crop(vision.load_square(im, pp["resize"]), pp["image_size"]) for im in images])
     with torch.inference_mode():
-        want = loaded.model(x).numpy()
+        want = loaded.model(vision.normalize(crops, loaded.preprocessing).contiguous())
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input": x.numpy()})[0]
-    assert got.shape == (len(images), 3)
-    assert np.abs(got - want).max() < 1e-4
+    assert [i.name for i in sess.get_inputs()] == ["image"] and sess.get_inputs()[0].type == "tensor(uint8)"
+    logits, probs = sess.run(["logits", "probabilities"], {"image": crops.permute(0, 2, 3, 1).numpy()})
+    assert logits.shape == probs.shape == (len(images), 3)
+    assert np.abs(logits - want.numpy()).max() < 1e-4
+    assert np.abs(probs - want.softmax(1).numpy()).max() < 1e-5 and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_model_card_example_runs_as_written_and_predicts_what_the_app_predicts(trained, tmp_path):
+    """The card's onnxruntime example, copied out and run in a fresh process beside the unzipped files."""
+    import re
+    import subprocess
+    import sys
+
+    run_dir, images = trained
+    path = vision.export_run(run_dir, tmp_path / "model.zip", onnx=True)
+    folder = tmp_path / "user"
+    with zipfile.ZipFile(path) as z:
+        z.extractall(folder)
+    code = re.search(r"```python\n(.*?)```", (folder / "model_card.md").read_text(), re.S).group(1)
+    assert len(code.strip().splitlines()) <= 12 and "torch" not in code
+    loaded = vision.load_model(run_dir)
+    for i, photo in enumerate([images[0], images[-1], images[2].resize((57, 31))]):  # a non-square odd size too
+        photo.save(folder / "photo.jpg", quality=95)
+        out = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        label, prob = out.stdout.split()
+        app = vision.predict(loaded, [Image.open(folder / "photo.jpg")], top_k=1)[0][0]
+        assert label == app[0] and abs(float(prob) - app[1]) < 1e-4, i
+
+
+def test_parity_check_and_fp16_export(trained, tmp_path):
+    from engine import export
+
+    run_dir, _ = trained
+    full = vision.export_run(run_dir, tmp_path / "fp32.zip", onnx=True)
+    half = vision.export_run(run_dir, tmp_path / "fp16.zip", onnx=True, half=True)
+    check = export.parity(run_dir, full)
+    assert check["images"] == 20 or check["images"] == len(json.loads((run_dir / "run.json").read_text())["data"]["parity_files"])
+    assert "validation" in check["what"] and check["max_prob_diff"] < 1e-5 and check["top1_agree"] == check["images"]
+    check16 = export.parity(run_dir, half)
+    assert check["max_prob_diff"] < check16["max_prob_diff"] < 1e-2
+    assert check16["top1_agree"] >= check16["images"] - 1
+    with zipfile.ZipFile(full) as a, zipfile.ZipFile(half) as b:
+        for name in ("model.onnx", "model.safetensors"):
+            assert b.getinfo(name).file_size < 0.55 * a.getinfo(name).file_size, name
+        assert "fp16" in b.read("model_card.md").decode()
+    # the fp16 export imports back and predicts like the original
+    imported = vision.load_model(vision.import_model(half))
+    assert imported.classes == vision.load_model(run_dir).classes
+    with pytest.raises(UserError, match="no model.onnx"):
+        export.parity(run_dir, vision.export_run(run_dir, tmp_path / "plain.zip", onnx=False))
 
 
 def test_export_without_onnx_and_by_run_id(trained, tmp_path):

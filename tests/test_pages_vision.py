@@ -249,6 +249,19 @@ def test_predict_export_then_import(tmp_path, workspace_home):
     assert after["y"] == before["y"] and np.allclose(after["x"], before["x"], atol=1e-4)  # same model, same answer
 
 
+def test_predict_export_with_onnx_and_fp16_shows_the_parity_check(tmp_path):
+    run_id = train_tiny(tmp_path)
+    at = open_page("pages/predict.py")
+    at.checkbox(key="pr_fp16").check()
+    at.button(key="pr_export").click().run()
+    assert not at.exception and not at.error
+    exported = next(Path(runs.run_dir(run_id), "export").glob("*-onnx-fp16.zip"))
+    assert at.get("download_button")[0].label.startswith(f"Download {exported.name}")
+    metric = next(m for m in at.metric if m.label.startswith("Parity"))
+    assert 0 < float(metric.value) < 1e-2  # fp16 weights: a small, non-zero difference, measured on the file
+    assert "validation images" in metric.help
+
+
 # ----------------------------------------------------------------------------- runs
 def test_runs_lists_compares_and_deletes_with_confirmation(tmp_path):
     run_id = train_tiny(tmp_path)

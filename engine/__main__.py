@@ -204,6 +204,24 @@ def cmd_bench_finetune(args) -> int:
     return 0
 
 
+def cmd_bench_seed_loop(args) -> int:
+    from engine import bench
+
+    result = bench.seed_loop_process(args.list, args.image_size, args.epochs)
+    emit(args, result, f"seed loop: best val acc {result['best_val_acc']:.3f} in {result['seconds']:.1f} s")
+    return 0
+
+
+def cmd_bench_process(args) -> int:
+    from engine import bench
+
+    r = bench.bench_process(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs)
+    emit(args, r, f"{r['images']} images at {r['image_size']} px, {r['epochs']} epochs, whole processes: seed loop {r['seed_seconds']} s "
+                  f"(val acc {r['seed_val_acc']}), engine finetune --strategy linear {r['seconds']} s (val acc {r['val_acc']}): "
+                  f"{r['ratio']}x; first run on this machine {r['first_seconds']} s ({r['first_ratio']}x); extractors {r['extractor_img_s']} img/s")
+    return 0
+
+
 def cmd_bench_all(args) -> int:
     from pathlib import Path
 
@@ -211,7 +229,8 @@ def cmd_bench_all(args) -> int:
 
     result = benchall.run_all(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs,
                               train_steps=args.train_steps, tokens=args.tokens, cold_start=not args.no_cold_start,
-                              threads=args.threads)
+                              threads=args.threads, process_per_class=args.process_per_class,
+                              process_image_size=args.process_image_size)
     path = benchall.write_markdown(result, Path(args.out) if args.out else None)
     emit(args, result, benchall.format_markdown(result) + f"\nwrote {path}")
     return 0
@@ -505,12 +524,26 @@ def build_parser() -> Parser:
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_finetune)
+    s = bench.add_parser("seed-loop", help="the seed's frozen-backbone loop as its own process (used by bench process)")
+    s.add_argument("--list", required=True, help="JSON split written by bench process")
+    s.add_argument("--image-size", type=int, default=160)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_seed_loop)
+    s = bench.add_parser("process", help="whole processes from start to exit: the seed loop vs engine finetune --strategy linear")
+    s.add_argument("--per-class", type=int, default=150, help="generated images per class (4 classes)")
+    s.add_argument("--image-size", type=int, default=160)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_process)
     s = bench.add_parser("all", help="every benchmark side by side; writes BENCHMARKS.md")
     s.add_argument("--per-class", type=int, default=40, help="generated images per class (4 classes)")
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--train-steps", type=int, default=3, help="timed full fine-tuning steps per variant")
     s.add_argument("--tokens", type=int, default=32, help="new tokens per generation run")
+    s.add_argument("--process-per-class", type=int, default=150, help="whole-process row: generated images per class")
+    s.add_argument("--process-image-size", type=int, default=160, help="whole-process row: image size")
     s.add_argument("--no-cold-start", action="store_true", help="skip the app cold-start measurement (needs Chromium)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")

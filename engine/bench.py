@@ -122,6 +122,70 @@ def _forward_rates(model, images, pp, dev, rounds: int = 7, chunk: int = 128) ->
             "extraction_dtype": str(dtype or torch.float32).replace("torch.", "")}
 
 
+def seed_loop_process(list_file: Path, image_size: int, epochs: int, weights: str = "mini") -> dict:
+    """`bench seed-loop`: the seed's loop as a process of its own, on a split written by bench_process
+    (original image files, read and decoded every epoch)."""
+    import json
+    from types import SimpleNamespace
+
+    from engine import sources, vision
+
+    split = json.loads(Path(list_file).read_text())
+    data = SimpleNamespace(classes=split["classes"], train=[tuple(x) for x in split["train"]], val=[tuple(x) for x in split["val"]])
+    cfg = vision.FinetuneConfig(data="-", weights=weights, strategy="linear", epochs=epochs, batch_size=32, lr=1e-3,
+                                optimizer="sgd", schedule="constant", image_size=image_size, seed=0)
+    source = sources.resolve_vision(cfg.model, cfg.weights)
+    return _naive_linear(cfg, data, source, vision.preprocessing_for(source, image_size))
+
+
+def bench_process(n_per_class: int = 150, image_size: int = 160, epochs: int = 10, n_classes: int = 4) -> dict:
+    """Whole processes, timed from start to exit: the seed's loop (`bench seed-loop`) against
+    `engine finetune --strategy linear` on the same images and split, the bundled backbone in both.
+
+    The project process starts in an empty workspace, so it stores the images, decodes them,
+    extracts the features and fits the probe; it runs twice: the first time on this machine (the
+    extraction engine is measured, ~2 s), then with that measurement remembered (a fresh workspace
+    holding only cache/extractor.json) — what every later run on the machine is.
+    """
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    from engine import fractals, imagedata
+
+    def run(cmd: list[str], home: Path) -> tuple[float, dict]:
+        env = {**os.environ, "TRANSFER_STUDIO_HOME": str(home)}
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "engine", *cmd, "--json"], env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(cmd[:2])} failed: {out.stderr[-400:]}")
+        return seconds, json.loads(out.stdout.strip().splitlines()[-1])
+
+    with temporary_workspace() as tmp:
+        folder = fractals.write_shapes_dataset(tmp / "shapes", n_per_class, size=image_size, seed=0, shapes=fractals.SHAPES[:n_classes])
+        data = imagedata.training_data(str(folder), 0.2, 0)  # the project's split; the seed reads the same files
+        original = {hashlib.sha256(p.read_bytes()).hexdigest(): str(p) for p in folder.rglob("*.png")}
+        by_hash = lambda items: [[original[Path(p).stem], y] for p, y in items]  # noqa: E731  (store files are named by hash)
+        (tmp / "split.json").write_text(json.dumps({"classes": data.classes, "train": by_hash(data.train), "val": by_hash(data.val)}))
+        seed_s, seed = run(["bench", "seed-loop", "--list", str(tmp / "split.json"), "--image-size", str(image_size),
+                            "--epochs", str(epochs)], tmp / "ws-seed")
+        ours = ["finetune", "--data", str(folder), "--strategy", "linear", "--weights", "mini", "--image-size", str(image_size),
+                "--epochs", str(epochs)]
+        first_s, first = run([*ours, "--out", str(tmp / "run-first")], tmp / "ws-first")
+        memo = tmp / "ws-first" / "cache" / "extractor.json"
+        (tmp / "ws-again" / "cache").mkdir(parents=True)
+        (tmp / "ws-again" / "cache" / "extractor.json").write_bytes(memo.read_bytes())
+        again_s, again = run([*ours, "--out", str(tmp / "run-again")], tmp / "ws-again")
+        engine_rates = next(iter(json.loads(memo.read_text()).values()))["img_s"]
+    return {"images": len(data.train) + len(data.val), "image_size": image_size, "epochs": epochs,
+            "seed_seconds": round(seed_s, 1), "seed_val_acc": round(seed["best_val_acc"], 4),
+            "first_seconds": round(first_s, 1), "seconds": round(again_s, 1), "val_acc": round(again["best_val_acc"], 4),
+            "first_val_acc": round(first["best_val_acc"], 4), "ratio": round(seed_s / again_s, 2),
+            "first_ratio": round(seed_s / first_s, 2), "extractor_img_s": engine_rates}
+
+
 def bench_finetune(n_per_class: int = 150, image_size: int = 64, epochs: int = 10, threads: int = 0,
                    n_classes: int = 4, weights: str = "auto") -> dict:
     """Naive seed loop vs the project's linear path; see the module docstring."""

@@ -7,8 +7,11 @@ labels, split), the architecture, the exact frozen weights (a hash of their tens
 init with another seed or another weights file never collides), k, the preprocessing and the
 extraction dtype. The file is safe to delete; it is rebuilt when needed.
 
-Extraction runs under torch.inference_mode with channels_last and, where the device has fast
-bf16 (CUDA; CPUs with AVX512-BF16/AMX), bf16 autocast. Features are stored as float32 either way.
+Extraction runs through the fastest engine this machine has for that backbone and image size,
+measured once and remembered (cache/extractor.json): PyTorch (inference mode, channels_last, BatchNorm
+folded; bf16 autocast as a candidate where the CPU has native bf16) or ONNX Runtime on the same
+folded prefix (fp32, equal to PyTorch within ~1e-5). On CUDA, PyTorch with its AMP dtype. Features
+are stored as float32 either way.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Callable
 
 import torch
 
@@ -86,10 +92,113 @@ def frozen_prefix(model: torch.nn.Module, k: int, dev: torch.device) -> torch.nn
     return seq.to(dev, memory_format=torch.channels_last)
 
 
+# ----------------------------------------------------------------------------- the extraction engine
+@dataclass
+class Extractor:
+    name: str                                       # "torch fp32" | "torch bf16" | "onnxruntime fp32" | "torch <amp> (CUDA)"
+    make: Callable[[], Callable[[torch.Tensor], torch.Tensor]]  # builds the runner: normalised batch -> features
+    dtype: torch.dtype | None                       # autocast dtype around it (None: fp32)
+    why: str = ""
+
+    @cached_property
+    def run(self) -> Callable[[torch.Tensor], torch.Tensor]:  # built on first use (a cache hit never builds it)
+        return self.make()
+
+    @property
+    def precision(self) -> str:  # what the cached features depend on (onnxruntime and torch fp32 agree to ~1e-5)
+        return str(self.dtype) if self.dtype is not None else "None"
+
+
+def onnx_runner(prefix: torch.nn.Module, pp, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The folded prefix exported to ONNX (in memory) and run by ONNX Runtime's CPU provider."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    example = torch.zeros(1, 3, pp.image_size, pp.image_size)
+    with warnings.catch_warnings():  # the TorchScript-based exporter (the dynamo one needs onnxscript)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(prefix, (example,), buf, input_names=["x"],
+                          output_names=["features"], dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(sess.run(None, {"x": x.contiguous().numpy()})[0])
+
+
+def _rate(run, dtype, x: torch.Tensor, dev: torch.device, slowest: float) -> float:
+    """img/s of one candidate: a warm-up, then the best of two timed batches (one when it is clearly slow)."""
+    with torch.inference_mode(), devices.autocast(dev, dtype):
+        run(x)
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            run(x)
+            best = min(best, time.perf_counter() - t)
+            if len(x) / best < slowest:
+                break
+    return len(x) / best
+
+
+def extractor(model: torch.nn.Module, k: int, pp, dev: torch.device, arch: str) -> Extractor:
+    """The fastest way this machine runs the first k frozen stages, by measurement, remembered per
+    machine, backbone, k and image size. TRANSFER_STUDIO_EXTRACTOR=torch|onnxruntime forces one."""
+    prefix = lru_cache(maxsize=1)(lambda: frozen_prefix(model, k, dev))
+    if dev.type != "cpu":
+        dtype = extraction_dtype(dev)
+        return Extractor(f"torch {str(dtype).replace('torch.', '')} ({dev.type})", prefix, dtype, "the accelerator's own path")
+    threads = torch.get_num_threads()
+    candidates: dict[str, tuple[Callable, torch.dtype | None]] = {"torch fp32": (prefix, None)}
+    if extraction_dtype(dev) is not None:
+        candidates["torch bf16"] = (prefix, torch.bfloat16)
+    try:
+        import onnxruntime
+        candidates["onnxruntime fp32"] = (lambda: onnx_runner(prefix(), pp, threads), None)
+    except ImportError:
+        onnxruntime = None
+    forced = os.environ.get("TRANSFER_STUDIO_EXTRACTOR")
+    if forced:
+        name = next((n for n in candidates if n.startswith(forced)), None)
+        if name is None:
+            raise ValueError(f"TRANSFER_STUDIO_EXTRACTOR={forced}: choose torch or onnxruntime (installed: {', '.join(candidates)})")
+        return Extractor(name, *candidates[name], "forced by TRANSFER_STUDIO_EXTRACTOR")
+    memo_path = workspace.subdir("cache") / "extractor.json"
+    key = "|".join([arch, f"k{k}", str(pp.image_size), f"{threads}t", torch.__version__,
+                    getattr(onnxruntime, "__version__", "-"), platform.processor() or platform.machine(), ",".join(candidates)])
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    built = {}
+    if key not in memo:
+        x = torch.randn(32, 3, pp.image_size, pp.image_size, generator=torch.Generator().manual_seed(0))
+        x = x.contiguous(memory_format=torch.channels_last).to(dev)
+        rates: dict[str, float] = {}
+        for name, (make, dtype) in candidates.items():
+            try:
+                built[name] = make()
+                rates[name] = _rate(built[name], dtype, x, dev, slowest=max(rates.values(), default=0) / 2)
+            except Exception as err:  # an engine that cannot run this network is simply not chosen
+                log.info("extractor %s unavailable: %s", name, err)
+        memo[key] = {"img_s": {n: round(r, 1) for n, r in rates.items()}, "measured": time.time()}
+        workspace.atomic_write_json(memo_path, memo)
+    rates = memo[key]["img_s"]
+    name = max(rates, key=rates.get)
+    make, dtype = candidates[name]
+    others = ", ".join(f"{n} {r:.0f}" for n, r in rates.items() if n != name)
+    return Extractor(name, (lambda: built[name]) if name in built else make, dtype,
+                     f"measured {rates[name]:.0f} img/s" + (f" vs {others}" if others else ""))
+
+
 @torch.inference_mode()
-def extract(prefix: torch.nn.Module, images_uint8: torch.Tensor, pp, dev: torch.device, dtype, ctx=None,
+def extract(prefix: Callable[[torch.Tensor], torch.Tensor], images_uint8: torch.Tensor, pp, dev: torch.device, dtype, ctx=None,
             batch_size: int | None = None, done: int = 0, total: int | None = None) -> torch.Tensor | None:
-    """Output of `prefix` (frozen_prefix()) for centre-cropped uint8 images (N,3,R,R) -> float32 on CPU.
+    """Output of `prefix` (frozen_prefix(), or an Extractor's run) for centre-cropped uint8 images
+    (N,3,R,R) -> float32 on CPU.
 
     Returns None when ctx says cancelled. Progress goes to ctx.report(phase="extracting", ...).
     """
@@ -120,8 +229,8 @@ def cached_features(model, k: int, train_x: torch.Tensor, val_x: torch.Tensor, p
     """
     from safetensors.torch import load_file, save_file
 
-    dtype = extraction_dtype(dev)
-    key = cache_key(weights_id, k, pp, data_version, arch, dtype)
+    ex = extractor(model, k, pp, dev, arch)
+    key = cache_key(weights_id, k, pp, data_version, arch, ex.precision)
     path = workspace.subdir("cache/features") / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -136,15 +245,16 @@ def cached_features(model, k: int, train_x: torch.Tensor, val_x: torch.Tensor, p
             log.warning("ignoring bad feature cache %s: %s", path.name, err)
     total = len(train_x) + len(val_x)
     t0 = time.time()
-    prefix = frozen_prefix(model, k, dev)
-    tr = extract(prefix, train_x, pp, dev, dtype, ctx, total=total)
+    if ctx is not None:
+        ctx.report(phase="extracting", step=0, steps=total, message=f"computing frozen features once with {ex.name} ({ex.why})")
+    tr = extract(ex.run, train_x, pp, dev, ex.dtype, ctx, total=total)
     if tr is None:
         return None
-    va = extract(prefix, val_x, pp, dev, dtype, ctx, done=len(train_x), total=total)
+    va = extract(ex.run, val_x, pp, dev, ex.dtype, ctx, done=len(train_x), total=total)
     if va is None:
         return None
     tr, va = tr.clone(), va.clone()  # normal tensors (inference-mode tensors cannot take part in autograd)
-    log.info("extracted %d feature maps %s in %.2fs", total, tuple(tr.shape[1:]), time.time() - t0)
+    log.info("extracted %d feature maps %s in %.2fs with %s (%s)", total, tuple(tr.shape[1:]), time.time() - t0, ex.name, ex.why)
     nbytes = (tr.numel() + va.numel()) * 4
     if nbytes <= MAX_CACHE_BYTES:
         tmp = workspace.atomic_path(path)

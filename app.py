@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from engine import workspace
-from pages.common import manager
+from pages.common import manager, role_box
 
 st.set_page_config(page_title="Transfer Studio", page_icon="🧪", layout="wide")
 
@@ -127,6 +127,7 @@ with st.sidebar:
     else:  # until the probe has answered: poll, so the sidebar fills in on the page it is on
         st.fragment(run_every=1)(environment_lines)()
     st.caption(f"**Workspace** · `{workspace.home().name}/`")
+    role_box()
     if manager().active():
         job_lines()  # refreshes itself while jobs run; a page drawn with none does not poll
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import streamlit as st
 
-from engine import jobs, workspace
+from engine import access, jobs, workspace
 from engine.errors import UserError
 
 
@@ -22,6 +22,99 @@ def manager() -> jobs.JobManager:
 def presenting() -> bool:
     """Presentation mode (?present=1, remembered for the session by app.py): pages hide expert controls."""
     return st.session_state.get("_present", False) or st.query_params.get("present") == "1"
+
+
+# ----------------------------------------------------------------------------- roles (engine/access.py)
+LOCKED_HELP = "Presenter only: unlock with the presenter password in the sidebar."
+
+
+def role() -> str:
+    """'owner' (no presenter password set: one user, no login), 'presenter' (this browser session
+    gave the password) or 'audience'."""
+    if not access.password_set():
+        return "owner"
+    return "presenter" if st.session_state.get("_presenter") else "audience"
+
+
+def audience() -> bool:
+    return role() == "audience"
+
+
+def locked(disabled: bool = False, **kw) -> dict:
+    """Widget arguments for a destructive or costly control: disabled for the audience, saying why."""
+    if audience():
+        return {**kw, "disabled": True, "help": LOCKED_HELP}
+    return {**kw, "disabled": disabled}
+
+
+def allowed() -> bool:
+    """Checked again when a costly action runs: a disabled button is only a hint to the browser."""
+    if audience():
+        st.error("Only the presenter can do this. " + LOCKED_HELP.split(": ", 1)[1].capitalize())
+        return False
+    return True
+
+
+def audience_wait(limit: str, per_minute: int) -> bool:
+    """True if an audience member may do `limit` now (presenters always may); else says how long to wait."""
+    if not audience():
+        return True
+    limits = st.session_state.setdefault("_limits", {})
+    wait = limits.setdefault(limit, access.RateLimit(per_minute)).wait_s()
+    if wait:
+        st.warning(f"Busy: at most {per_minute} {limit} a minute per visitor. Try again in {max(1, round(wait))} s.", icon=":material/hourglass:")
+    return not wait
+
+
+@contextmanager
+def generation_slot():
+    """One of the process-wide generation slots for an audience member (presenters need none):
+    yields False, after saying how long to wait, when every slot is taken."""
+    import time
+
+    if not audience():
+        yield True
+        return
+    if not access.GENERATION_SLOTS.try_acquire():
+        st.warning(f"Busy: {access.GENERATIONS_AT_ONCE} visitors are generating right now. "
+                   f"Try again in {access.GENERATION_SLOTS.wait_hint_s()} s.", icon=":material/hourglass:")
+        yield False
+        return
+    t = time.monotonic()
+    try:
+        yield True
+    finally:
+        access.GENERATION_SLOTS.release(time.monotonic() - t)
+
+
+def upload_fits(upload) -> bool:
+    """Audience uploads are capped (access.AUDIENCE_UPLOAD_BYTES); says so when one is larger."""
+    if upload is None or not audience() or upload.size <= access.AUDIENCE_UPLOAD_BYTES:
+        return True
+    st.warning(f"{upload.name} is larger than {access.AUDIENCE_UPLOAD_BYTES // 2**20} MB, the limit for visitors.")
+    return False
+
+
+def role_box() -> None:
+    """The sidebar's role line, and the presenter unlock (only when a presenter password is set)."""
+    r = role()
+    if r == "owner":
+        return
+    if r == "presenter":
+        st.caption("**Role** · presenter (everything unlocked in this browser session)")
+        if st.button("Lock again", key="_role_lock", icon=":material/lock:"):
+            st.session_state["_presenter"] = False
+            st.rerun()
+        return
+    st.caption("**Role** · audience: browse results, predict, generate text, follow the tour")
+    with st.form("_role_unlock", clear_on_submit=True, border=False):  # the typed password is not kept
+        given = st.text_input("Presenter password", type="password", key="_role_password")
+        if st.form_submit_button("Unlock", icon=":material/lock_open:"):
+            if access.check_password(given):
+                st.session_state["_presenter"] = True
+                st.rerun()
+            else:
+                st.error("Wrong password.")
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import streamlit as st
 
 from engine import backbones, distributed, export, imagedata, report, runs, sources, vision, workspace
 from engine.errors import UserError
-from pages.common import curves, friendly_errors, manager, read_json
+from pages.common import allowed, curves, friendly_errors, locked, manager, read_json
 from pages.finetune_options import training_options
 
 D = vision.FinetuneConfig(data="")  # the engine's defaults; training settings left None come from the recipe book
@@ -84,7 +84,7 @@ def start_form(datasets: list[dict]) -> None:
         st.code(distributed.torchrun_command(cfg, nproc=2), language="bash")  # these settings, data-parallel
         st.caption("Set --nproc-per-node to the GPUs of each machine; the README's *Multi-GPU and multi-node* "
                    "section has the flags for several machines.")
-    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", key="ft_start"):
+    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", key="ft_start", **locked()) and allowed():
         with friendly_errors("finetune: start"):
             cfg.validate()
             title = f"{data} · {model} · {strategy}" + (f" k={freeze}" if strategy == "partial" else "")
@@ -136,7 +136,7 @@ def live_view(run_id: str, drawn_active: bool) -> None:
         m[1].metric("Accuracy", f"{prog['acc']:.1%}" if prog.get("acc") is not None else "–")
         m[2].metric("Images/s", f"{prog['img_s']:.0f}" if prog.get("img_s") else "–")
         m[3].metric("ETA", f"{prog['eta_s']:.0f} s" if prog.get("eta_s") is not None else "–")
-        if m[4].button("Cancel", icon=":material/stop:", key="ft_cancel", help="Stops within one step and keeps what was learned."):
+        if m[4].button("Cancel", icon=":material/stop:", key="ft_cancel", **locked(help="Stops within one step and keeps what was learned.")) and allowed():
             manager().cancel(run_id)
     metrics = read_json(Path(run["dir"]) / "metrics.json", [])
     if metrics:
@@ -203,7 +203,7 @@ def run_view(run_id: str) -> None:
         st.error(f"The run failed: {run.get('error') or 'no reason recorded'}")
     if run["status"] in ("interrupted", "cancelled"):
         st.warning(f"This run was {run['status']}; Resume continues from its last epoch checkpoint.")
-        if st.button("Resume", type="primary", icon=":material/replay:", key="ft_resume"):
+        if st.button("Resume", type="primary", icon=":material/replay:", key="ft_resume", **locked()) and allowed():
             with friendly_errors("finetune: resume"):
                 manager().resume(run_id)
                 st.rerun()

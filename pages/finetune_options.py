@@ -11,7 +11,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine import lrfind, runs, vision
-from pages.common import friendly_errors, manager
+from pages.common import allowed, friendly_errors, locked, manager
 
 D = vision.FinetuneConfig(data="")
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
@@ -67,7 +67,7 @@ def training_options(rec: vision.FinetuneConfig, info: dict, group: str) -> dict
 def suggest_lr(lr_key: str, lrs: list[float]) -> None:
     """The learning-rate finder as a short background job: its plot, and a button to use the suggestion."""
     if st.button("Suggest", icon=":material/auto_graph:", key="ft_lrfind_start",
-                 help="A short learning-rate sweep (fastai's lr_find) on a copy of the model: it changes no data and no run."):
+                 **locked(help="A short learning-rate sweep (fastai's lr_find) on a copy of the model: it changes no data and no run.")) and allowed():
         with friendly_errors("finetune: lr-find"):
             cfg = st.session_state["ft_lrfind_cfg"]
             config = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}

@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine import history, text, textgen
 from engine.errors import UserError
-from pages.common import bold_prompt, friendly_errors, language_model, md_escape
+from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape
 
 D = textgen.GenerationConfig()  # the engine's defaults are the page's defaults
 ss = st.session_state
@@ -94,22 +94,23 @@ cfg = textgen.GenerationConfig(max_new_tokens=ss.g_max_new_tokens, num_return_se
 go = st.button("Generate", type="primary", icon=":material/play_arrow:") or ss.pop("g_autorun", False)
 
 if go:
-    with friendly_errors("generate"):
-        stream = textgen.Stream(lm, prompt, cfg)
-        ss.g_stream = {"stream": stream, "spec": spec}
-        stop_slot = st.empty()
-        stop_slot.button("Stop", icon=":material/stop:", help="Stops the model after the current token.")
-        live, shown, last = st.empty(), "", 0.0
-        for chunk in stream:
-            shown += chunk
-            if time.monotonic() - last > 0.1:  # bounded redraw rate: the whole text is re-rendered each time
-                live.markdown(md_escape(prompt + shown) + " ▌")
-                last = time.monotonic()
-        live.empty()
-        stop_slot.empty()
-        ss.pop("g_stream", None)
-        ss.g_last = {"gen": stream.result, "spec": spec, "stopped": False}
-        history.save_generation(spec, stream.result)
+    with friendly_errors("generate"), generation_slot() as free:
+        if free:
+            stream = textgen.Stream(lm, prompt, cfg)
+            ss.g_stream = {"stream": stream, "spec": spec}
+            stop_slot = st.empty()
+            stop_slot.button("Stop", icon=":material/stop:", help="Stops the model after the current token.")
+            live, shown, last = st.empty(), "", 0.0
+            for chunk in stream:
+                shown += chunk
+                if time.monotonic() - last > 0.1:  # bounded redraw rate: the whole text is re-rendered each time
+                    live.markdown(md_escape(prompt + shown) + " ▌")
+                    last = time.monotonic()
+            live.empty()
+            stop_slot.empty()
+            ss.pop("g_stream", None)
+            ss.g_last = {"gen": stream.result, "spec": spec, "stopped": False}
+            history.save_generation(spec, stream.result)
 
 last = ss.get("g_last")
 if last:

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from engine import demo, imagedata, runs
-from pages.common import friendly_errors, manager, md_escape, plural
+from pages.common import allowed, friendly_errors, locked, manager, md_escape, plural
 
 st.title("Transfer Studio")
 st.subheader("Transfer learning you can touch", divider="blue")
@@ -56,7 +56,7 @@ def confirm_reset(remove: list[str], todo: list[str]) -> None:
         st.markdown("\n".join(f"- {md_escape(label)}" for label in remove[:8]) + (f"\n- … and {len(remove) - 8} more" if len(remove) > 8 else ""))
     st.write("Then it adds what the demo is missing: " + (", ".join(todo) or "nothing") + ". It runs in the background.")
     yes, no = st.columns(2)
-    if yes.button("Yes, reset", type="primary", key="demo_yes", width="stretch"):
+    if yes.button("Yes, reset", type="primary", key="demo_yes", width="stretch", **locked()) and allowed():
         close_dialog()
         with friendly_errors("home: reset demo"):
             st.session_state["demo_job"] = manager().submit("demo", {}, demo.RESET_TITLE)
@@ -88,7 +88,7 @@ with st.expander("Reset demo", icon=":material/restart_alt:"):
         st.caption(f"Now: {things(len(remove))} not in the demo · missing from the demo: {', '.join(todo) or 'nothing'}.")
         job = st.session_state.get("demo_job")
         busy = job is not None or any(j["kind"] == "demo" for j in manager().active())
-        if st.button("Reset demo…", key="demo_reset", disabled=busy, help="Asks before deleting anything."):
+        if st.button("Reset demo…", key="demo_reset", **locked(disabled=busy, help="Asks before deleting anything.")) and allowed():
             st.session_state["demo_confirm"] = True
         if st.session_state.get("demo_confirm") and not busy:
             confirm_reset(remove, todo)

@@ -4,7 +4,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine import imagedata, sample
-from pages.common import friendly_errors
+from pages.common import allowed, friendly_errors, locked, upload_fits
 
 st.title("Images")
 st.caption("Bring labelled images: one class per thing you want the model to tell apart. "
@@ -26,7 +26,7 @@ def show_results(rows: list[dict]) -> None:
 datasets = [d["name"] for d in imagedata.list_datasets()]
 left, right = st.columns([2, 1])
 with right:
-    if st.button("Load sample dataset", icon=":material/nutrition:", help="4 fruit classes x 40 images, bundled with the app"):
+    if st.button("Load sample dataset", icon=":material/nutrition:", **locked(help="4 fruit classes x 40 images, bundled with the app")) and allowed():
         with friendly_errors("load sample"):
             loaded = sample.load_sample()
             state.dataset = loaded["dataset"]
@@ -36,10 +36,10 @@ with right:
                            f"Loaded {loaded['dataset']!r}: {n} images in {len(loaded['classes'])} classes "
                            f"({', '.join(loaded['classes'])}). Browse them on the second tab, or fine-tune on them.")
             st.rerun()
-    with st.popover("New dataset", icon=":material/add:"):
+    with st.popover("New dataset", icon=":material/add:", **locked()):
         with st.form("new_dataset", clear_on_submit=True):
             new_name = st.text_input("Name", placeholder="e.g. Cats vs dogs")
-            if st.form_submit_button("Create"):
+            if st.form_submit_button("Create", **locked()) and allowed():
                 with friendly_errors("create dataset"):
                     state.dataset = imagedata.create_dataset(new_name)
                     st.rerun()
@@ -61,7 +61,7 @@ with add_tab:
     if how == "ZIP of class folders":
         st.caption("A ZIP with one folder per class: `cats/1.jpg, dogs/2.png, …` (an outer folder is fine).")
         zip_file = st.file_uploader("ZIP file", type=["zip"], key=f"zip{state.upload_round}")
-        if zip_file and st.button("Import ZIP", type="primary"):
+        if zip_file and upload_fits(zip_file) and st.button("Import ZIP", type="primary", **locked()) and allowed():
             with friendly_errors("import zip"):
                 state.results = imagedata.import_zip(name, zip_file.getvalue())
                 state.upload_round += 1
@@ -75,15 +75,15 @@ with add_tab:
         if how == "Upload files to a class":
             files = st.file_uploader("Images", accept_multiple_files=True, key=f"files{state.upload_round}",
                                      help="JPEG, PNG, GIF, BMP, WEBP or TIFF")
-            if files and st.button(f"Add {len(files)} file(s) to {cls or '…'}", type="primary", disabled=not cls):
+            if files and st.button(f"Add {len(files)} file(s) to {cls or '…'}", type="primary", **locked(disabled=not cls)) and allowed():
                 with friendly_errors("upload images"):
                     state.results = imagedata.add_images(name, cls, [(f.name, f.getvalue()) for f in files])
                     state.last_class = cls
                     state.upload_round += 1
                     st.rerun()
         else:
-            photo = st.camera_input("Take a photo", key=f"cam{state.upload_round}", disabled=not cls)
-            if photo and cls:
+            photo = st.camera_input("Take a photo", key=f"cam{state.upload_round}", **locked(disabled=not cls))
+            if photo and cls and allowed():
                 with friendly_errors("camera"):
                     state.results = imagedata.add_images(name, cls, [(f"camera-{state.upload_round}.jpg", photo.getvalue())])
                     state.last_class = cls
@@ -113,7 +113,7 @@ with browse_tab:
         if undo and undo["dataset"] == name:
             note = st.container(horizontal=True, vertical_alignment="center")
             note.caption(f"Deleted {undo['file']!r} from {undo['class']}.")
-            if note.button("Undo delete", icon=":material/undo:", key="undo_delete"):
+            if note.button("Undo delete", icon=":material/undo:", key="undo_delete", **locked()) and allowed():
                 with friendly_errors("undo delete"):
                     imagedata.add_images(name, undo["class"], [(undo["file"], undo["bytes"])])
                     state.pop("undo")
@@ -123,7 +123,7 @@ with browse_tab:
         for i, row in enumerate(rows):
             with cols[i % 6]:
                 st.image(str(imagedata.thumbnail_path(row["sha256"], row["ext"])), caption=row["original_name"][:28])
-                if st.button("Delete", key=f"del{row['id']}", icon=":material/delete:"):
+                if st.button("Delete", key=f"del{row['id']}", icon=":material/delete:", **locked()) and allowed():
                     # keep the bytes until the next delete, so one click can bring the image back
                     data = imagedata.image_path(row["sha256"], row["ext"]).read_bytes()
                     imagedata.delete_image(row["id"])
@@ -134,13 +134,13 @@ with manage_tab:
     c1, c2 = st.columns(2)
     with c1, st.form("rename_dataset"):
         new = st.text_input("Rename dataset", value=name)
-        if st.form_submit_button("Rename"):
+        if st.form_submit_button("Rename", **locked()) and allowed():
             with friendly_errors("rename dataset"):
                 state.dataset = imagedata.rename_dataset(name, new)
                 st.rerun()
     with c2:
         confirm = st.checkbox(f"Yes, delete {name!r} and its {sum(counts.values())} images")
-        if st.button("Delete dataset", type="primary", disabled=not confirm, icon=":material/delete_forever:"):
+        if st.button("Delete dataset", type="primary", icon=":material/delete_forever:", **locked(disabled=not confirm)) and allowed():
             imagedata.delete_dataset(name)
             state.pop("dataset", None)
             st.rerun()
@@ -149,14 +149,14 @@ with manage_tab:
         with c1, st.form("rename_class"):
             old = st.selectbox("Class", list(counts))
             new = st.text_input("New name")
-            if st.form_submit_button("Rename class"):
+            if st.form_submit_button("Rename class", **locked()) and allowed():
                 with friendly_errors("rename class"):
                     imagedata.rename_class(name, old, new)
                     st.rerun()
         with c2, st.form("delete_class"):
             victim = st.selectbox("Class to delete", list(counts))
             sure = st.checkbox("Yes, delete this class and its images (cannot be undone)")
-            if st.form_submit_button("Delete class and its images"):
+            if st.form_submit_button("Delete class and its images", **locked()) and allowed():
                 if not sure:
                     st.warning("Tick the box to confirm: the class and its images are deleted for good.")
                 else:

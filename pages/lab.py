@@ -8,7 +8,7 @@ import streamlit as st
 
 from engine import advisor, demodata, imagedata, lab, runs, sample
 from pages import lab_charts as charts
-from pages.common import friendly_errors, manager
+from pages.common import allowed, friendly_errors, locked, manager
 
 st.title("Transfer Lab")
 st.caption("Real training runs, side by side. Each experiment runs in the background and its curves fill in while it learns.")
@@ -35,9 +35,9 @@ def choose_data() -> str | None:
     if not names:
         a.info("No dataset yet: load the bundled sample (4 fruit classes) or the demo tasks.", icon=":material/photo_library:")
     if b.button("Load the sample and the demo tasks", icon=":material/download:", key="lab_demo",
-                help="The fruit sample, plus fractal patterns (similar to the mini backbone's pretraining images) and line "
-                     "drawings (different), each with 30 or 120 images per class: together, the advisor's four scenarios. "
-                     "And grey clothing photos for learning without labels."):
+                **locked(help="The fruit sample, plus fractal patterns (similar to the mini backbone's pretraining images) and line "
+                              "drawings (different), each with 30 or 120 images per class: together, the advisor's four scenarios. "
+                              "And grey clothing photos for learning without labels.")) and allowed():
         with friendly_errors("lab: demo data"), st.spinner("Adding datasets…"):
             sample.load_sample()
             for key in demodata.DEMOS:
@@ -130,7 +130,7 @@ def show_advice(res: dict) -> None:
                                      res.get("requested_image_size"))
     # the other settings come from the recipe book when the run starts (the Fine-tune page shows them)
     label = f"Start this run on the Fine-tune page ({cfg.strategy}" + (f", k={cfg.freeze}" if cfg.strategy == "partial" else "") + ", the recipe's settings)"
-    if st.button(label, type="primary", icon=":material/play_arrow:", key="lab_start_advised"):
+    if st.button(label, type="primary", icon=":material/play_arrow:", key="lab_start_advised", **locked()) and allowed():
         with friendly_errors("lab: start advised run"):
             run_id = manager().submit("finetune", dataclasses.asdict(cfg), f"{cfg.data} · resnet18 · {cfg.strategy} (advised)")
             st.session_state["ft_run"] = run_id
@@ -153,7 +153,7 @@ def live(run_id: str, drawn_active: bool) -> None:
         text = f"Queued: {pos} job(s) ahead" if pos else prog.get("message") or prog.get("phase") or "starting"
         a, b = st.columns([5, 1], vertical_alignment="bottom")
         a.progress(min(frac, 1.0), text=text)
-        if b.button("Cancel", icon=":material/stop:", key=f"lab_cancel_{run_id}", help="Stops now; finished runs are kept."):
+        if b.button("Cancel", icon=":material/stop:", key=f"lab_cancel_{run_id}", **locked(help="Stops now; finished runs are kept.")) and allowed():
             manager().cancel(run_id)
     elif run["status"] == "done":
         st.caption(f"Done: {len(state.get('runs', []))} training runs in {state.get('seconds', 0):.0f} s.")
@@ -171,8 +171,8 @@ def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
     st.caption(how)
     mine = [r for r in runs.list_runs("lab") if r["config"].get("experiment") == exp]
     start = st.button("Run it" if exp != "advise" else "Measure this dataset", type="primary", icon=":material/play_arrow:",
-                      key=f"lab_start_{exp}", disabled=data is None)
-    if start:
+                      key=f"lab_start_{exp}", **locked(disabled=data is None))
+    if start and allowed():
         with friendly_errors(f"lab: start {exp}"):
             cfg = lab.LabConfig(exp, data=data, preset=opts["preset"],
                                 **({} if exp == "advise" else {"epochs": opts["epochs"], "seeds": opts["seeds"]}))

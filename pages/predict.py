@@ -13,9 +13,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import export, imagedata, runs, vision, workspace
+from engine import access, export, imagedata, runs, vision, workspace
 from engine.errors import UserError
-from pages.common import friendly_errors, loaded_model, read_json
+from pages.common import allowed, audience_wait, friendly_errors, loaded_model, locked, read_json, upload_fits
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 BATCH = 32
@@ -131,7 +131,7 @@ def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
 def export_tab(run: dict) -> None:
     onnx = st.checkbox("Include ONNX (runs anywhere with onnxruntime; takes a few seconds more)", value=True, key="pr_onnx")
     half = st.checkbox("fp16 weights (about half the size; predictions change by about 1e-3)", value=False, key="pr_fp16")
-    if st.button("Build export ZIP", icon=":material/package_2:", key="pr_export"):
+    if st.button("Build export ZIP", icon=":material/package_2:", key="pr_export", **locked()) and allowed():
         with friendly_errors("predict: export"), st.spinner("Exporting, then checking the file against the app…"):
             out = Path(run["dir"]) / "export" / f"{run['id']}{'-onnx' if onnx else ''}{'-fp16' if half else ''}.zip"
             st.session_state["pr_zip"] = str(vision.export_run(Path(run["dir"]), out, onnx=onnx, half=half))
@@ -153,7 +153,7 @@ def export_tab(run: dict) -> None:
 
 def import_tab() -> None:
     up = st.file_uploader("An exported model ZIP or a model.safetensors from this app", type=["zip", "safetensors"], key="pr_import")
-    if up is not None and st.button("Import model", icon=":material/upload:", key="pr_import_go"):
+    if up is not None and st.button("Import model", icon=":material/upload:", key="pr_import_go", **locked()) and allowed():
         with friendly_errors("predict: import"):
             data = up.getvalue()
             suffix = ".zip" if up.name.lower().endswith(".zip") else ".safetensors"
@@ -167,6 +167,17 @@ def import_tab() -> None:
             st.rerun()
 
 
+def fresh(upload_key) -> bool:
+    """A new upload counts against a visitor's predictions per minute; reruns of the same one do not."""
+    seen = st.session_state.setdefault("_pr_seen", set())
+    if upload_key in seen:
+        return True
+    if not audience_wait("predictions", access.PREDICTIONS_PER_MINUTE):
+        return False
+    seen.add(upload_key)
+    return True
+
+
 def predict_tabs(run: dict, top_k_slot) -> None:
     model = model_for(run)
     classes = read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
@@ -174,17 +185,17 @@ def predict_tabs(run: dict, top_k_slot) -> None:
     images, camera, csv, export, imports = st.tabs(["Images", "Camera", "ZIP → CSV", "Export", "Import a model"])
     with images:
         ups = st.file_uploader("Images", type=IMAGE_TYPES, accept_multiple_files=True, key="pr_files")
-        if ups:
+        if ups and all(upload_fits(u) for u in ups) and fresh(tuple(u.file_id for u in ups)):
             show_predictions(model, [(u.name, u.getvalue()) for u in ups[:MAX_SHOWN]], top_k, "up")
             if len(ups) > MAX_SHOWN:
                 st.caption(f"Showing the first {MAX_SHOWN} of {len(ups)}; use ZIP → CSV for many images.")
     with camera:
         shot = st.camera_input("Take a picture", key="pr_camera")
-        if shot:
+        if shot and upload_fits(shot) and fresh(shot.file_id):
             show_predictions(model, [("camera", shot.getvalue())], top_k, "cam")
     with csv:
         z = st.file_uploader("A ZIP of images (any folder layout)", type=["zip"], key="pr_zip_in")
-        if z:
+        if z and upload_fits(z) and fresh(z.file_id):
             with friendly_errors("predict: zip"):  # a bad ZIP is reported here; the other tabs still work
                 key = (z.file_id, run["id"], top_k)  # predict once per upload, not on every rerun
                 if st.session_state.get("pr_csv", (None,))[0] != key:

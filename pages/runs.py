@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import runs
-from pages.common import curves, friendly_errors, manager, read_json
+from pages.common import allowed, curves, friendly_errors, locked, manager, read_json
 
 st.title("Runs")
 NAN = float("nan")
@@ -81,18 +81,18 @@ def manage(all_runs: list[dict]) -> None:
     else:
         row.page_link("pages/finetune.py", label="Open results", icon=":material/insights:", query_params={"run": run_id})
     if run["status"] in ("interrupted", "cancelled"):
-        if row.button("Resume", icon=":material/replay:", key="rn_resume", help="Continue from the last epoch checkpoint."):
+        if row.button("Resume", icon=":material/replay:", key="rn_resume", **locked(help="Continue from the last epoch checkpoint.")) and allowed():
             with friendly_errors("runs: resume"):
                 manager().resume(run_id)
                 st.switch_page("pages/finetune.py", query_params={"run": run_id})
     active = run["status"] in runs.ACTIVE
-    if row.button("Delete…", icon=":material/delete:", key="rn_delete", disabled=active,
-                help="Cancel it on the Fine-tune page first." if active else "Deletes the run and all its files."):
+    if row.button("Delete…", icon=":material/delete:", key="rn_delete",
+                  **locked(disabled=active, help="Cancel it on the Fine-tune page first." if active else "Deletes the run and all its files.")) and allowed():
         st.session_state["rn_confirm"] = run_id
     if st.session_state.get("rn_confirm") == run_id:
         st.warning(f"Delete **{run['title']}** (`{run_id}`) with its model and metrics? This cannot be undone.")
         confirm = st.container(horizontal=True)
-        if confirm.button("Yes, delete", type="primary", key="rn_yes"):
+        if confirm.button("Yes, delete", type="primary", key="rn_yes", **locked()) and allowed():
             with friendly_errors("runs: delete"):
                 runs.delete(run_id)
                 st.session_state.pop("rn_confirm")

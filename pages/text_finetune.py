@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine import lmtrain, runs, text, textgen
 from engine.errors import UserError
-from pages.common import friendly_errors, language_model, manager, md_escape, read_json
+from pages.common import allowed, friendly_errors, generation_slot, language_model, locked, manager, md_escape, read_json
 
 D = lmtrain.LMFinetuneConfig()  # the engine's defaults are the form's defaults
 ss = st.session_state
@@ -57,7 +57,7 @@ with st.container(border=True):
     seed = c.number_input("Seed", 0, 2**31 - 1, D.seed, key="tf_seed")
     prompt = st.text_input("Prompt for the before/after samples", key="tf_prompt",
                            placeholder="default: the first words of the held-out text")
-    if st.button("Start fine-tuning", type="primary", icon=":material/model_training:"):
+    if st.button("Start fine-tuning", type="primary", icon=":material/model_training:", **locked()) and allowed():
         with friendly_errors("start lm fine-tune"):
             cfg = lmtrain.LMFinetuneConfig(texts=[str(p) for p in corpora()], model=model, epochs=epochs, lr=lr,
                                            block_size=block, batch_size=batch, seed=int(seed), sample_prompt=prompt).validate()
@@ -84,7 +84,7 @@ def live(run_id: str) -> None:
                                                  f"loss {p['loss']:.3f} · {p['tokens_s']:.0f} tokens/s · ETA {p['eta_s']:.0f} s")
     else:
         st.info(p.get("message") or (f"queued ({pos} ahead)" if pos else p.get("phase", "queued")), icon=":material/hourglass_top:")
-    if st.button("Cancel", icon=":material/cancel:", key=f"tf_cancel_{run_id}"):
+    if st.button("Cancel", icon=":material/cancel:", key=f"tf_cancel_{run_id}", **locked()) and allowed():
         manager().cancel(run_id)
 
 
@@ -110,13 +110,13 @@ def results(run: dict) -> None:
     with st.form(f"tf_compare_{run['id']}", border=False):
         q = st.text_input("Try another prompt on both", value=s["sample_prompt"])
         if st.form_submit_button("Generate with both"):
-            with friendly_errors("compare samples"):
+            with friendly_errors("compare samples"), generation_slot() as free:
                 cfg = textgen.GenerationConfig(max_new_tokens=40, seed=s["sample_seed"], **textgen.PRESETS["Balanced"])
                 left, right = st.columns(2)
-                for col, spec in ((left, s["base_spec"]), (right, s["model_dir"])):
+                for col, spec in ((left, s["base_spec"]), (right, s["model_dir"])) if free else ():
                     col.markdown(md_escape(textgen.generate(language_model(spec), q, cfg).samples[0].text))
     st.caption("The fine-tuned model is now in the **Model** list of the Generate page.")
-    if st.button("Prepare download (zipped Hugging Face folder)", icon=":material/folder_zip:"):
+    if st.button("Prepare download (zipped Hugging Face folder)", icon=":material/folder_zip:", **locked()) and allowed():
         with friendly_errors("export lm"):
             ss.tf_zip = str(lmtrain.export_zip(Path(s["model_dir"])))
     if ss.get("tf_zip") and Path(ss.tf_zip).parent == Path(s["model_dir"]).parent:
@@ -144,7 +144,7 @@ else:
     ckpt = read_json(Path(run["dir"]) / "checkpoint" / "checkpoint.json", {})
     st.warning(f"This run is **{run['status']}**" + (f": {run['error']}" if run.get("error") else "")
                + (f" — it stopped at step {ckpt['step']}; resume continues from there." if ckpt else "."))
-    if st.button("Resume", icon=":material/play_arrow:"):
+    if st.button("Resume", icon=":material/play_arrow:", **locked()) and allowed():
         with friendly_errors("resume lm fine-tune"):
             manager().resume(run_id)
             st.rerun()

@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine import demo, imagedata, report, runs, sample, sources, vision
-from pages.common import curves, friendly_errors, loaded_model, manager, md_escape, read_json
+from pages.common import allowed, audience, curves, friendly_errors, loaded_model, locked, manager, md_escape, read_json
 
 STEPS = [
     ("Bring images", "A few labelled photos per class are all it takes: here, four kinds of fruit."),
@@ -60,7 +60,8 @@ def latest_run(status: str | None = None) -> dict | None:
 
 if step == 1:
     with friendly_errors("tour sample"):
-        sample.load_sample()
+        if not audience():  # (a visitor only looks: the presenter's workspace is theirs)
+            sample.load_sample()
         counts = imagedata.dataset_counts(sample.SAMPLE_NAME)
         cols = st.columns(len(counts))
         for col, (cls, n) in zip(cols, counts.items()):
@@ -73,7 +74,9 @@ elif step == 2:
              "the new layer learns at full speed, the pretrained layers 10x slower, so what they know is adjusted, not overwritten.")
     source = sources.resolve_vision("resnet18", "auto")
     st.caption(f"Weights: {source.name}. {source.reason}")
-    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:"):
+    if audience():
+        st.caption("The presenter starts the run; the next step shows the latest one.")
+    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", **locked()) and allowed():
         with friendly_errors("tour start"):
             sample.load_sample()
             cfg = demo.run_config()  # the default strategy, every setting from the recipe book

@@ -69,12 +69,12 @@ def app_workspace(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def streamlit_server(workspace: Path, log_name: str = "server.log"):
-    """`streamlit run app.py` on a free port with its own workspace; yields its base URL."""
+def streamlit_server(workspace: Path, log_name: str = "server.log", env: dict | None = None):
+    """`streamlit run app.py` on a free port with its own workspace (and extra environment); yields its base URL."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
     port = _free_port()
-    env = dict(os.environ, TRANSFER_STUDIO_HOME=str(workspace), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TRANSFER_STUDIO_HOME=str(workspace), PYTHONUNBUFFERED="1", **(env or {}))
     log = open(workspace / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),

@@ -222,6 +222,17 @@ def cmd_bench_process(args) -> int:
     return 0
 
 
+def cmd_bench_load(args) -> int:
+    from pathlib import Path
+
+    from engine import bench_load
+
+    r = bench_load.bench_load(sessions=args.sessions, seconds=args.seconds, rounds=args.rounds, train=not args.no_train)
+    path = bench_load.write_markdown(r, Path(args.out) if args.out else None)
+    emit(args, r, bench_load.format_load(r) + f"\nwrote {path}")
+    return 0
+
+
 def cmd_bench_all(args) -> int:
     from pathlib import Path
 
@@ -536,6 +547,14 @@ def build_parser() -> Parser:
     s.add_argument("--epochs", type=int, default=10)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_process)
+    s = bench.add_parser("load", help="N real browser sessions generating and predicting at once against one server")
+    s.add_argument("--sessions", type=int, default=10)
+    s.add_argument("--seconds", type=float, default=60)
+    s.add_argument("--rounds", type=int, default=2, help="the load again on the same server (memory growth)")
+    s.add_argument("--no-train", action="store_true", help="no fine-tuning job meanwhile")
+    s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench_load)
     s = bench.add_parser("all", help="every benchmark side by side; writes BENCHMARKS.md")
     s.add_argument("--per-class", type=int, default=40, help="generated images per class (4 classes)")
     s.add_argument("--image-size", type=int, default=64)

@@ -41,6 +41,27 @@ def temporary_workspace():
                 os.environ["TRANSFER_STUDIO_HOME"] = old_home
 
 
+# ----------------------------------------------------------------------------- BENCHMARKS.md sections
+def section(text: str, head: str) -> str:
+    """The section of a BENCHMARKS.md text that starts at `head` (a "## " line), up to the next one ("" if absent)."""
+    if head not in text:
+        return ""
+    start = text.index(head)
+    nxt = text.find("\n## ", start + len(head))
+    return text[start:nxt + 1 if nxt != -1 else len(text)].rstrip() + "\n"
+
+
+def replace_section(path: Path, head: str, body: str) -> Path:
+    """Replace (or add at the end) the section starting at `head` with `body`; the rest of the file is kept."""
+    from engine import workspace
+
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    old = section(text, head)
+    text = text.replace(old, body.rstrip() + "\n\n") if old else text.rstrip() + "\n\n" + body.rstrip() + "\n"
+    workspace.atomic_write_bytes(path, (text.rstrip() + "\n").encode())
+    return path
+
+
 def _naive_linear(cfg, data, source, pp) -> dict:
     """The seed's loop: a new fc on a frozen network, every epoch a full forward of every image.
 

@@ -205,11 +205,9 @@ HEAD = "## Recipes: old defaults, the recipe book, and the best of a small grid"
 
 def section_of(text: str) -> str:
     """The recipe section of a BENCHMARKS.md text ("" when there is none)."""
-    if HEAD not in text:
-        return ""
-    start = text.index(HEAD)
-    nxt = text.find("\n## ", start + len(HEAD))
-    return text[start:nxt + 1 if nxt != -1 else len(text)].rstrip() + "\n"
+    from engine import bench
+
+    return bench.section(text, HEAD)
 
 
 def write_markdown(done: dict, path: Path) -> Path:
@@ -224,13 +222,8 @@ def write_markdown(done: dict, path: Path) -> Path:
             "the default strategy; AdaBN for the frozen paths).\n\n"
             + format_markdown(done) + "\n\n| goal | measured | met |\n|---|---|---|\n"
             + "\n".join(f"| {g} | {m} | {ok} |" for g, m, ok in goals(done)) + "\n")
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + body + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + body
-    path.write_text(text)
+    from engine import bench
+
+    bench.replace_section(path, head, body)
     return path
 

@@ -298,9 +298,11 @@ def format_markdown(r: dict) -> str:
 def write_markdown(r: dict, path: Path | None = None) -> Path:
     from engine import workspace
 
-    from engine import bench_recipes
+    from engine import bench, bench_load, bench_recipes
 
     path = path or ROOT / "BENCHMARKS.md"
-    kept = bench_recipes.section_of(path.read_text()) if path.is_file() else ""  # `bench recipes` writes its own section
+    text = path.read_text() if path.is_file() else ""
+    # `bench recipes` and `bench load` write sections of their own: kept
+    kept = "\n".join(sec for sec in (bench.section(text, bench_recipes.HEAD), bench.section(text, bench_load.HEAD)) if sec)
     workspace.atomic_write_bytes(path, (format_markdown(r).rstrip() + ("\n\n" + kept if kept else "\n")).encode())
     return path

@@ -124,7 +124,7 @@ def resolve_text(model: str) -> Source:
     from engine.errors import UserError
 
     if model == "auto":
-        for hub_id in ("gpt2", "distilgpt2"):
+        for hub_id in TEXT_HUB_IDS[:2]:  # auto: the two small ones (gpt2-medium only when asked for)
             if hf_cached(hub_id):
                 return Source("hub", hub_id, f"{hub_id} found in the local Hugging Face cache.")
         if mini_text_available():

@@ -118,13 +118,13 @@ def test_new_family_every_strategy_cache_export_and_import(arch, shapes, tmp_pat
     loaded = vision.load_model(run_dir)
     images = [Image.open(p).convert("RGB") for p in sorted(Path(shapes).glob("class_*/img_*.png"))[::4]]
     pp = loaded.preprocessing
-    x = vision.normalize(torch.stack([vision.center_crop(vision.load_square(im, pp.resize), pp.image_size) for im in images]), pp)
+    crops = torch.stack([vision.center_crop(vision.load_square(im, pp.resize), pp.image_size) for im in images])
     with torch.inference_mode():
-        want = loaded.model(x.contiguous()).numpy()
+        want = loaded.model(vision.normalize(crops, pp).contiguous()).numpy()
     with zipfile.ZipFile(zpath) as z:
         sess = ort.InferenceSession(z.read("model.onnx"), providers=["CPUExecutionProvider"])
         assert backbones.get(arch).head in z.read("model_card.md").decode()
-    assert np.abs(sess.run(["logits"], {"input": x.numpy()})[0] - want).max() < 1e-4
+    assert np.abs(sess.run(["logits"], {"image": crops.permute(0, 2, 3, 1).numpy()})[0] - want).max() < 1e-4
     imported = vision.load_model(vision.import_model(zpath))
     assert imported.arch == arch and imported.classes == loaded.classes
     got = vision.predict(imported, images)

@@ -216,9 +216,13 @@ def cmd_bench_process(args) -> int:
     from engine import bench
 
     r = bench.bench_process(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs)
+    from pathlib import Path
+
+    path = bench.write_process_markdown(r, Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     emit(args, r, f"{r['images']} images at {r['image_size']} px, {r['epochs']} epochs, whole processes: seed loop {r['seed_seconds']} s "
                   f"(val acc {r['seed_val_acc']}), engine finetune --strategy linear {r['seconds']} s (val acc {r['val_acc']}): "
-                  f"{r['ratio']}x; first run on this machine {r['first_seconds']} s ({r['first_ratio']}x); extractors {r['extractor_img_s']} img/s")
+                  f"{r['ratio']}x; first run on this machine {r['first_seconds']} s ({r['first_ratio']}x); extractors {r['extractor_img_s']} img/s"
+                  f"\nwrote {path}")
     return 0
 
 
@@ -545,6 +549,7 @@ def build_parser() -> Parser:
     s.add_argument("--per-class", type=int, default=150, help="generated images per class (4 classes)")
     s.add_argument("--image-size", type=int, default=160)
     s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_process)
     s = bench.add_parser("load", help="N real browser sessions generating and predicting at once against one server")

@@ -72,16 +72,20 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
     page.set_default_timeout(60_000)
     i = 0
     try:
-        await page.goto(f"{url}/generate")
-        await idle(page)
-        await page.get_by_text("Sampling controls").click()  # the expander holding the slider
-        slider = page.get_by_role("slider", name="Max new tokens")
-        await slider.wait_for()
-        await slider.focus()
-        await slider.press("Home")  # the slider by keyboard, as a person with a keyboard would: 1, then up to TOKENS
-        for _ in range(TOKENS - 1):
-            await slider.press("ArrowRight")
-        await idle(page)
+        try:
+            await page.goto(f"{url}/generate", timeout=180_000)
+            await idle(page, 180_000)
+            await page.get_by_text("Sampling controls").click(timeout=180_000)  # the expander holding the slider
+            slider = page.get_by_role("slider", name="Max new tokens")
+            await slider.wait_for()
+            await slider.focus()
+            await slider.press("Home")  # the slider by keyboard, as a person with a keyboard would: 1, then up to TOKENS
+            for _ in range(TOKENS - 1):
+                await slider.press("ArrowRight")
+            await idle(page)
+        except Exception as err:  # noqa: BLE001 - a visitor who never got the page is an error, not a crash
+            record["errors"].append(f"open: {type(err).__name__}")
+            return
         until = time.monotonic() + seconds  # the visitor's clock starts once the page is ready
         while time.monotonic() < until:
             # generate: click -> a new result caption (every generation draws a fresh seed)
@@ -117,14 +121,14 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
         await context.close()
 
 
-async def _idle(page) -> None:
-    await page.wait_for_selector("[data-testid='stApp']")
+async def _idle(page, timeout: float = 60_000) -> None:
+    await page.wait_for_selector("[data-testid='stApp']", timeout=timeout)
     await page.wait_for_function(
         "() => !document.querySelector(\"[data-testid='stStatusWidget']\")"
-        " || !document.querySelector(\"[data-testid='stStatusWidget']\").innerText.includes('Running')", timeout=60_000)
+        " || !document.querySelector(\"[data-testid='stStatusWidget']\").innerText.includes('Running')", timeout=timeout)
 
 
-async def _load(url: str, sessions: int, seconds: float, images: list[Path], chromium: str) -> dict:
+async def _load(url: str, sessions: int, seconds: float, images: list[Path], chromium: str, warm_up: bool) -> dict:
     from playwright.async_api import async_playwright
 
     record = {"generate": [], "predict": [], "errors": []}
@@ -132,7 +136,14 @@ async def _load(url: str, sessions: int, seconds: float, images: list[Path], chr
             "--disable-component-update", "--disable-sync", "--no-first-run"]
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, headless=True, args=args)
-        await asyncio.gather(*[_visitor(browser, url, images, seconds, record, _idle) for _ in range(sessions)])
+        if warm_up:  # the server's first visitor imports torch and loads the models: not what the load measures
+            await _visitor(browser, url, images, 0.1, {"generate": [], "predict": [], "errors": []}, _idle)
+
+        async def arrive(n: int) -> None:  # a room does not join in the same millisecond: one visitor every 0.5 s
+            await asyncio.sleep(0.5 * n)
+            await _visitor(browser, url, images, seconds, record, _idle)
+
+        await asyncio.gather(*[arrive(n) for n in range(sessions)])
         await browser.close()
     return record
 
@@ -176,7 +187,7 @@ def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train
             for r in range(rounds):
                 with MemoryWatch(server.pid) as mem:
                     t = time.perf_counter()
-                    rec = asyncio.run(_load(url, sessions, seconds, images, chromium))
+                    rec = asyncio.run(_load(url, sessions, seconds, images, chromium, warm_up=r == 0))
                     wall = time.perf_counter() - t
                 results.append({"round": r + 1, "sessions": sessions, "seconds": round(wall, 1),
                                 "generations": len(rec["generate"]), "predictions": len(rec["predict"]),

@@ -303,6 +303,7 @@ def write_markdown(r: dict, path: Path | None = None) -> Path:
     path = path or ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.is_file() else ""
     # `bench recipes` and `bench load` write sections of their own: kept
-    kept = "\n".join(sec for sec in (bench.section(text, bench_recipes.HEAD), bench.section(text, bench_load.HEAD)) if sec)
+    heads = (bench.PROCESS_HEAD, bench_recipes.HEAD, bench_load.HEAD)
+    kept = "\n".join(sec for sec in (bench.section(text, h) for h in heads) if sec)
     workspace.atomic_write_bytes(path, (format_markdown(r).rstrip() + ("\n\n" + kept if kept else "\n")).encode())
     return path

@@ -7,8 +7,8 @@ password set there is one role, the machine's owner (a laptop needs no login). T
 from the environment only, compared in constant time, and never logged or written anywhere.
 
 Fair sharing: per-session limits for what the audience may start (a sliding window of predictions
-per minute, generations in flight, the upload size) and a process-wide cap on generations running
-at once; a refusal says how long to wait instead of freezing the page.
+per minute, the upload size; a session runs one script at a time, so one generation in flight) and a
+process-wide cap on generations running at once; a refusal says how long to wait instead of freezing the page.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ PASSWORD_ENV = "TRANSFER_STUDIO_PRESENTER_PASSWORD"
 
 # audience limits (presenters and owners are not limited)
 PREDICTIONS_PER_MINUTE = 30
-GENERATIONS_IN_FLIGHT = 1          # per session
 AUDIENCE_UPLOAD_BYTES = 10 * 2**20  # per uploaded file
 GENERATIONS_AT_ONCE = 4            # process-wide: more would only slow every one of them down on a small CPU
 

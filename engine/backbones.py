@@ -122,6 +122,11 @@ def pool(model: nn.Module) -> nn.Module:
     return _sequence(model, entry(model).pool)
 
 
+def frozen_modules(model: nn.Module, k: int) -> list[nn.Module]:
+    """What k frozen stages cover: the first k stages, and with k=5 the pool too (its output is the feature vector)."""
+    return stages(model)[:k] + ([pool(model)] if k >= 5 else [])
+
+
 def head(model: nn.Module) -> nn.Linear:
     return model.get_submodule(entry(model).head)
 

@@ -66,7 +66,7 @@ class MemoryWatch:
         self.thread.join()
 
 
-async def _visitor(browser, url: str, images: list[Path], seconds: float, record: dict, idle) -> None:
+async def _visitor(browser, url: str, images: list[Path], seconds: float, record: dict) -> None:
     context = await browser.new_context(viewport={"width": 1200, "height": 900})
     page = await context.new_page()
     page.set_default_timeout(60_000)
@@ -74,7 +74,7 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
     try:
         try:
             await page.goto(f"{url}/generate", timeout=180_000)
-            await idle(page, 180_000)
+            await _idle(page, 180_000)
             await page.get_by_text("Sampling controls").click(timeout=180_000)  # the expander holding the slider
             slider = page.get_by_role("slider", name="Max new tokens")
             await slider.wait_for()
@@ -82,7 +82,7 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
             await slider.press("Home")  # the slider by keyboard, as a person with a keyboard would: 1, then up to TOKENS
             for _ in range(TOKENS - 1):
                 await slider.press("ArrowRight")
-            await idle(page)
+            await _idle(page)
         except Exception as err:  # noqa: BLE001 - a visitor who never got the page is an error, not a crash
             record["errors"].append(f"open: {type(err).__name__}")
             return
@@ -103,7 +103,7 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
             # predict: open the page, upload an image -> its top class on screen
             try:
                 await page.goto(f"{url}/predict")
-                await idle(page)
+                await _idle(page)
                 image = images[i % len(images)]
                 i += 1
                 t = time.perf_counter()
@@ -116,7 +116,7 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
             except Exception as err:  # noqa: BLE001
                 record["errors"].append(f"predict: {type(err).__name__}")
             await page.goto(f"{url}/generate")
-            await idle(page)
+            await _idle(page)
     finally:
         await context.close()
 
@@ -137,11 +137,11 @@ async def _load(url: str, sessions: int, seconds: float, images: list[Path], chr
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, headless=True, args=args)
         if warm_up:  # the server's first visitor imports torch and loads the models: not what the load measures
-            await _visitor(browser, url, images, 0.1, {"generate": [], "predict": [], "errors": []}, _idle)
+            await _visitor(browser, url, images, 0.1, {"generate": [], "predict": [], "errors": []})
 
         async def arrive(n: int) -> None:  # a room does not join in the same millisecond: one visitor every 0.5 s
             await asyncio.sleep(0.5 * n)
-            await _visitor(browser, url, images, seconds, record, _idle)
+            await _visitor(browser, url, images, seconds, record)
 
         await asyncio.gather(*[arrive(n) for n in range(sessions)])
         await browser.close()

@@ -207,10 +207,22 @@ def _fp16_storage(path: Path) -> None:
     onnx.save(m, str(path))
 
 
+def to_onnx(module, example, out, input_names: list[str], output_names: list[str]) -> None:
+    """`module` as ONNX (opset 17, the batch dimension dynamic) into a path or a file object."""
+    import warnings
+
+    import torch  # deferred: this module is read without torch (header checks)
+
+    # TorchScript-based exporter: the dynamo exporter needs onnxscript, which is not a dependency
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), out, input_names=input_names, output_names=output_names,
+                          dynamic_axes={name: {0: "batch"} for name in input_names + output_names}, opset_version=17, dynamo=False)
+
+
 def export_onnx(loaded, path: Path, half: bool = False, batch: int = 4) -> float:
     """Write model.onnx (uint8 images in) and return max |onnxruntime - PyTorch| probability on a test batch."""
     import copy
-    import warnings
 
     import numpy as np
     import torch
@@ -220,12 +232,7 @@ def export_onnx(loaded, path: Path, half: bool = False, batch: int = 4) -> float
     S = loaded.preprocessing.image_size
     x = torch.randint(0, 256, (batch, S, S, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     tmp = workspace.atomic_path(path)
-    # TorchScript-based exporter: the dynamo exporter needs onnxscript, which is not a dependency
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(wrapped, (x,), str(tmp), input_names=["image"], output_names=["logits", "probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+    to_onnx(wrapped, x, str(tmp), ["image"], ["logits", "probabilities"])
     if half:
         _fp16_storage(tmp)
     os.replace(tmp, path)
@@ -264,8 +271,7 @@ def parity(run_dir: str | Path, zip_path: Path, n: int = 20) -> dict:
         if "model.onnx" not in z.namelist():
             raise UserError(f"{Path(zip_path).name} has no model.onnx to check")
         sess = ort.InferenceSession(z.read("model.onnx"), providers=["CPUExecutionProvider"])
-    pp = loaded.preprocessing
-    x = np.stack([vision.center_crop(vision.load_square(im, pp.resize), pp.image_size).permute(1, 2, 0).numpy() for im in images])
+    x = vision.crops(images, loaded.preprocessing).permute(0, 2, 3, 1).numpy()  # NHWC uint8, as the card's example makes
     onnx_probs = sess.run(["probabilities"], {"image": x})[0]
     return {"images": len(images), "what": what, "max_prob_diff": float(np.abs(onnx_probs - app).max()),
             "top1_agree": int((onnx_probs.argmax(1) == app.argmax(1)).sum())}

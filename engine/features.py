@@ -59,8 +59,7 @@ def weights_hash(model: torch.nn.Module, k: int) -> str:
     from engine import backbones
 
     h = hashlib.sha256()
-    frozen = backbones.stages(model)[:k] + ([backbones.pool(model)] if k == 5 else [])
-    for st in frozen:
+    for st in backbones.frozen_modules(model, k):
         for name, t in st.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy when contiguous
@@ -83,8 +82,7 @@ def frozen_prefix(model: torch.nn.Module, k: int, dev: torch.device) -> torch.nn
 
     from engine import backbones
 
-    mods = backbones.stages(model)[:k] + ([backbones.pool(model)] if k == 5 else [])
-    seq = copy.deepcopy(torch.nn.Sequential(*mods)).eval()
+    seq = copy.deepcopy(torch.nn.Sequential(*backbones.frozen_modules(model, k))).eval()
     try:
         seq = fuse(seq, inplace=True)
     except Exception as err:  # a family fx cannot trace still works, unfolded
@@ -112,17 +110,13 @@ class Extractor:
 def onnx_runner(prefix: torch.nn.Module, pp, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The folded prefix exported to ONNX (in memory) and run by ONNX Runtime's CPU provider."""
     import io
-    import warnings
 
     import onnxruntime as ort
 
+    from engine.export import to_onnx
+
     buf = io.BytesIO()
-    example = torch.zeros(1, 3, pp.image_size, pp.image_size)
-    with warnings.catch_warnings():  # the TorchScript-based exporter (the dynamo one needs onnxscript)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(prefix, (example,), buf, input_names=["x"],
-                          output_names=["features"], dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+    to_onnx(prefix, torch.zeros(1, 3, pp.image_size, pp.image_size), buf, ["x"], ["features"])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -169,10 +163,7 @@ def extractor(model: torch.nn.Module, k: int, pp, dev: torch.device, arch: str) 
     memo_path = workspace.subdir("cache") / "extractor.json"
     key = "|".join([arch, f"k{k}", str(pp.image_size), f"{threads}t", torch.__version__,
                     getattr(onnxruntime, "__version__", "-"), platform.processor() or platform.machine(), ",".join(candidates)])
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    memo = workspace.read_json(memo_path, {})
     built = {}
     if key not in memo:
         x = torch.randn(32, 3, pp.image_size, pp.image_size, generator=torch.Generator().manual_seed(0))

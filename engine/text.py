@@ -245,10 +245,7 @@ def choose_inference(model, device: torch.device, key: str, forced: str | None =
     n_params = sum(p.numel() for p in model.parameters())
     memo_path = workspace.subdir("cache") / "text-dtype.json"
     memo_key = f"{key}|{n_params}|{torch.__version__}|{torch.get_num_threads()}|{','.join(dtypes)}|lean"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    memo = workspace.read_json(memo_path, {})
     if memo_key not in memo:
         models = {"fp32": model} if "fp32" in dtypes else {}
         if "bf16" in dtypes:

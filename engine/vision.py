@@ -930,11 +930,16 @@ def load_model(run_dir: str | Path) -> LoadedModel:
     return LoadedModel(model, list(classes), pp, dev, arch, run_dir, info)
 
 
+def crops(images: list, pp: Preprocessing) -> torch.Tensor:
+    """PIL images -> the uint8 crops (N, 3, S, S) the model sees: shorter side to pp.resize, centre pp.image_size."""
+    return torch.stack([center_crop(load_square(im, pp.resize), pp.image_size) for im in images])
+
+
 @torch.inference_mode()
 def probabilities(loaded: LoadedModel, images: list) -> torch.Tensor:
     """Class probabilities (N, classes) on the CPU for PIL images, with the run's own preprocessing."""
     pp = loaded.preprocessing
-    x = torch.stack([center_crop(load_square(im, pp.resize), pp.image_size) for im in images])
+    x = crops(images, pp)
     return torch.cat([loaded.model(normalize(x[i:i + 64], pp).to(loaded.device)).float().softmax(1).cpu()
                       for i in range(0, len(x), 64)])
 

@@ -151,6 +151,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_json(path: Path, default=None):
+    """A JSON file written by atomic_write_json, or `default` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False).encode())
 

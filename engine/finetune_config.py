@@ -50,9 +50,9 @@ class FinetuneConfig:
     label_smoothing: float | None = None
     bn_adapt: bool | None = field(default=None, metadata={"help": "re-estimate frozen BatchNorm statistics on your images (AdaBN)"})
 
-    def filled(self, n_train: int, n_classes: int, weights_kind: str) -> tuple["FinetuneConfig", dict]:
+    def filled(self, n_train: int, n_classes: int, weights_kind: str, grey: bool = False) -> tuple["FinetuneConfig", dict]:
         """A copy with every None field filled from the recipe, and where each value came from."""
-        return recipes.fill(self, n_train, n_classes, weights_kind)
+        return recipes.fill(self, n_train, n_classes, weights_kind, grey)
 
     def validate(self) -> "FinetuneConfig":
         """Check every option; raise UserError naming the bad one. Returns self."""

@@ -677,6 +677,28 @@ def training_data(data: str, val_fraction: float = 0.2, seed: int = 0, limits: L
     return TrainingData(classes, train, val, version)
 
 
+GREY_SAMPLE = 32      # images looked at to tell a grey dataset from a colour one
+GREY_LEVELS = 3.0     # mean |R-G| + |G-B| below this (of 255) counts as grey (JPEG noise stays below 1)
+
+
+def looks_grey(paths: list[Path], n: int = GREY_SAMPLE) -> bool:
+    """Whether a dataset's images carry no colour (scans, X-rays, sketches, digits), from up to `n`
+    evenly spaced images decoded at thumbnail size. Stored images are all RGB, so the channels
+    are compared rather than the file's mode. The recipe book gives grey data a longer budget."""
+    import numpy as np
+
+    if not paths:
+        return False
+    step = max(1, len(paths) // n)
+    spreads = []
+    for p in list(paths)[::step][:n]:
+        with Image.open(p) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced size
+            a = np.asarray(im.convert("RGB").resize((32, 32)), dtype=np.float32)
+        spreads.append(np.abs(a[..., 0] - a[..., 1]).mean() + np.abs(a[..., 1] - a[..., 2]).mean())
+    return float(np.median(spreads)) < GREY_LEVELS
+
+
 def split_counts(dataset: str, val_fraction: float = 0.2, seed: int = 0) -> dict[str, dict[str, int]]:
     """class -> {"train": n, "val": n} for the Images page."""
     ds = _dataset_id(dataset)

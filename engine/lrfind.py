@@ -64,7 +64,7 @@ def find_lr(cfg, steps: int = STEPS, lr_min: float = LR_MIN, lr_max: float = LR_
     ctx.report(phase="loading", message="reading images")
     data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
     n_classes = len(data.classes)
-    cfg, _ = cfg.filled(len(data.train), n_classes, source.kind)
+    cfg, _ = cfg.filled(len(data.train), n_classes, source.kind, imagedata.looks_grey([p for p, _ in data.train]))
     if cfg.optimizer == "lbfgs":  # the recipe's probe needs no rate: sweep the minibatch recipe for the same layer
         alt = recipes.vision_recipe("linear", len(data.train), n_classes, cfg.image_size, source.kind, fixed_features=False)
         cfg = replace(cfg, optimizer=alt.optimizer, lr=alt.lr, weight_decay=alt.weight_decay, schedule=alt.schedule)

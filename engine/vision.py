@@ -543,7 +543,8 @@ class FinetuneRun:
         self.pp = pp = run_preprocessing(cfg, source)
         self.n_classes = len(data.classes)
         # every setting left open comes from the recipe book, for this strategy and this many images
-        cfg, self.recipe_info = cfg.filled(len(data.train), self.n_classes, source.kind)
+        grey = imagedata.looks_grey([p for p, _ in data.train])
+        cfg, self.recipe_info = cfg.filled(len(data.train), self.n_classes, source.kind, grey)
         self.cfg = cfg = cfg.validate()
         self.phases = phases(cfg)
         model = build_model(cfg.model, self.n_classes, source, seed=cfg.seed)
@@ -852,13 +853,14 @@ def describe_settings(settings: dict, from_recipe: list[str]) -> str:
 
 def plan_settings(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     """The settings a run of `cfg` will train with, before it starts: the recipe for its strategy
-    and dataset fills what is None (what the form shows and the CLI prints). Decodes no image."""
+    and dataset fills what is None (what the form shows and the CLI prints). Decodes a few
+    thumbnails at most (is the data grey?)."""
     from engine import imagedata
 
     cfg.validate()
     source = sources.resolve_vision(cfg.model, "none" if cfg.strategy == "scratch" else cfg.weights)
     data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    filled, info = cfg.filled(len(data.train), len(data.classes), source.kind)
+    filled, info = cfg.filled(len(data.train), len(data.classes), source.kind, imagedata.looks_grey([p for p, _ in data.train]))
     return filled, {**info, "n_train": len(data.train), "n_classes": len(data.classes)}
 
 

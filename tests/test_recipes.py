@@ -36,6 +36,40 @@ def test_the_recipe_is_pure():
     assert recipes.vision_recipe("full", 300, 5) == recipes.vision_recipe("full", 300, 5)
 
 
+def test_grey_images_give_full_a_longer_budget_and_nothing_else_changes():
+    colour, grey = recipes.vision_recipe("full", 128, 4), recipes.vision_recipe("full", 128, 4, grey=True)
+    assert grey.steps > colour.steps and grey.epochs > colour.epochs
+    assert "Grey images" in grey.why["epochs"] and "Grey" not in colour.why["epochs"]
+    assert dataclasses.replace(grey, epochs=colour.epochs, steps=colour.steps, why={}) == dataclasses.replace(colour, why={})
+    for strategy in ("linear", "partial", "two-phase", "scratch"):  # measured for full only
+        assert recipes.vision_recipe(strategy, 128, 4, grey=True) == recipes.vision_recipe(strategy, 128, 4)
+
+
+def test_looks_grey_tells_grey_from_colour_images_and_plan_settings_uses_it(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from engine import imagedata
+
+    colour = make_dataset(tmp_path / "colour", n_classes=2, n=6)
+    grey = tmp_path / "grey"
+    for f in sorted(colour.rglob("*.png")):  # the same images without their colour, saved as RGB
+        out = grey / f.relative_to(colour)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("L").convert("RGB").save(out)
+    assert imagedata.looks_grey(sorted(grey.rglob("*.png")))
+    assert not imagedata.looks_grey(sorted(colour.rglob("*.png")))
+    assert not imagedata.looks_grey([])
+    noisy = tmp_path / "noisy.jpg"  # a grey photo through JPEG: a little chroma noise, still grey
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), "L").convert("RGB").save(noisy, quality=80)
+    assert imagedata.looks_grey([noisy])
+    monkeypatch.setattr(recipes, "FULL_MIN_STEPS", 1)  # 10 images: the minimum of steps would bind either way
+    plans = {name: vision.plan_settings(vision.FinetuneConfig(data=str(root), strategy="full"))
+             for name, root in (("colour", colour), ("grey", grey))}
+    assert plans["grey"][1]["grey"] and not plans["colour"][1]["grey"]
+    assert plans["grey"][0].epochs > plans["colour"][0].epochs
+
+
 @pytest.mark.parametrize("strategy", ["partial", "full", "two-phase", "scratch"])
 def test_a_step_budget_not_an_epoch_count(strategy):
     sizes = [16, 64, 128, 512, 2_000, 10_000, 50_000, 200_000]
@@ -112,8 +146,8 @@ def sentinel(monkeypatch):
     """A recipe nobody would type: whoever trains with these values took them from the recipe book."""
     real = recipes.vision_recipe
 
-    def fake(strategy, n_train, n_classes, image_size=None, weights="mini", fixed_features=True):
-        rec = real(strategy, n_train, n_classes, image_size, weights, fixed_features)
+    def fake(strategy, n_train, n_classes, image_size=None, weights="mini", fixed_features=True, grey=False):
+        rec = real(strategy, n_train, n_classes, image_size, weights, fixed_features, grey)
         if rec.optimizer == "lbfgs":
             return dataclasses.replace(rec, epochs=3)
         return dataclasses.replace(rec, epochs=1, lr=0.0123, batch_size=8, augment=(), label_smoothing=0.05)

@@ -28,6 +28,7 @@ PROJECTOR_CSS = """<style>
 # (file, title, icon, section); a page whose file does not exist yet is simply absent.
 PAGES = [
     ("pages/home.py", "Home", ":material/home:", "Start"),
+    ("pages/models.py", "Models", ":material/deployed_code:", "Start"),
     ("pages/images.py", "Images", ":material/photo_library:", "Vision"),
     ("pages/finetune.py", "Fine-tune", ":material/model_training:", "Vision"),
     ("pages/predict.py", "Predict", ":material/center_focus_strong:", "Vision"),
@@ -95,11 +96,12 @@ def environment_lines() -> None:
     if "device" not in env:
         st.caption("**Device** · detecting…")
         return
-    avail = env["weights"]
-    vision = "ImageNet" if any(avail["vision"]["imagenet_cached"].values()) else ("bundled mini" if avail["vision"]["mini"] else "none")
-    text = next((m for m, ok in avail["text"]["hf_cached"].items() if ok), "bundled mini" if avail["text"]["mini"] else "none")
+    from engine import sources  # (imported by the probe already: reading what is cached now costs a few file checks)
+
+    avail = sources.available()  # fresh on every rerun: a download or an import shows at once
     st.caption(f"**Device** · {env['device']}")
-    st.caption(f"**Weights** · vision: {vision} · text: {text} · {'online' if avail['online'] else 'offline'}")
+    st.caption(f"**Weights** (auto) · vision: {avail['auto']['vision']} · text: {avail['auto']['text']} · "
+               f"{'online' if avail['online'] else 'offline'}")
 
 
 @st.fragment(run_every=2)

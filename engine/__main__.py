@@ -39,6 +39,69 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- models
+class ProgressLine:
+    """A download's progress on stderr: one line, redrawn in place on a terminal, else every 10%."""
+
+    def __init__(self, stream=None):
+        self._stream, self.step = stream, -1
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr  # (looked up when used: tests swap sys.stderr)
+
+    def __call__(self, **p) -> None:
+        from engine import models
+
+        if p.get("bytes") is None:
+            return
+        tty = self.stream.isatty()
+        step = int((p.get("progress") or 0) * 10)
+        if tty or step != self.step:
+            self.step = step
+            line = f"downloading {p.get('model', '')}: {models.progress_line(p)}"
+            print(("\r" + line.ljust(72)) if tty else line, end="" if tty else "\n", file=self.stream, flush=True)
+            if tty and p.get("progress") == 1.0:
+                print(file=self.stream)
+
+
+def cmd_models_list(args) -> int:
+    from engine import models, sources
+
+    found = models.catalog()
+    net = "online" if sources.online() else f"offline: {sources.offline_reason()}"
+    emit(args, {"models": [m.to_dict() for m in found], "online": sources.online()}, models.format_table(found) + f"\n({net})")
+    return 0
+
+
+def cmd_models_download(args) -> int:
+    from engine import models
+    from engine.jobs import JobContext, ctrl_c_cancels
+
+    ctx = JobContext(run_id="download", config={"name": args.name}, run_dir=None)
+    with ctrl_c_cancels(ctx):  # Ctrl-C stops the download cleanly
+        path = models.download(args.name, report=ProgressLine(), cancelled=ctx.cancelled)
+    m = models.get(args.name)
+    emit(args, m.to_dict(), f"{m.name}: {m.status}, {m.size_mb:.0f} MB at {path}")
+    return 0
+
+
+def cmd_models_delete(args) -> int:
+    from engine import models
+
+    m = models.delete(args.name)
+    emit(args, m.to_dict(), f"deleted {args.name} (now {m.status})")
+    return 0
+
+
+def cmd_models_import(args) -> int:
+    from engine import models
+
+    m = models.import_file(args.file, name=args.name)
+    emit(args, m.to_dict(), f"imported {m.name}: {m.status}, {m.size_mb:.0f} MB at {m.path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- data
 def cmd_data_check(args) -> int:
     from engine import imagedata
@@ -113,11 +176,14 @@ def cmd_finetune(args) -> int:
 
     quiet = not distributed.env_info().is_main  # under torchrun only rank 0 prints
     seen = {"epoch": None, "msg": None}
+    download_line = ProgressLine(stream)
 
     def on_report(p: dict) -> None:
         if quiet:
             return
-        if p.get("epoch_done") != seen["epoch"] and p.get("epoch_done"):
+        if p.get("phase") == "downloading":
+            download_line(**p)
+        elif p.get("epoch_done") != seen["epoch"] and p.get("epoch_done"):
             seen["epoch"] = p["epoch_done"]
             print(p.get("message", ""), file=stream, flush=True)
         elif p.get("phase") == "extracting" and p.get("message") != seen["msg"] and p.get("step") == p.get("steps"):
@@ -468,9 +534,29 @@ def build_parser() -> Parser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
+    p.add_argument("--offline", action="store_true", help="never download weights, as TRANSFER_STUDIO_OFFLINE=1 (anywhere on the line)")
     s = sub.add_parser("info", help="versions, device, available weights, workspace")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
+
+    models = sub.add_parser("models", help="list, download, delete or import pretrained weights").add_subparsers(
+        dest="models_command", required=True, parser_class=Parser)
+    s = models.add_parser("list", help="every model the app knows, with its status, size and place")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models_list)
+    s = models.add_parser("download", help="download a model's weights (with progress; Ctrl-C stops cleanly)")
+    s.add_argument("name", help="a name from `models list` (e.g. resnet18, gpt2) or a hub id org/model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models_download)
+    s = models.add_parser("delete", help="delete a downloaded or imported model")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models_delete)
+    s = models.add_parser("import", help="bring in a torchvision ImageNet .pth or a zipped Hugging Face model folder")
+    s.add_argument("file")
+    s.add_argument("--name", default=None, help=".pth: the architecture (default: found from the tensors); .zip: the model id (default: the file name)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models_import)
 
     data = sub.add_parser("data", help="check or import image datasets").add_subparsers(dest="data_command", required=True, parser_class=Parser)
     s = data.add_parser("check", help="validate a folder of class subfolders or a .zip")
@@ -694,6 +780,15 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--offline" in argv:  # accepted anywhere, not only before the command
+        argv.remove("--offline")
+        os.environ["TRANSFER_STUDIO_OFFLINE"] = "1"
+    from engine import models
+
+    models.default_report = ProgressLine()  # downloads a command needs first show a progress line
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -704,6 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        models.default_report = None
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def format_text(d: dict) -> str:
         f"vision weights: ImageNet cached for {', '.join(cached)}; bundled mini resnet18: {'yes' if w['vision']['mini'] else 'missing'}",
         f"text weights: HF cache has {', '.join(hf)}; bundled mini GPT-2: {'yes' if w['text']['mini'] else 'missing'}",
         f"network downloads: {'allowed' if w['online'] else 'off'}",
+        f"auto uses: vision {w['auto']['vision']}; text {w['auto']['text']}",
         f"workspace: {d['workspace']}",
     ]
     return "\n".join(lines)

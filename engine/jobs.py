@@ -38,6 +38,7 @@ RUNNERS = {
     "lm-finetune": "engine.lmtrain:run_job",
     "lab": "engine.lab:run_job",
     "demo": "engine.demo:run_job",
+    "download": "engine.models:run_job",
 }
 # queued + running, per process; more is refused with a clear message
 MAX_QUEUED = int(os.environ.get("TRANSFER_STUDIO_MAX_JOBS", 8))

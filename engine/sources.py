@@ -2,9 +2,12 @@
 
 Vision: `imagenet` (torchvision weights, when cached under torch.hub.get_dir()/checkpoints
 or downloadable), `mini` (bundled, assets/mini-resnet18), `none` (random init), or a
-.safetensors file. Text: a GPT-2-family hub id (when in the HF cache, loaded with
-local_files_only, or downloadable), a local HF folder, or `mini` (assets/mini-gpt2).
-`auto` picks the real weights when present, else the bundled mini model, and says why.
+.safetensors file. Text: a GPT-2-family hub id (when in the HF cache, or downloadable), a
+local HF folder, or `mini` (assets/mini-gpt2).
+
+`auto` means the best weights this machine can have: real weights when cached; when none are
+cached and the network answers, the real weights, downloaded on first use (engine.models, with
+progress); the bundled mini model only offline, and the Source says why.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ MINI_VISION = ASSETS / "mini-resnet18"
 MINI_TEXT = ASSETS / "mini-gpt2"
 VISION_ARCHS = backbones.NAMES
 TEXT_HUB_IDS = ("gpt2", "distilgpt2", "gpt2-medium")
+AUTO_TEXT = "gpt2"  # what `auto` downloads when no GPT-2 is cached
+URL_ENV = "TRANSFER_STUDIO_MODELS_URL"  # another host for the weights (a mirror; the tests' local server)
 
 
 @dataclass
@@ -27,32 +32,56 @@ class Source:
     name: str            # what the UI shows, e.g. "ImageNet (torchvision resnet18)"
     reason: str          # why this source was chosen, one sentence
     path: Path | None = None
+    download: str | None = None  # the model manager's name for what must be downloaded first (None: here)
 
 
-_online: bool | None = None
+_online: dict[tuple, bool] = {}  # host -> whether it answered (asked once per process)
+
+
+def models_url() -> str | None:
+    """TRANSFER_STUDIO_MODELS_URL without its trailing slash (None when unset)."""
+    return os.environ.get(URL_ENV, "").strip().rstrip("/") or None
 
 
 def online() -> bool:
-    """Whether weight downloads can work: a name lookup of the weight hosts, once per process.
+    """Whether weight downloads can work: a name lookup of the weight hosts (or a connection to
+    TRANSFER_STUDIO_MODELS_URL), once per process per host.
 
     Off without asking when HF_HUB_OFFLINE=1 or TRANSFER_STUDIO_OFFLINE=1 (the tests set it).
     """
-    global _online
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFER_STUDIO_OFFLINE") == "1":
+    if offline_forced():
         return False
-    if _online is None:
-        import socket
-        from concurrent.futures import ThreadPoolExecutor
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
 
+    url = models_url()
+    if url:
+        parts = urlsplit(url)
+        target = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        probe = lambda: socket.create_connection(target, timeout=1.5).close()  # noqa: E731
+    else:
+        target = ("huggingface.co", 443)
+        probe = lambda: socket.getaddrinfo(*target)  # noqa: E731
+    if target not in _online:
         pool = ThreadPoolExecutor(max_workers=1)
-        future = pool.submit(socket.getaddrinfo, "huggingface.co", 443)
+        future = pool.submit(probe)
         try:
             future.result(timeout=1.5)
-            _online = True
+            _online[target] = True
         except Exception:
-            _online = False
+            _online[target] = False
         pool.shutdown(wait=False)
-    return _online
+    return _online[target]
+
+
+def offline_forced() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFER_STUDIO_OFFLINE") == "1"
+
+
+def offline_reason() -> str:
+    return ("downloads are off (TRANSFER_STUDIO_OFFLINE=1)" if offline_forced()
+            else "no network (the weight hosts do not answer)")
 
 
 # ----------------------------------------------------------------------------- vision
@@ -81,13 +110,19 @@ def resolve_vision(arch: str, weights: str) -> Source:
     if weights == "auto":
         if imagenet_cached(arch):
             return Source("imagenet", f"ImageNet ({arch})", "ImageNet weights found in the local torch cache.", imagenet_file(arch))
+        if online():
+            return Source("imagenet", f"ImageNet ({arch})", f"No ImageNet weights for {arch} on this machine yet: they are "
+                          "downloaded first (the Models page, or `python -m engine models download`).", imagenet_file(arch), arch)
         if arch == "resnet18" and mini_vision_available():
-            return Source("mini", "mini (bundled resnet18)", "No ImageNet weights cached and no network: using the bundled mini backbone.", MINI_VISION / "model.safetensors")
+            return Source("mini", "mini (bundled resnet18)", f"No ImageNet weights cached and {offline_reason()}: using the "
+                          "bundled mini backbone (bring real weights in with `python -m engine models import`).", MINI_VISION / "model.safetensors")
         why = "the bundled mini backbone is missing" if arch == "resnet18" else "the bundled mini backbone is a resnet18"
-        return Source("none", "random init", f"No ImageNet weights cached for {arch} and {why}: starting from random weights.")
+        return Source("none", "random init", f"No ImageNet weights cached for {arch}, {offline_reason()}, and {why}: starting from random weights.")
     if weights == "imagenet":
-        if imagenet_cached(arch) or online():
+        if imagenet_cached(arch):
             return Source("imagenet", f"ImageNet ({arch})", "ImageNet weights requested.", imagenet_file(arch))
+        if online():
+            return Source("imagenet", f"ImageNet ({arch})", "ImageNet weights requested: downloaded first.", imagenet_file(arch), arch)
         raise UserError(f"ImageNet weights for {arch} are not available offline; place {imagenet_file(arch).name} in {imagenet_file(arch).parent} or use --weights mini")
     if weights == "mini":
         if arch != "resnet18":
@@ -106,14 +141,22 @@ def resolve_vision(arch: str, weights: str) -> Source:
 
 
 # ----------------------------------------------------------------------------- text
-def hf_cached(model_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
+def hf_snapshot(model_id: str) -> Path | None:
+    """The hub cache's complete folder for `model_id` (a config and safetensors weights), or None.
 
-        hit = try_to_load_from_cache(model_id, "config.json")
-        return isinstance(hit, str)
-    except Exception:
-        return False
+    The cache's layout: models--<id>/refs/main names the revision, snapshots/<revision>/ holds the files."""
+    try:
+        from huggingface_hub import constants
+
+        folder = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+        snap = folder / "snapshots" / (folder / "refs" / "main").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return snap if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")) else None
+
+
+def hf_cached(model_id: str) -> bool:
+    return hf_snapshot(model_id) is not None
 
 
 def mini_text_available() -> bool:
@@ -126,9 +169,13 @@ def resolve_text(model: str) -> Source:
     if model == "auto":
         for hub_id in TEXT_HUB_IDS[:2]:  # auto: the two small ones (gpt2-medium only when asked for)
             if hf_cached(hub_id):
-                return Source("hub", hub_id, f"{hub_id} found in the local Hugging Face cache.")
+                return Source("hub", hub_id, f"{hub_id} found in the local Hugging Face cache.", hf_snapshot(hub_id))
+        if online():
+            return Source("hub", AUTO_TEXT, f"No GPT-2 on this machine yet: {AUTO_TEXT} is downloaded first (the Models page, "
+                          "or `python -m engine models download`).", None, AUTO_TEXT)
         if mini_text_available():
-            return Source("mini", "mini-gpt2 (bundled)", "No GPT-2 in the local cache and no network: using the bundled mini GPT-2.", MINI_TEXT)
+            return Source("mini", "mini-gpt2 (bundled)", f"No GPT-2 in the local cache and {offline_reason()}: using the bundled "
+                          "mini GPT-2 (bring GPT-2 in with `python -m engine models import`).", MINI_TEXT)
         raise UserError(f"no language model available: bundled model missing at {MINI_TEXT}; run `python -m engine pretrain text`")
     if model == "mini":
         if not mini_text_available():
@@ -141,8 +188,10 @@ def resolve_text(model: str) -> Source:
         return Source("folder", path.name, "Model from a local folder.", path)
     if "/" in model and not model.count("/") == 1:
         raise UserError(f"model folder not found: {model}")
-    if hf_cached(model) or online():
-        return Source("hub", model, f"{model} from the Hugging Face cache." if hf_cached(model) else f"{model} will be downloaded.")
+    if hf_cached(model):
+        return Source("hub", model, f"{model} from the Hugging Face cache.", hf_snapshot(model))
+    if online():
+        return Source("hub", model, f"{model} is downloaded first.", None, model)
     raise UserError(f"{model} is not in the local Hugging Face cache and there is no network; use --model mini or a local folder")
 
 
@@ -158,4 +207,16 @@ def available() -> dict:
             "mini": mini_text_available(),
         },
         "online": online(),
+        "auto": {"vision": auto_line(lambda: resolve_vision("resnet18", "auto")), "text": auto_line(lambda: resolve_text("auto"))},
     }
+
+
+def auto_line(resolve) -> str:
+    """What `auto` picks now, in a few words: the sidebar and `engine info` say the same."""
+    from engine.errors import UserError
+
+    try:
+        src = resolve()
+    except UserError:
+        return "none"
+    return src.name + (" (downloaded on first use)" if src.download else "") + (" (offline)" if src.kind == "mini" else "")

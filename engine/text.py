@@ -96,11 +96,15 @@ def _load(spec: str, source: sources.Source, dtype: str | None) -> LM:
 
     quiet_transformers()
 
-    where = str(source.path) if source.path else source.name
-    offline = source.kind != "hub" or not sources.online()
+    path = source.path
+    if source.download:  # a hub model not on this machine yet: the model manager fetches and checks it first
+        from engine import models
+
+        path = models.download(source.download)
+    where = str(path) if path else source.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=offline, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=torch.float32)
     except OSError as err:
         raise UserError(
             f"could not load the language model {source.name!r} ({err.__class__.__name__}: {str(err).splitlines()[0][:200]}); "
@@ -145,6 +149,10 @@ def model_choices() -> dict[str, str]:
     for hub_id in sources.TEXT_HUB_IDS:
         if sources.hf_cached(hub_id):
             out[hub_id] = f"{hub_id} (Hugging Face cache)"
+    from engine import models
+
+    for hub_id in models.imported_hub_ids():
+        out[hub_id] = f"{hub_id} (imported)"
     for run in runs.list_runs("lm-finetune"):
         folder = Path(run["dir"]) / "model"
         if (folder / "config.json").is_file():

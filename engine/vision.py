@@ -252,16 +252,15 @@ def safe_load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_imagenet(arch: str, source: sources.Source) -> dict[str, torch.Tensor]:
-    from torchvision.models import get_model_weights
+    from engine import models
 
-    path = source.path
-    if path is not None and path.is_file():
-        # torchvision's own .pth checkpoint: only ever weights_only=True
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(f"could not read ImageNet weights {path.name} ({str(err)[:100]}); delete the file to download it again") from None
-    return get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
+    path = source.path if source.path is not None and source.path.is_file() else models.ensure_vision(arch)
+    # torchvision's own .pth checkpoint: only ever weights_only=True
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"could not read ImageNet weights {path.name} ({str(err)[:100]}); delete it on the Models page "
+                        "(or `python -m engine models delete`) to download it again") from None
 
 
 def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -547,6 +546,11 @@ class FinetuneRun:
         cfg, self.recipe_info = cfg.filled(len(data.train), self.n_classes, source.kind, grey)
         self.cfg = cfg = cfg.validate()
         self.phases = phases(cfg)
+        if source.download:  # auto or imagenet with nothing cached and the network up: fetch, with progress
+            from engine import models
+
+            models.ensure_vision(cfg.model, report=lambda **p: ctx.report(
+                **{**p, "message": f"downloading {cfg.model} ImageNet weights: {models.progress_line(p)}"}), cancelled=ctx.cancelled)
         model = build_model(cfg.model, self.n_classes, source, seed=cfg.seed)
         self.start_hash = features.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
         self.model = model = model.to(dev, memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ import streamlit as st
 
 from engine import backbones, distributed, export, imagedata, report, runs, sources, vision, workspace
 from engine.errors import UserError
-from pages.common import allowed, curves, friendly_errors, locked, manager, read_json
+from pages.common import allowed, curves, friendly_errors, locked, manager, offer_download, read_json
 from pages.finetune_options import training_options
 
 D = vision.FinetuneConfig(data="")  # the engine's defaults; training settings left None come from the recipe book
@@ -76,6 +76,8 @@ def start_form(datasets: list[dict]) -> None:
         src = sources.resolve_vision(model, weights)
         size = vision.run_preprocessing(cfg, src).image_size
         st.info(f"**Weights:** {src.name} — {src.reason} Images are used at {size} px.", icon=":material/info:")
+        if src.download:
+            offer_download(src, "Download it now, or the run downloads it first (its progress shows here).")
     except UserError as err:
         st.warning(str(err))
         return

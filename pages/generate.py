@@ -7,9 +7,9 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from engine import history, text, textgen
+from engine import history, sources, text, textgen
 from engine.errors import UserError
-from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape
+from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape, offer_download
 
 D = textgen.GenerationConfig()  # the engine's defaults are the page's defaults
 ss = st.session_state
@@ -57,8 +57,11 @@ if "g_stream" in ss:
 
 choices = text.model_choices()
 if ss.get("g_model") not in choices:
-    ss.g_model = "mini" if "mini" in choices else "auto"
+    ss.g_model = "auto"  # the best model this machine has (offline: the bundled mini, saying why)
 spec = st.selectbox("Model", list(choices), format_func=choices.get, key="g_model")
+if spec == "auto" and (wanted := sources.resolve_text("auto")).download:
+    offer_download(wanted, "Until it is here, the bundled mini GPT-2 writes.")
+    spec = "mini"
 lm = None
 with friendly_errors("load language model"):
     lm = language_model(spec)

@@ -120,6 +120,28 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_data_issues(args) -> int:
+    from engine import label_issues
+
+    found = label_issues.find(args.name, weights=args.weights, arch=args.model)
+    lines = [f"{len(found['issues'])} of {found['images']} labels look wrong (out-of-fold accuracy "
+             f"{found['out_of_fold_accuracy']:.1%} with {found['weights']} features):"]
+    lines += [f"  {i['name']}: labelled {i['given']} ({i['p_given']:.0%}), looks like {i['suggested']} ({i['p_suggested']:.0%})"
+              for i in found["issues"]]
+    emit(args, found, "\n".join(lines))
+    return 0
+
+
+def cmd_data_map(args) -> int:
+    from engine import datamap
+
+    m = datamap.compute(args.name, weights=args.weights, arch=args.model)
+    obj = {"classes": m.classes, "method": m.method, "knn": m.knn, "weights": m.weights, "points": m.rows()}
+    emit(args, obj, f"{m.method} map of {len(m.files)} images; 5-NN accuracy in feature space: "
+                    f"pretrained ({m.weights}) {m.knn['pretrained']:.1%}, random init {m.knn['random']:.1%}")
+    return 0
+
+
 def cmd_data_import(args) -> int:
     from engine import imagedata
 
@@ -225,6 +247,12 @@ def cmd_predict(args) -> int:
                 img = imagedata.decode_image(fh.read(), f)
             top = vision.predict(loaded, [img], top_k=args.top_k)[0]
             results.append({"file": f, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in top]})
+            if args.explain:  # where the model looked, for the predicted (or the --explain-class) class
+                from engine import heatmaps
+
+                h = heatmaps.explain(loaded, [img], target=args.explain_class)[0]
+                results[-1]["heatmap"] = {"file": str(heatmaps.save([h], [f], args.explain)[0]), "class": h.label,
+                                          "prob": round(h.probability, 6)}
         except (UserError, OSError) as err:
             failed += 1
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
@@ -236,7 +264,8 @@ def cmd_predict(args) -> int:
     else:
         for r in results:
             if "top" in r:
-                print(f"{r['file']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+                print(f"{r['file']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
+                      + (f"  [heatmap for {r['heatmap']['class']}: {r['heatmap']['file']}]" if "heatmap" in r else ""))
     return 2 if failed else 0
 
 
@@ -568,6 +597,14 @@ def build_parser() -> Parser:
     s.add_argument("--name", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_data_import)
+    for name, func, what in (("issues", cmd_data_issues, "images whose labels look wrong (cleanlab on out-of-fold predictions)"),
+                             ("map", cmd_data_map, "a 2-D map of the images by pretrained and by random features")):
+        s = data.add_parser(name, help=what)
+        s.add_argument("name", help="a workspace dataset or a folder of class folders")
+        s.add_argument("--model", default="resnet18")
+        s.add_argument("--weights", default="auto")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
     s = data.add_parser("list", help="datasets in the workspace")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_data_list)
@@ -600,6 +637,9 @@ def build_parser() -> Parser:
     s.add_argument("--run", required=True, help="run folder or run id")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--explain", metavar="OUT_DIR", default=None,
+                   help="also write a Grad-CAM heatmap per image (where the model looked) into OUT_DIR")
+    s.add_argument("--explain-class", default=None, metavar="CLASS", help="the class the heatmap is for (default: the predicted one)")
     s.add_argument("--json", action="store_true", help='a list of {"file", "top": [{"label", "prob"}]} (or {"file", "error"})')
     s.set_defaults(func=cmd_predict)
 

@@ -478,6 +478,30 @@ def delete_image(image_id: int) -> None:
     _collect_garbage()
 
 
+def move_image(image_id: int, cls: str) -> str:
+    """Give an image another class of its own dataset (a relabel, undone by moving it back).
+    Returns the class it had."""
+    conn = workspace.db()
+    row = conn.execute("SELECT i.dataset_id, c.name FROM images i JOIN classes c ON c.id = i.class_id WHERE i.id = ?",
+                       (image_id,)).fetchone()
+    if row is None:
+        raise UserError(f"no image {image_id} in this workspace")
+    target = conn.execute("SELECT id FROM classes WHERE dataset_id = ? AND name = ?", (row["dataset_id"], cls)).fetchone()
+    if target is None:
+        raise UserError(f"the dataset has no class {cls!r}")
+    with conn:
+        conn.execute("UPDATE images SET class_id = ? WHERE id = ?", (target["id"], image_id))
+    return row["name"]
+
+
+def image_ids(dataset: str) -> dict[str, dict]:
+    """sha256 -> {"id", "class", "name"} for every image of a dataset."""
+    rows = workspace.db().execute(
+        "SELECT i.id, i.sha256, i.original_name, c.name AS cls FROM images i JOIN classes c ON c.id = i.class_id "
+        "WHERE i.dataset_id = ?", (_dataset_id(dataset),))
+    return {r["sha256"]: {"id": r["id"], "class": r["cls"], "name": r["original_name"]} for r in rows}
+
+
 def _collect_garbage() -> None:
     """Remove stored files no dataset refers to any more."""
     used = {r[0] for r in workspace.db().execute("SELECT DISTINCT sha256 FROM images")}

@@ -3,8 +3,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import imagedata, sample
-from pages.common import allowed, friendly_errors, locked, upload_fits
+from pathlib import Path
+
+from engine import imagedata, label_issues, sample
+from pages.common import allowed, dataset_map_view, friendly_errors, locked, upload_fits
 
 st.title("Images")
 st.caption("Bring labelled images: one class per thing you want the model to tell apart. "
@@ -54,7 +56,7 @@ with left:
 if state.get("flash"):
     st.success(state.pop("flash"), icon=":material/check_circle:")
 counts = imagedata.dataset_counts(name)
-add_tab, browse_tab, manage_tab = st.tabs(["Add images", "Browse", "Manage"])
+add_tab, browse_tab, map_tab, issues_tab, manage_tab = st.tabs(["Add images", "Browse", "Map", "Label issues", "Manage"])
 
 with add_tab:
     how = st.radio("Add images by", ["Upload files to a class", "ZIP of class folders", "Camera"], horizontal=True)
@@ -129,6 +131,45 @@ with browse_tab:
                     imagedata.delete_image(row["id"])
                     state.undo = {"dataset": name, "class": cls, "file": row["original_name"], "bytes": data}
                     st.rerun()
+
+with map_tab:
+    dataset_map_view(name, "images")
+
+with issues_tab:
+    st.caption("Images whose label a model that never saw them finds unlikely (out-of-fold linear heads on "
+               "pretrained features, then cleanlab's confident learning). Look, then relabel or delete.")
+    if st.button("Find label issues", icon=":material/rule:", key="issues_go"):
+        with friendly_errors("label issues"), st.spinner("Checking every label…"):
+            state.issues = {"dataset": name, **label_issues.find(name)}
+    found = state.get("issues") if state.get("issues", {}).get("dataset") == name else None
+    if found:
+        st.caption(f"{len(found['issues'])} of {found['images']} labels look wrong; the out-of-fold heads agree with "
+                   f"{found['out_of_fold_accuracy']:.0%} of the labels ({found['weights']} features).")
+        if not found["issues"]:
+            st.success("No label looks wrong.")
+        for i, issue in enumerate(found["issues"][:24]):
+            pic, words, acts = st.columns([1, 3, 2], vertical_alignment="center")
+            pic.image(issue["file"], width=96)
+            words.markdown(f"**{issue['name']}** · labelled **{issue['given']}** ({issue['p_given']:.0%}), "
+                           f"looks like **{issue['suggested']}** ({issue['p_suggested']:.0%})")
+            if issue["image_id"] is not None:
+                if acts.button(f"Relabel as {issue['suggested']}", key=f"relabel{i}", **locked()) and allowed():
+                    before = imagedata.move_image(issue["image_id"], issue["suggested"])
+                    state.undo_label = (issue["image_id"], before, issue["name"])
+                    found["issues"].pop(i)
+                    st.rerun()
+                if acts.button("Delete", key=f"issue_del{i}", icon=":material/delete:", **locked()) and allowed():
+                    data = imagedata.image_path(Path(issue["file"]).stem, Path(issue["file"]).suffix[1:]).read_bytes()
+                    imagedata.delete_image(issue["image_id"])
+                    state.undo = {"dataset": name, "class": issue["given"], "file": issue["name"], "bytes": data}
+                    found["issues"].pop(i)
+                    st.rerun()
+    if state.get("undo_label"):
+        image_id, before, what = state.undo_label
+        if st.button(f"Undo: give {what} its label {before!r} back", key="undo_label_go"):
+            imagedata.move_image(image_id, before)
+            state.pop("undo_label")
+            st.rerun()
 
 with manage_tab:
     c1, c2 = st.columns(2)

@@ -8,6 +8,7 @@ import streamlit as st
 
 from engine import advisor, demodata, imagedata, lab, runs, sample
 from pages import lab_charts as charts
+from pages import lab_inside
 from pages.common import allowed, friendly_errors, locked, manager
 
 st.title("Transfer Lab")
@@ -194,7 +195,9 @@ def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
 with friendly_errors("lab: page"):
     data = choose_data()
     opts = options()
-    tabs = st.tabs([TABS[e][0] for e in TABS])
+    *tabs, inside_tab = st.tabs([TABS[e][0] for e in TABS] + ["Inside the network"])
     for tab, exp in zip(tabs, TABS):
         with tab:
             experiment_tab(exp, data, opts)
+    with inside_tab:
+        lab_inside.show(data)

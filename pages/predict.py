@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import access, export, imagedata, runs, vision, workspace
+from engine import access, export, heatmaps, imagedata, runs, vision, workspace
 from engine.errors import UserError
 from pages.common import allowed, audience_wait, friendly_errors, loaded_model, locked, read_json, upload_fits
 
@@ -67,13 +67,20 @@ def bar(top: list[tuple[str, float]]) -> go.Figure:
     return fig
 
 
-def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str) -> None:
+def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str, explain: tuple = (False, None)) -> None:
+    """Top-k bars per image; with explain = (True, class or None), Grad-CAM heat beside each image."""
     names, images, bad = decode_all(files)
     for b in bad:
         st.warning(f"**{b['file']}** skipped: {b['reason']}", icon=":material/broken_image:")
+    heats = heatmaps.explain(model, images, target=explain[1]) if explain[0] and images else []
     for i, (name, image, top) in enumerate(zip(names, images, predict_all(model, images, top_k))):
-        left, right = st.columns([1, 3], vertical_alignment="center")
-        left.image(image, caption=name, width=160)
+        left, right = st.columns([2, 3] if heats else [1, 3], vertical_alignment="center")
+        if heats:
+            pic, heat = left.columns(2)
+            pic.image(image, caption=name, width=150)
+            heat.image(heats[i].overlay, caption=f"looked for {heats[i].label} ({heats[i].probability:.0%})", width=150)
+        else:
+            left.image(image, caption=name, width=160)
         right.markdown(f"**{top[0][0]}** · {top[0][1]:.1%}")
         right.plotly_chart(bar(top), key=f"{key}_bar_{i}", config={"displayModeBar": False})
 
@@ -182,17 +189,22 @@ def predict_tabs(run: dict, top_k_slot) -> None:
     model = model_for(run)
     classes = read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
     top_k = top_k_slot.slider("Top-k", 1, max(2, min(10, len(classes) or 5)), min(3, len(classes) or 3), key="pr_topk")
+    on, which = st.columns([1, 2], vertical_alignment="center")
+    explain = on.toggle("Show where the model looked", key="pr_explain",
+                        help="Grad-CAM: the parts of the image that raised the score of a class (warm = more).")
+    target = which.selectbox("Heat for", ["the predicted class", *classes], key="pr_heat_for", disabled=not explain)
+    explain = (explain, None if target == "the predicted class" else target)
     images, camera, csv, export, imports = st.tabs(["Images", "Camera", "ZIP → CSV", "Export", "Import a model"])
     with images:
         ups = st.file_uploader("Images", type=IMAGE_TYPES, accept_multiple_files=True, key="pr_files")
         if ups and all(upload_fits(u) for u in ups) and fresh(tuple(u.file_id for u in ups)):
-            show_predictions(model, [(u.name, u.getvalue()) for u in ups[:MAX_SHOWN]], top_k, "up")
+            show_predictions(model, [(u.name, u.getvalue()) for u in ups[:MAX_SHOWN]], top_k, "up", explain)
             if len(ups) > MAX_SHOWN:
                 st.caption(f"Showing the first {MAX_SHOWN} of {len(ups)}; use ZIP → CSV for many images.")
     with camera:
         shot = st.camera_input("Take a picture", key="pr_camera")
         if shot and upload_fits(shot) and fresh(shot.file_id):
-            show_predictions(model, [("camera", shot.getvalue())], top_k, "cam")
+            show_predictions(model, [("camera", shot.getvalue())], top_k, "cam", explain)
     with csv:
         z = st.file_uploader("A ZIP of images (any folder layout)", type=["zip"], key="pr_zip_in")
         if z and upload_fits(z) and fresh(z.file_id):

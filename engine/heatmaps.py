@@ -104,6 +104,22 @@ def explain(loaded, images: list, target: int | str | None = None) -> list[Heatm
     return out
 
 
+def explain_files(loaded, paths: list, targets: list[str]) -> list[Heatmap | None]:
+    """A heatmap per image file for the class named beside it (None for a file that is gone or unreadable)."""
+    from PIL import Image
+
+    out = []
+    for path, target in zip(paths, targets):
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError):
+            out.append(None)
+            continue
+        out.append(explain(loaded, [image], target=target)[0])
+    return out
+
+
 def save(heatmaps: list[Heatmap], names: list[str], out_dir: Path) -> list[Path]:
     """Each overlay as <name>.heatmap.png beside the crop (side by side) in out_dir."""
     from PIL import Image

@@ -110,13 +110,34 @@ def _dataset_thumbs(run: dict) -> str:
     return "".join(out)
 
 
-def _mistakes(ev: dict) -> str:
+def _png_uri(array) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _mistake_heats(run_dir: Path | None, mistakes: list[dict]) -> list:
+    """Where the model looked for the class it wrongly predicted, per mistake (Nones when the run has no model)."""
+    from engine import heatmaps, vision
+
+    try:
+        loaded = vision.load_model(run_dir)
+    except (UserError, OSError, TypeError):
+        return [None] * len(mistakes)
+    return heatmaps.explain_files(loaded, [m["file"] for m in mistakes], [m["pred"] for m in mistakes])
+
+
+def _mistakes(ev: dict, run_dir: Path | None = None) -> str:
     cards = []
-    for m in ev.get("mistakes", [])[:MAX_MISTAKES]:
+    shown = ev.get("mistakes", [])[:MAX_MISTAKES]
+    for m, heat in zip(shown, _mistake_heats(run_dir, shown) if run_dir else [None] * len(shown)):
         uri = _thumb_uri(m["file"])
         if uri:
-            cards.append(f"<figure><img src='{uri}' alt=''><figcaption>true <b>{html.escape(m['true'])}</b><br>"
-                         f"predicted <b>{html.escape(m['pred'])}</b> ({m['conf']:.0%})</figcaption></figure>")
+            looked = f"<img src='{_png_uri(heat.overlay)}' alt='' title='where it looked for {html.escape(m['pred'])}'>" if heat else ""
+            cards.append(f"<figure><img src='{uri}' alt=''>{looked}<figcaption>true <b>{html.escape(m['true'])}</b><br>"
+                         f"predicted <b>{html.escape(m['pred'])}</b> ({m['conf']:.0%})"
+                         + ("<br><span class='muted'>right: where it looked for that class</span>" if heat else "")
+                         + "</figcaption></figure>")
     if not cards:
         return "<p>No misclassified validation images.</p>"
     return f"<div class='gallery'>{''.join(cards)}</div>"
@@ -179,7 +200,7 @@ h1{margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #e5e7eb;padding
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #e5e7eb;padding:4px 10px;text-align:left;font-size:14px}
 th{background:#f3f4f6} .muted{color:#6b7280} .kpi{display:flex;gap:1em;flex-wrap:wrap}
 .kpi div{background:#eff6ff;border-radius:8px;padding:.6em 1em} .kpi b{display:block;font-size:1.5em}
-.gallery{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;width:120px;font-size:12px} figure img{width:112px;border-radius:6px}
+.gallery{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;min-width:120px;font-size:12px} figure img{width:112px;border-radius:6px;margin-right:4px}
 .strip img{margin:2px;border-radius:4px} .cls{margin:.4em 0} pre{white-space:pre-wrap;background:#f9fafb;padding:.6em;border-radius:6px}
 """
 
@@ -219,7 +240,7 @@ def build_report(run_dir: str | Path) -> str:
     if ev:
         sections += ["<h2>Confusion matrix</h2>" + _fig_html(confusion_figure(ev)),
                      "<h2>Per-class metrics</h2>" + _table(ev.get("per_class", [])),
-                     "<h2>Misclassified validation images</h2>" + _mistakes(ev)]
+                     "<h2>Misclassified validation images</h2>" + _mistakes(ev, run_dir)]
     if comparison := _comparisons(run):
         sections.append("<h2>Pretrained vs from scratch</h2>" + comparison)
     if texts := _text_samples():

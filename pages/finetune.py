@@ -10,9 +10,9 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import backbones, distributed, export, imagedata, report, runs, sources, vision, workspace
+from engine import backbones, distributed, export, heatmaps, imagedata, report, runs, sources, vision, workspace
 from engine.errors import UserError
-from pages.common import allowed, curves, friendly_errors, locked, manager, offer_download, read_json
+from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager, offer_download, read_json
 from pages.finetune_options import training_options
 
 D = vision.FinetuneConfig(data="")  # the engine's defaults; training settings left None come from the recipe book
@@ -173,9 +173,19 @@ def results(run: dict) -> None:
     if not mistakes:
         st.caption("None — every validation image was classified correctly.")
     shown = [m for m in mistakes if image_path(m["file"])][:12]
+    heats = [None] * len(shown)
+    if shown and st.toggle("Show where it looked", key="ft_mistake_heat",
+                           help="Grad-CAM: the parts of each image that made the model say the wrong class."):
+        weights = Path(run["dir"]) / "model.safetensors"
+        if weights.is_file():
+            with friendly_errors("finetune: heatmaps"):
+                loaded = loaded_model(run["dir"], weights.stat().st_mtime)
+                heats = heatmaps.explain_files(loaded, [image_path(m["file"]) for m in shown], [m["pred"] for m in shown])
     for i in range(0, len(shown), 6):
-        for col, m in zip(st.columns(6), shown[i:i + 6]):
+        for col, m, heat in zip(st.columns(6), shown[i:i + 6], heats[i:i + 6]):
             col.image(str(image_path(m["file"])), caption=f"true {m['true']} · predicted {m['pred']} ({m['conf']:.0%})")
+            if heat is not None:
+                col.image(heat.overlay, caption=f"where it looked for {m['pred']}")
     if ev.get("n_mistakes", len(mistakes)) > len(shown):
         st.caption(f"Showing the {len(shown)} most confident mistakes of {ev.get('n_mistakes', len(mistakes))}.")
     st.download_button("Download report", data=lambda: report.build_report(run["dir"]).encode(), file_name=f"report-{run['id']}.html",

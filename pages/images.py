@@ -145,6 +145,10 @@ with issues_tab:
     if found:
         st.caption(f"{len(found['issues'])} of {found['images']} labels look wrong; the out-of-fold heads agree with "
                    f"{found['out_of_fold_accuracy']:.0%} of the labels ({found['weights']} features).")
+        if found["out_of_fold_accuracy"] < 0.9 and found["issues"]:
+            st.info("The heads that judge the labels are only as good as the features: below 90% agreement many "
+                    "flags are hard images rather than wrong labels. Look at each before you change it; real "
+                    "ImageNet weights (the Models page) make far fewer false alarms.", icon=":material/visibility:")
         if not found["issues"]:
             st.success("No label looks wrong.")
         for i, issue in enumerate(found["issues"][:24]):

@@ -5,8 +5,10 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from engine import demo, imagedata, report, runs, sample, sources, vision
-from pages.common import allowed, audience, curves, friendly_errors, loaded_model, locked, manager, md_escape, read_json
+from engine import demo, filters, heatmaps, imagedata, report, runs, sample, sources, vision
+from pages import lab_inside
+from pages.common import (allowed, audience, curves, dataset_map, friendly_errors, loaded_model, locked, manager, md_escape,
+                          read_json)
 
 STEPS = [
     ("Bring images", "A few labelled photos per class are all it takes: here, four kinds of fruit."),
@@ -70,19 +72,30 @@ if step == 1:
             col.metric(cls, f"{n} images")
 
 elif step == 2:
-    st.write("The backbone is a ResNet-18. We give it a new last layer for our classes and fine-tune it **gently**: "
-             "the new layer learns at full speed, the pretrained layers 10x slower, so what they know is adjusted, not overwritten.")
+    words, knows = st.columns([3, 2])
+    words.write("The backbone is a ResNet-18. We give it a new last layer for our classes and fine-tune it **gently**: "
+                "the new layer learns at full speed, the pretrained layers 10x slower, so what they know is adjusted, not overwritten.")
     source = sources.resolve_vision("resnet18", "auto")
-    st.caption(f"Weights: {source.name}. {source.reason}")
+    words.caption(f"Weights: {source.name}. {source.reason}")
     if audience():
-        st.caption("The presenter starts the run; the next step shows the latest one.")
-    if st.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", **locked()) and allowed():
+        words.caption("The presenter starts the run; the next step shows the latest one.")
+    if words.button("Start fine-tuning", type="primary", icon=":material/play_arrow:", **locked()) and allowed():
         with friendly_errors("tour start"):
             sample.load_sample()
             cfg = demo.run_config()  # the default strategy, every setting from the recipe book
             st.session_state.tour_run = manager().submit("finetune", asdict(cfg), "Tour: fine-tuning on fruit")
             st.query_params["step"] = 3
             st.rerun()
+    with knows, friendly_errors("tour: what it knows"):
+        pre, rnd = st.columns(2)
+        pre.image(filters.filter_grid(lab_inside.backbone("auto")[0], scale=2), width="stretch", caption="first layer, pretrained")
+        rnd.image(filters.filter_grid(lab_inside.backbone("none")[0], scale=2), width="stretch", caption="random weights")
+        if st.button("Measure the head start", icon=":material/scatter_plot:") or st.session_state.get("tour_map"):
+            m = dataset_map(sample.SAMPLE_NAME, imagedata.training_data(sample.SAMPLE_NAME).version)
+            st.session_state.tour_map = True
+            st.metric("images beside their own class, before training", f"{m.knn['pretrained']:.0%}",
+                      delta=f"{(m.knn['pretrained'] - m.knn['random']) * 100:+.0f} points vs random weights",
+                      help="Each image's 5 nearest neighbours by the backbone's features vote for its class.")
 
 elif step == 3:
     run_id = st.session_state.get("tour_run") or (latest_run() or {}).get("id")
@@ -112,9 +125,16 @@ elif step == 4:
         left, right = st.columns([3, 2])
         left.plotly_chart(report.confusion_figure(ev).update_layout(height=380), width="stretch")
         shown = [m for m in ev["mistakes"] if Path(m["file"]).is_file()][:6]
+        looked = right.toggle("Where it looked", key="tour_heat", help="Grad-CAM: what made it say the wrong class.")
+        heats = [None] * len(shown)
+        if looked and shown:
+            with friendly_errors("tour heatmaps"):
+                model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
+                heats = heatmaps.explain_files(model, [m["file"] for m in shown], [m["pred"] for m in shown])
         grid = right.columns(3)  # two rows of three: the step fits a projector without scrolling
-        for i, m in enumerate(shown):
-            grid[i % 3].image(m["file"], width="stretch", caption=f"{m['true']} → {m['pred']} ({m['conf']:.0%})")
+        for i, (m, heat) in enumerate(zip(shown, heats)):
+            grid[i % 3].image(heat.overlay if heat is not None else m["file"], width="stretch",
+                              caption=f"{m['true']} → {m['pred']} ({m['conf']:.0%})")
 
 elif step == 5:
     run = latest_run("done")
@@ -128,8 +148,10 @@ elif step == 5:
                 img = imagedata.decode_image(photo.getvalue(), photo.name)
                 model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
                 top = vision.predict(model, [img], top_k=3)[0]
-                c1, c2 = st.columns([1, 2])
-                c1.image(img, width=220)
+                heat = heatmaps.explain(model, [img])[0]
+                c1, c0, c2 = st.columns([1, 1, 2])
+                c1.image(img, width=200)
+                c0.image(heat.overlay, width=200, caption=f"where it looked for {heat.label}")
                 c2.plotly_chart(px.bar(x=[p for _, p in top], y=[label for label, _ in top], orientation="h",
                                        labels={"x": "probability", "y": ""}, range_x=[0, 1], height=260), width="stretch")
 

@@ -17,9 +17,11 @@ from tests.helpers import cfg_for, make_dataset
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("heat")
-    data = make_dataset(root / "data", n_classes=3, n=8, size=48)
-    vision.finetune(cfg_for(str(data), strategy="full", epochs=2, image_size=48), root / "run")
-    return vision.load_model(root / "run"), sorted((root / "data").rglob("*.png"))
+    with pytest.MonkeyPatch.context() as mp:  # (module-scoped: the per-test workspace does not exist yet)
+        mp.setenv("TRANSFER_STUDIO_HOME", str(root / "workspace"))
+        data = make_dataset(root / "data", n_classes=3, n=8, size=48)
+        vision.finetune(cfg_for(str(data), strategy="full", epochs=2, image_size=48), root / "run")
+        return vision.load_model(root / "run"), sorted((root / "data").rglob("*.png"))
 
 
 def by_hand(loaded, image, target: int) -> np.ndarray:
@@ -86,3 +88,15 @@ def test_the_heat_grid_is_never_coarser_than_4_cells(trained):
     model = loaded.model
     assert heatmaps.target_layer(model, 224) is model.layer4  # 7 x 7
     assert heatmaps.target_layer(model, 64) is model.layer3   # layer4 would be 2 x 2
+
+
+def test_the_report_shows_where_each_mistake_looked(trained):
+    from engine import report
+
+    loaded, _ = trained
+    ev = json.loads((loaded.run_dir / "eval.json").read_text())
+    text = report.build_report(loaded.run_dir)
+    shown = [m for m in ev["mistakes"][:report.MAX_MISTAKES]]
+    assert shown, "the tiny run makes mistakes"
+    assert text.count("right: where it looked for that class") == len(shown)
+    assert text.count("data:image/png;base64,") >= len(shown)

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import access, export, heatmaps, imagedata, runs, vision, workspace
+from engine import access, export, heatmaps, imagedata, live, runs, vision, workspace
 from engine.errors import UserError
 from pages.common import allowed, audience_wait, friendly_errors, loaded_model, locked, read_json, upload_fits
 
@@ -83,6 +83,49 @@ def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str
             left.image(image, caption=name, width=160)
         right.markdown(f"**{top[0][0]}** · {top[0][1]:.1%}")
         right.plotly_chart(bar(top), key=f"{key}_bar_{i}", config={"displayModeBar": False})
+
+
+def live_camera(model, run_id: str, top_k: int, heat: bool) -> None:
+    """Continuous classification of the webcam (WebRTC): the top-k bars redraw several times a second."""
+    try:
+        from streamlit_webrtc import WebRtcMode, webrtc_streamer
+    except ImportError:
+        st.info("Live video needs the streamlit-webrtc package; the still photo works without it.")
+        return
+    import av
+
+    key = (run_id, top_k, heat)  # another model or setting: a new classifier
+    if st.session_state.get("pr_live_key") != key:
+        st.session_state.pr_live_key, st.session_state.pr_live = key, live.Classifier(model, top_k=top_k, heat=heat)
+    clf = st.session_state.pr_live
+
+    def on_frame(frame):  # runs in the video thread, never in the script
+        return av.VideoFrame.from_ndarray(clf.process(frame.to_ndarray(format="rgb24")), format="rgb24")
+
+    video, bars = st.columns([3, 2])
+    with video:
+        stream = webrtc_streamer(key="pr_live_video", mode=WebRtcMode.SENDRECV, video_frame_callback=on_frame,
+                                 media_stream_constraints={"video": True, "audio": False},
+                                 rtc_configuration={"iceServers": []},  # a local server: no STUN/TURN needed, none reachable
+                                 server_rtc_configuration={"iceServers": []}, async_processing=True)
+    st.caption("Allow the camera when the browser asks; if it cannot start (no camera, permission refused, the "
+               "stream stopped), the Still photo mode works everywhere.")
+
+    @st.fragment(run_every=0.3)
+    def live_bars() -> None:
+        top, rate = clf.latest()
+        if not top:
+            st.caption("Waiting for the first frames…")
+            return
+        st.markdown(f"**{top[0][0]}** · {top[0][1]:.0%}")
+        st.plotly_chart(bar(top), key="pr_live_bars", config={"displayModeBar": False})
+        st.caption(f"{rate:.1f} predictions/s on {model.device.type}")
+
+    with bars:
+        if stream.state.playing:
+            live_bars()
+        else:
+            st.caption("Press START to classify the camera continuously.")
 
 
 def zip_members(data: bytes, limits: imagedata.Limits) -> Iterator[tuple[str, bytes | None, str]]:
@@ -202,9 +245,12 @@ def predict_tabs(run: dict, top_k_slot) -> None:
             if len(ups) > MAX_SHOWN:
                 st.caption(f"Showing the first {MAX_SHOWN} of {len(ups)}; use ZIP → CSV for many images.")
     with camera:
-        shot = st.camera_input("Take a picture", key="pr_camera")
-        if shot and upload_fits(shot) and fresh(shot.file_id):
-            show_predictions(model, [("camera", shot.getvalue())], top_k, "cam", explain)
+        if st.radio("Camera", ["Live video", "Still photo"], horizontal=True, key="pr_cam_mode") == "Live video":
+            live_camera(model, run["id"], top_k, explain[0])
+        else:
+            shot = st.camera_input("Take a picture", key="pr_camera")
+            if shot and upload_fits(shot) and fresh(shot.file_id):
+                show_predictions(model, [("camera", shot.getvalue())], top_k, "cam", explain)
     with csv:
         z = st.file_uploader("A ZIP of images (any folder layout)", type=["zip"], key="pr_zip_in")
         if z and upload_fits(z) and fresh(z.file_id):

@@ -1,0 +1,39 @@
+"""Live camera in Chromium with a fake camera (a generated video: an apple, then a banana, looping):
+the top-1 prediction on the Predict page's live video follows what the camera shows."""
+import time
+
+from playwright.sync_api import expect, sync_playwright
+
+from tests.e2e.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, streamlit_server, wait_for_idle
+from tests.e2e.fake_camera import write_y4m
+
+
+def test_live_predictions_follow_the_camera(workspace_home, tmp_path):
+    from engine import sample, sources, vision
+
+    workspace_home.mkdir(parents=True, exist_ok=True)
+    dataset = sample.load_sample()["dataset"]
+    vision.finetune(vision.FinetuneConfig(data=dataset, strategy="linear"), tmp_path / "run")
+    vision.import_model(vision.export_run(tmp_path / "run", tmp_path / "model.zip", onnx=False))
+    video = write_y4m([sorted((sources.ASSETS / "sample" / c).iterdir())[0] for c in ("apple", "banana")], tmp_path / "camera.y4m")
+    camera = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={video}",
+              "--disable-features=WebRtcHideLocalIpsWithMdns"]  # (host candidates by address: nothing to resolve offline)
+    with streamlit_server(workspace_home, "live-server.log") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + camera)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(90_000)
+            page.goto(f"{url}/predict")
+            wait_for_idle(page)
+            page.get_by_role("tab", name="Camera").click()
+            page.frame_locator("iframe[title*='webrtc']").get_by_role("button", name="START").click()
+            expect(page.get_by_text("predictions/s")).to_be_visible(timeout=60_000)
+            seen, deadline = set(), time.time() + 30
+            while time.time() < deadline and not {"apple", "banana"} <= seen:
+                seen.update(page.locator("[data-testid='stMarkdownContainer'] strong").all_inner_texts())
+                time.sleep(0.25)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "live-camera.png"))
+            assert {"apple", "banana"} <= seen, seen  # the bars followed the camera from one fruit to the other
+        finally:
+            browser.close()

@@ -558,64 +558,44 @@ def cmd_pretrain_vision(args) -> int:
 
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="python -m engine", description="Transfer Studio engine")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+def command(group, name: str, func, help: str, *positionals, json_flag: bool = True) -> argparse.ArgumentParser:
+    """One subcommand: its positional arguments (a name, or (name, help)), --json, and the function that runs it."""
+    s = group.add_parser(name, help=help)
+    for arg in positionals:
+        arg_name, arg_help = arg if isinstance(arg, tuple) else (arg, None)
+        s.add_argument(arg_name, help=arg_help)
+    if json_flag:
+        s.add_argument("--json", action="store_true")
+    s.set_defaults(func=func)
+    return s
 
-    p.add_argument("--offline", action="store_true", help="never download weights, as TRANSFER_STUDIO_OFFLINE=1 (anywhere on the line)")
-    s = sub.add_parser("info", help="versions, device, available weights, workspace")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_info)
 
+def add_models_commands(sub) -> None:
     models = sub.add_parser("models", help="list, download, delete or import pretrained weights").add_subparsers(
         dest="models_command", required=True, parser_class=Parser)
-    s = models.add_parser("list", help="every model the app knows, with its status, size and place")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_models_list)
-    s = models.add_parser("download", help="download a model's weights (with progress; Ctrl-C stops cleanly)")
-    s.add_argument("name", help="a name from `models list` (e.g. resnet18, gpt2) or a hub id org/model")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_models_download)
-    s = models.add_parser("delete", help="delete a downloaded or imported model")
-    s.add_argument("name")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_models_delete)
-    s = models.add_parser("import", help="bring in a torchvision ImageNet .pth or a zipped Hugging Face model folder")
-    s.add_argument("file")
+    command(models, "list", cmd_models_list, "every model the app knows, with its status, size and place")
+    command(models, "download", cmd_models_download, "download a model's weights (with progress; Ctrl-C stops cleanly)",
+            ("name", "a name from `models list` (e.g. resnet18, gpt2) or a hub id org/model"))
+    command(models, "delete", cmd_models_delete, "delete a downloaded or imported model", "name")
+    s = command(models, "import", cmd_models_import, "bring in a torchvision ImageNet .pth or a zipped Hugging Face model folder", "file")
     s.add_argument("--name", default=None, help=".pth: the architecture (default: found from the tensors); .zip: the model id (default: the file name)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_models_import)
 
+
+def add_data_commands(sub):
     data = sub.add_parser("data", help="check or import image datasets").add_subparsers(dest="data_command", required=True, parser_class=Parser)
-    s = data.add_parser("check", help="validate a folder of class subfolders or a .zip")
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_data_check)
-    s = data.add_parser("import", help="import a folder/zip into the workspace as a dataset")
-    s.add_argument("path")
-    s.add_argument("--name", required=True)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_data_import)
+    command(data, "check", cmd_data_check, "validate a folder of class subfolders or a .zip", "path")
+    command(data, "import", cmd_data_import, "import a folder/zip into the workspace as a dataset", "path").add_argument("--name", required=True)
     for name, func, what in (("issues", cmd_data_issues, "images whose labels look wrong (cleanlab on out-of-fold predictions)"),
                              ("map", cmd_data_map, "a 2-D map of the images by pretrained and by random features")):
-        s = data.add_parser(name, help=what)
-        s.add_argument("name", help="a workspace dataset or a folder of class folders")
+        s = command(data, name, func, what, ("name", "a workspace dataset or a folder of class folders"))
         s.add_argument("--model", default="resnet18")
         s.add_argument("--weights", default="auto")
-        s.add_argument("--json", action="store_true")
-        s.set_defaults(func=func)
-    s = data.add_parser("list", help="datasets in the workspace")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_data_list)
+    command(data, "list", cmd_data_list, "datasets in the workspace")
+    return data
 
-    s = data.add_parser("sample", help="import the bundled sample dataset into the workspace")
-    s.add_argument("--name", default="Fruit (sample)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_data_sample)
-    s = data.add_parser("make-sample", help="regenerate assets/sample (maintainers; needs fonts-noto-color-emoji)")
-    s.set_defaults(func=cmd_data_make_sample)
 
+def add_vision_commands(sub) -> None:
+    """finetune, lr-find, predict, export, import-model: options made from FinetuneConfig's fields."""
     # (vision parsers) options made from FinetuneConfig's fields: names, defaults, choices and help in one place
     from engine import cli_options
     from engine.finetune_config import FinetuneConfig  # (no torch)
@@ -657,6 +637,9 @@ def build_parser() -> Parser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_import_model)
 
+
+def add_bench_commands(sub) -> None:
+    """the benchmarks behind BENCHMARKS.md (not tests)."""
     bench = sub.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     s = bench.add_parser("finetune", help="naive frozen-backbone loop vs the cached linear path")
     s.add_argument("--per-class", type=int, default=150, help="generated images per class (4 classes)")
@@ -716,6 +699,10 @@ def build_parser() -> Parser:
     s.add_argument("--models", nargs="+", choices=("gpt2-124m-random", "mini"), default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_generate)
+
+
+def add_text_commands(sub) -> None:
+    """generate, lm-finetune, report, demo."""
     # (text parsers)
     s = sub.add_parser("generate", help="generate text with GPT-2 or the bundled mini model")
     s.add_argument("--model", default="auto", help="auto | mini | gpt2 | distilgpt2 | hub id | PATH to a Hugging Face model folder")
@@ -758,6 +745,10 @@ def build_parser() -> Parser:
     s.add_argument("--no-lab", action="store_true", help="skip the pretrained-vs-scratch comparison (1-2 minutes on a small CPU)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
+
+
+def add_lab_and_pretrain_commands(sub) -> None:
+    """the Transfer Lab's experiments and the bundled models' pretraining."""
     # (showcase parsers)
 
     # (lab parsers)
@@ -816,6 +807,31 @@ def build_parser() -> Parser:
     s.add_argument("--resume", action="store_true", help="continue the last run from its saved optimizer state")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pretrain_text)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m engine", description="Transfer Studio engine")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p.add_argument("--offline", action="store_true", help="never download weights, as TRANSFER_STUDIO_OFFLINE=1 (anywhere on the line)")
+    s = sub.add_parser("info", help="versions, device, available weights, workspace")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    add_models_commands(sub)
+    data = add_data_commands(sub)
+
+    s = data.add_parser("sample", help="import the bundled sample dataset into the workspace")
+    s.add_argument("--name", default="Fruit (sample)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_data_sample)
+    s = data.add_parser("make-sample", help="regenerate assets/sample (maintainers; needs fonts-noto-color-emoji)")
+    s.set_defaults(func=cmd_data_make_sample)
+    add_vision_commands(sub)
+    add_bench_commands(sub)
+    add_text_commands(sub)
+    add_lab_and_pretrain_commands(sub)
     return p
 
 

@@ -104,10 +104,14 @@ def live_camera(model, run_id: str, top_k: int, heat: bool) -> None:
 
     video, bars = st.columns([3, 2])
     with video:
-        stream = webrtc_streamer(key="pr_live_video", mode=WebRtcMode.SENDRECV, video_frame_callback=on_frame,
-                                 media_stream_constraints={"video": True, "audio": False},
-                                 rtc_configuration={"iceServers": []},  # a local server: no STUN/TURN needed, none reachable
-                                 server_rtc_configuration={"iceServers": []}, async_processing=True)
+        try:
+            stream = webrtc_streamer(key="pr_live_video", mode=WebRtcMode.SENDRECV, video_frame_callback=on_frame,
+                                     media_stream_constraints={"video": True, "audio": False},
+                                     rtc_configuration={"iceServers": []},  # a local server: no STUN/TURN needed, none reachable
+                                     server_rtc_configuration={"iceServers": []}, async_processing=True)
+        except Exception as err:  # noqa: BLE001 - the component needs a live server session (not a script test)
+            st.warning(f"Live video cannot start here ({type(err).__name__}); use Still photo.")
+            return
     st.caption("Allow the camera when the browser asks; if it cannot start (no camera, permission refused, the "
                "stream stopped), the Still photo mode works everywhere.")
 

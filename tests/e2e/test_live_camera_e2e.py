@@ -2,13 +2,13 @@
 the top-1 prediction on the Predict page's live video follows what the camera shows."""
 import time
 
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from tests.e2e.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, streamlit_server, wait_for_idle
 from tests.e2e.fake_camera import write_y4m
 
 
-def test_live_predictions_follow_the_camera(workspace_home, tmp_path):
+def test_live_predictions_follow_the_camera(browser, workspace_home, tmp_path):
     from engine import sample, sources, vision
 
     workspace_home.mkdir(parents=True, exist_ok=True)
@@ -18,10 +18,11 @@ def test_live_predictions_follow_the_camera(workspace_home, tmp_path):
     video = write_y4m([sorted((sources.ASSETS / "sample" / c).iterdir())[0] for c in ("apple", "banana")], tmp_path / "camera.y4m")
     camera = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={video}",
               "--disable-features=WebRtcHideLocalIpsWithMdns"]  # (host candidates by address: nothing to resolve offline)
-    with streamlit_server(workspace_home, "live-server.log") as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + camera)
+    with streamlit_server(workspace_home, "live-server.log") as url:
+        # a Chromium of its own (the camera flags), from the session's Playwright
+        camera_browser = browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + camera)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = camera_browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(90_000)
             page.goto(f"{url}/predict")
             wait_for_idle(page)
@@ -36,4 +37,4 @@ def test_live_predictions_follow_the_camera(workspace_home, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "live-camera.png"))
             assert {"apple", "banana"} <= seen, seen  # the bars followed the camera from one fruit to the other
         finally:
-            browser.close()
+            camera_browser.close()

@@ -35,6 +35,7 @@ BN_STRATEGIES = ("linear", "partial")
 # the linear probe's runs take 1-2 s, so it gets more seeds: with 3, one seed's 40 validation images
 # decided its grid point (shapes: -5.0 points on 3 seeds, -0.3 on 8, for the same two settings)
 PROBE_SEEDS = 8
+DEFAULT_SEEDS = 5  # the default strategy: the goals are judged on it, so two more seeds than the other strategies
 GRID_STRATEGIES = ("linear", "full")  # the probe (seconds) and the default strategy: the grid costs ~8 runs a cell
 PER_CLASS = {"clothing": 40, "digits": 20}  # images per class: each set about the sample's size (runs take seconds)  # the frozen paths, where re-estimating BatchNorm statistics can matter
 
@@ -114,7 +115,7 @@ def summarise(rows: list[dict]) -> dict:
 def run(datasets=DATASETS, strategies=STRATEGIES, seeds=(0, 1, 2), grid: bool = True, results: Path | None = None,
         on_cell=lambda key, cell: None) -> dict:
     """Every cell of the table; `results` (JSON) keeps finished cells, so a second call resumes."""
-    from engine import bench, vision
+    from engine import bench, recipes, vision
 
     results = Path(results) if results else None
     done = json.loads(results.read_text()) if results and results.is_file() else {}
@@ -128,7 +129,8 @@ def run(datasets=DATASETS, strategies=STRATEGIES, seeds=(0, 1, 2), grid: bool = 
             data = make_dataset(ds, tmp)
             for strategy in strategies:
                 key = f"{ds}|{strategy}"
-                seeds_here = tuple(range(max(len(seeds), PROBE_SEEDS))) if strategy == "linear" else tuple(seeds)
+                more = {"linear": PROBE_SEEDS, recipes.DEFAULT_STRATEGY: DEFAULT_SEEDS}.get(strategy, 0)
+                seeds_here = tuple(range(max(len(seeds), more)))
                 cell = done.get(key, {})
                 if cell.get("complete") and ("bn" in cell or strategy not in BN_STRATEGIES):
                     continue
@@ -139,10 +141,11 @@ def run(datasets=DATASETS, strategies=STRATEGIES, seeds=(0, 1, 2), grid: bool = 
                     n += 1
                     return _run(data, strategy, seed, settings, tmp / "runs" / f"{ds}-{strategy}-{tag}-{seed}-{n}")
 
-                if "old" not in cell:
-                    cell["old"] = summarise([go("old", s, OLD) for s in seeds_here])
-                if "new" not in cell:
-                    news = [go("new", s, {}) for s in seeds_here]
+                if "old" not in cell or "new" not in cell:
+                    # old and new in turns, seed by seed: a slower minute of the machine weighs on both alike
+                    pairs = [(go("old", s, OLD), go("new", s, {})) for s in seeds_here]
+                    news = [n for _, n in pairs]
+                    cell["old"] = summarise([o for o, _ in pairs])
                     cell["new"] = summarise(news) | {"settings": news[0]["settings"], "first": news[0]["acc"]}
                 if grid and strategy in GRID_STRATEGIES and "grid" not in cell:
                     rec, _ = vision.plan_settings(vision.FinetuneConfig(data=data, strategy=strategy, seed=seeds_here[0]))
@@ -194,7 +197,8 @@ def format_markdown(done: dict) -> str:
 
     lines = ["| dataset | strategy | old defaults | s | new defaults | s | grid's best | s | best point | new − best | new + AdaBN |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, cell in done.items():
+    order = lambda key: tuple(v.index(k) if k in v else len(v) for k, v in zip(key.split("|"), (DATASETS, STRATEGIES)))  # noqa: E731
+    for key, cell in sorted(done.items(), key=lambda kv: order(kv[0])):
         ds, strategy = key.split("|")
         old, new, grid = cell.get("old"), cell.get("new"), cell.get("grid")
         gap = f"{(new['mean'] - grid['mean']) * 100:+.1f} pt" if new and grid else "–"
@@ -220,7 +224,7 @@ def write_markdown(done: dict, path: Path) -> Path:
     body = (f"{head}\n\n`python -m engine bench recipes`: validation accuracy, mean ± spread (population std) over seeds, "
             "and seconds per run (whole `finetune` call: images, features, training, evaluation) on this machine. "
             "Each validation split holds 32-40 images, so one image is 2.5-3 points; 3 seeds (the linear probe, whose runs "
-            f"take 1-2 s: {PROBE_SEEDS}); the grid's point is picked on one seed and then re-run on all of them. Datasets: the bundled sample (4 x 40), generated coloured shapes (5 x 40), "
+            f"take 1-2 s: {PROBE_SEEDS}; the default strategy: {DEFAULT_SEEDS}), the old and the new defaults run in turns; the grid's point is picked on one seed and then re-run on all of them. Datasets: the bundled sample (4 x 40), generated coloured shapes (5 x 40), "
             "the Lab's clothing task (Fashion-MNIST test images, 4 x 40), and scikit-learn's handwritten digits "
             "(real scans, in no pretraining data here, 10 x 20). A dash: not measured (the grid runs for the probe and "
             "the default strategy; AdaBN for the frozen paths).\n\n"

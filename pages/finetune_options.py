@@ -36,7 +36,7 @@ def training_options(rec: vision.FinetuneConfig, info: dict, group: str) -> dict
         lbfgs = v["optimizer"] == "lbfgs"
         v["epochs"] = a.number_input("Curve points (L-BFGS chunks)" if lbfgs else LABELS["epochs"], 1, 500, rec.epochs, key=key("epochs"))
         if not lbfgs:
-            v["batch_size"] = a.select_slider(LABELS["batch_size"], [8, 16, 32, 64, 128, 256], rec.batch_size, key=key("batch"))
+            v["batch_size"] = a.select_slider(LABELS["batch_size"], sorted({8, 16, 32, 48, 64, 128, 256, rec.batch_size}), rec.batch_size, key=key("batch"))
             lrs = sorted(set(LRS) | {rec.lr})
             v["lr"] = b.select_slider(LABELS["lr"], lrs, rec.lr, format_func=lambda x: f"{x:g}", key=key("lr"))
             suggest_lr(key("lr"), lrs)

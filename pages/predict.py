@@ -249,7 +249,9 @@ def predict_tabs(run: dict, top_k_slot) -> None:
             if len(ups) > MAX_SHOWN:
                 st.caption(f"Showing the first {MAX_SHOWN} of {len(ups)}; use ZIP → CSV for many images.")
     with camera:
-        if st.radio("Camera", ["Live video", "Still photo"], horizontal=True, key="pr_cam_mode") == "Live video":
+        # the still photo by default: the live video's WebRTC component (and its imports) only when asked for
+        if st.radio("Camera", ["Still photo", "Live video"], horizontal=True, key="pr_cam_mode",
+                    captions=["works everywhere", "continuous, several predictions a second"]) == "Live video":
             live_camera(model, run["id"], top_k, explain[0])
         else:
             shot = st.camera_input("Take a picture", key="pr_camera")

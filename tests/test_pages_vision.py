@@ -198,6 +198,7 @@ def test_predict_shows_probabilities_and_per_file_reasons(tmp_path):
 
     buf = io.BytesIO()
     Image.open(io.BytesIO(png(COLORS["blue"], seed=7))).save(buf, "JPEG")
+    at.radio(key="pr_cam_mode").set_value("Live video").run()
     assert any("Live video cannot start here" in w.value for w in at.warning)  # (no live server session in a script test)
     at.radio(key="pr_cam_mode").set_value("Still photo").run()  # the fallback
     at.camera_input(key="pr_camera").set_value(("photo.jpg", buf.getvalue(), "image/jpeg")).run()

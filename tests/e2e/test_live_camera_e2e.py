@@ -27,6 +27,8 @@ def test_live_predictions_follow_the_camera(browser, workspace_home, tmp_path):
             page.goto(f"{url}/predict")
             wait_for_idle(page)
             page.get_by_role("tab", name="Camera").click()
+            page.get_by_text("Live video").click()
+            wait_for_idle(page)
             page.frame_locator("iframe[title*='webrtc']").get_by_role("button", name="START").click()
             expect(page.get_by_text("predictions/s")).to_be_visible(timeout=60_000)
             seen, deadline = set(), time.time() + 30

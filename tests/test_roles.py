@@ -59,6 +59,7 @@ PAGES = {  # page -> controls an audience member must find locked
     "pages/lab.py": ["Load the sample and the demo tasks", "Run it"],
     "pages/text_finetune.py": ["Start fine-tuning"],
     "pages/tour.py": [],
+    "pages/models.py": [],  # offline, nothing cached: no Download or Delete to show; the Import box is locked
 }
 
 

@@ -5,6 +5,7 @@ Fixtures:
   app_workspace    that workspace folder (to prepare data through the engine before a test)
   browser          one headless Chromium for the session
   page             a fresh page (own context) per test
+  fresh_page(browser)  the same as a context manager, for a test with a server of its own
 Helpers:
   wait_for_idle(page)        wait until Streamlit has finished running the script
   open_generate(page, url, prompt)  Generate text with the mini model loaded and a prompt typed
@@ -119,6 +120,18 @@ def page(browser, app_url):
     pg.set_default_timeout(90_000)  # generous: CI machines have 2 cores
     yield pg
     context.close()
+
+
+@contextlib.contextmanager
+def fresh_page(browser, width: int = 1400, height: int = 1000):
+    """A page in a browser context of its own (its own session), closed afterwards."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(90_000)  # generous: CI machines have 2 cores
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 def wait_for_idle(page, timeout: float = 60_000) -> None:

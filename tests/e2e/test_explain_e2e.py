@@ -4,7 +4,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import screenshot, streamlit_server, tall_screenshot, wait_for_idle
+from tests.e2e.conftest import fresh_page, screenshot, streamlit_server, tall_screenshot, wait_for_idle
 
 
 def test_map_heatmap_and_filters(browser, workspace_home, tmp_path):
@@ -16,10 +16,7 @@ def test_map_heatmap_and_filters(browser, workspace_home, tmp_path):
     vision.import_model(vision.export_run(tmp_path / "run", tmp_path / "model.zip", onnx=False))  # a model for Predict
     photo = sorted((sources.ASSETS / "sample" / "apple").iterdir())[0]
     with streamlit_server(workspace_home, "explain-server.log") as url:
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(90_000)
-        try:
+        with fresh_page(browser) as page:
             page.goto(f"{url}/images")
             wait_for_idle(page)
             page.get_by_role("tab", name="Map").click()
@@ -46,6 +43,4 @@ def test_map_heatmap_and_filters(browser, workspace_home, tmp_path):
             expect(page.get_by_text("random weights", exact=True)).to_be_visible()
             expect(page.get_by_text("layer4 · 512 maps")).to_be_visible()
             tall_screenshot(page, "explain-3-inside", height=2600)
-        finally:
-            context.close()
     assert Path(photo).is_file()

@@ -4,7 +4,7 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import screenshot, streamlit_server, wait_for_idle
+from tests.e2e.conftest import fresh_page, screenshot, streamlit_server, wait_for_idle
 from tests.text_helpers import make_tiny_lm
 from tests.weights_server import WeightsServer
 
@@ -24,10 +24,7 @@ def test_download_a_model_through_the_models_page(browser, tmp_path):
            "HF_HUB_CACHE": str(tmp_path / "hub"), "TORCH_HOME": str(tmp_path / "torch")}
     try:
         with streamlit_server(tmp_path / "ws", "models-server.log", env=env) as url:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            page = context.new_page()
-            page.set_default_timeout(90_000)
-            try:
+            with fresh_page(browser) as page:
                 page.goto(f"{url}/models")
                 wait_for_idle(page)
                 expect(page.get_by_text("Network: online")).to_be_visible()
@@ -43,8 +40,6 @@ def test_download_a_model_through_the_models_page(browser, tmp_path):
                 assert seen and max(seen) == 100, seen
                 expect(page.get_by_role("combobox", name="Delete a downloaded or imported model")).to_have_value("distilgpt2")
                 screenshot(page, "models-downloaded")
-            finally:
-                context.close()
     finally:
         weights.close()
     assert (tmp_path / "hub" / "models--distilgpt2" / "refs" / "main").is_file()

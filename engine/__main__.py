@@ -403,9 +403,12 @@ def cmd_lm_finetune(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stream = sys.stderr if args.json else sys.stdout
     seen = {"epoch": None}
+    download_line = ProgressLine(stream)
 
     def on_report(p: dict) -> None:
-        if p.get("phase") in ("loading", "evaluating", "sampling", "resuming"):
+        if p.get("phase") == "downloading":
+            download_line(**p)
+        elif p.get("phase") in ("loading", "evaluating", "sampling", "resuming"):
             print(p.get("message", ""), file=stream, flush=True)
         elif p.get("phase") == "training" and (p["step"] == p["steps"] or p["epoch"] != seen["epoch"]):
             seen["epoch"] = p["epoch"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine import checkpoints, optimizers, schedules, text, workspace
+from engine import checkpoints, models, optimizers, schedules, sources, text, workspace
 from engine.errors import UserError, number_in
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ def run_job(ctx) -> dict:
     cfg = LMFinetuneConfig.from_dict(ctx.config).validate()
     run_dir = Path(ctx.run_dir)
     ckpt_dir = run_dir / "checkpoint"
+    source = sources.resolve_text(cfg.model)
+    if source.download:  # auto or a hub id not on this machine yet: fetched first, its progress in the job's
+        models.download(source.download, cancelled=ctx.cancelled, report=lambda **p: ctx.report(
+            **{**p, "message": f"downloading {source.download}: {models.progress_line(p)}"}))
     ctx.report(phase="loading", message=f"loading {cfg.model}")
     base = text.load(cfg.model)
     corpus = text.read_text_files(cfg.texts)

@@ -195,6 +195,20 @@ def test_hub_download_through_the_hub_library_then_auto_generates_with_it(server
     assert lm.tokenizer.decode(lm.tokenizer.encode("hello")) == "hello"
 
 
+def test_cli_lm_finetune_with_auto_downloads_gpt2_first_with_a_progress_line(server, tiny_dir, tmp_path, capsys):
+    from tests.text_helpers import corpus
+
+    server.add_hub_folder("gpt2", tiny_dir)
+    text_file = tmp_path / "style.txt"
+    text_file.write_text(corpus(60, seed=3))
+    code = main(["lm-finetune", "--text", str(text_file), "--model", "auto", "--epochs", "1", "--block-size", "32",
+                 "--out", str(tmp_path / "lm"), "--json"])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "downloading gpt2" in out.err and models.get("gpt2").status == "cached"
+    assert "ppl_after" in json.loads(out.out)  # it trained on the downloaded model
+
+
 def test_hub_model_without_safetensors_is_refused(server, tiny_dir, caches):
     server.add_hub_folder("distilgpt2", tiny_dir)
     del server.files["/distilgpt2/resolve/main/model.safetensors"]

@@ -34,6 +34,7 @@ class Heatmap:
 
 
 MIN_CELLS = 4  # the heat's grid is at least this many cells across
+_layers: dict[tuple[str, int], str] = {}  # (family, input size) -> the stage Grad-CAM uses: found once, not per image
 
 
 @torch.no_grad()
@@ -41,18 +42,16 @@ def target_layer(model: nn.Module, size: int) -> nn.Module:
     """The deepest stage whose feature maps are still at least MIN_CELLS across at this input size:
     the last stage (layer4 of a ResNet: 7 x 7 at 224 px), or the one before it for small inputs
     (at 64 px layer4 is 2 x 2 cells, too coarse to show anything; layer3 is 4 x 4)."""
-    names = [s[-1] for s in backbones.entry(model).stages]
-    h = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
-    chosen = names[-1]
-    widths = []
-    for name, stage in zip(names, backbones.stages(model)):
-        h = stage(h)
-        widths.append((name, min(h.shape[-2:]) if h.dim() == 4 else 0))
-    for name, w in reversed(widths):
-        if w >= MIN_CELLS:
-            chosen = name
-            break
-    return model.get_submodule(chosen)
+    family = backbones.entry(model).name
+    if (family, size) not in _layers:
+        names = [s[-1] for s in backbones.entry(model).stages]
+        h = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+        widths = []
+        for name, stage in zip(names, backbones.stages(model)):
+            h = stage(h)
+            widths.append((name, min(h.shape[-2:]) if h.dim() == 4 else 0))
+        _layers[family, size] = next((n for n, w in reversed(widths) if w >= MIN_CELLS), names[-1])
+    return model.get_submodule(_layers[family, size])
 
 
 def colorize(heat: np.ndarray) -> np.ndarray:

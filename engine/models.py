@@ -84,18 +84,8 @@ def hub_endpoint() -> str | None:
     return sources.models_url()
 
 
-def hub_cache() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hub_folder(model_id: str) -> Path:
-    """The hub cache's folder of `model_id` (its layout: refs/main names a snapshot folder of files)."""
-    return hub_cache() / ("models--" + model_id.replace("/", "--"))
-
-
-hub_snapshot = sources.hf_snapshot  # the complete folder of files the hub cache holds for an id, or None
+# where the hub library keeps models (engine/sources.py owns the layout)
+hub_cache, hub_folder, hub_snapshot = sources.hf_cache, sources.hf_folder, sources.hf_snapshot
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 
 
@@ -117,11 +107,11 @@ def imported_hub_ids() -> list[str]:
 # ----------------------------------------------------------------------------- the catalog
 def catalog() -> list[Model]:
     """Every model the app knows, with its status now."""
+    from torchvision.models import get_model_weights
+
     net = sources.online()
     out = []
     for arch in backbones.NAMES:
-        from torchvision.models import get_model_weights
-
         path = sources.imagenet_file(arch)
         here = path.is_file()
         size = _size_mb(path) if here else round(get_model_weights(arch).DEFAULT.meta.get("_file_size", 0), 1)
@@ -480,6 +470,12 @@ def _check_safetensors(folder: Path) -> None:
                 list(st.keys())
         except Exception as err:  # noqa: BLE001 - a damaged file's error, whatever the library calls it
             raise UserError(f"{f.name} is not a valid safetensors file ({str(err)[:100]})") from None
+
+
+def job_line(job: dict) -> str:
+    """A download job's one line: the model and its bytes, or what it is doing before the first byte."""
+    what = progress_line(job) if job.get("bytes") is not None else job.get("message") or job.get("phase", "queued")
+    return f"{job.get('model') or job.get('run_id', '')}: {what}"
 
 
 def _amount(n: float) -> str:

@@ -141,14 +141,21 @@ def resolve_vision(arch: str, weights: str) -> Source:
 
 
 # ----------------------------------------------------------------------------- text
+def hf_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_folder(model_id: str) -> Path:
+    """The hub cache's folder of `model_id`: models--<id>/refs/main names the revision, snapshots/<revision>/ holds the files."""
+    return hf_cache() / ("models--" + model_id.replace("/", "--"))
+
+
 def hf_snapshot(model_id: str) -> Path | None:
-    """The hub cache's complete folder for `model_id` (a config and safetensors weights), or None.
-
-    The cache's layout: models--<id>/refs/main names the revision, snapshots/<revision>/ holds the files."""
+    """The hub cache's complete folder for `model_id` (a config and safetensors weights), or None."""
     try:
-        from huggingface_hub import constants
-
-        folder = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+        folder = hf_folder(model_id)
         snap = folder / "snapshots" / (folder / "refs" / "main").read_text().strip()
     except (OSError, ValueError):
         return None

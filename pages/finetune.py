@@ -12,7 +12,8 @@ import streamlit as st
 
 from engine import backbones, distributed, export, heatmaps, imagedata, report, runs, sources, vision, workspace
 from engine.errors import UserError
-from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager, offer_download, read_json
+from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager, read_json
+from pages.downloads import offer_download
 from pages.finetune_options import training_options
 
 D = vision.FinetuneConfig(data="")  # the engine's defaults; training settings left None come from the recipe book

@@ -9,7 +9,8 @@ import streamlit as st
 
 from engine import history, sources, text, textgen
 from engine.errors import UserError
-from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape, offer_download
+from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape
+from pages.downloads import offer_download
 
 D = textgen.GenerationConfig()  # the engine's defaults are the page's defaults
 ss = st.session_state

@@ -6,7 +6,8 @@ import streamlit as st
 from pathlib import Path
 
 from engine import imagedata, label_issues, sample
-from pages.common import allowed, dataset_map_view, friendly_errors, locked, upload_fits
+from pages.common import allowed, friendly_errors, locked, upload_fits
+from pages.datamap_view import dataset_map_view
 
 st.title("Images")
 st.caption("Bring labelled images: one class per thing you want the model to tell apart. "

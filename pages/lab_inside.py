@@ -7,7 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from engine import filters, imagedata, runs, sources, vision
-from pages.common import dataset_map_view, friendly_errors, loaded_model
+from pages.common import friendly_errors, loaded_model
+from pages.datamap_view import dataset_map_view
 
 ARCH = "resnet18"
 

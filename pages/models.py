@@ -4,7 +4,8 @@ from __future__ import annotations
 import streamlit as st
 
 from engine import models, sources
-from pages.common import allowed, download_jobs, download_outcome, download_progress, friendly_errors, locked, start_download
+from pages.common import allowed, friendly_errors, locked
+from pages.downloads import download_jobs, download_outcome, download_progress, start_download
 
 st.title("Models")
 st.caption("The pretrained networks the app can start from. Real weights (ImageNet, GPT-2) are used wherever they "

@@ -7,8 +7,8 @@ import streamlit as st
 
 from engine import demo, filters, heatmaps, imagedata, report, runs, sample, sources, vision
 from pages import lab_inside
-from pages.common import (allowed, audience, curves, dataset_map, friendly_errors, loaded_model, locked, manager, md_escape,
-                          read_json)
+from pages.common import allowed, audience, curves, friendly_errors, loaded_model, locked, manager, md_escape, read_json
+from pages.datamap_view import dataset_map
 
 STEPS = [
     ("Bring images", "A few labelled photos per class are all it takes: here, four kinds of fruit."),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine import workspace
+from engine.core import workspace
 from pages.common import manager, role_box
 
 st.set_page_config(page_title="Transfer Studio", page_icon="🧪", layout="wide")
@@ -80,7 +80,8 @@ def environment() -> dict:
 def start_probe(found: dict) -> None:
     """Start the probe once per process (every later call returns at once)."""
     def probe() -> None:
-        from engine import device, sources  # imports torch
+        from engine.core import device
+        from engine.models import sources  # imports torch
 
         found["weights"] = sources.available()
         found["device"] = device.label()
@@ -96,7 +97,7 @@ def environment_lines() -> None:
     if "device" not in env:
         st.caption("**Device** · detecting…")
         return
-    from engine import sources  # (imported by the probe already: reading what is cached now costs a few file checks)
+    from engine.models import sources  # (imported by the probe already: reading what is cached now costs a few file checks)
 
     avail = sources.available()  # fresh on every rerun: a download or an import shows at once
     st.caption(f"**Device** · {env['device']}")

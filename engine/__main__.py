@@ -8,9 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
-from engine.errors import UserError
+from engine import demo, report
+from engine.bench import browser_load, recipe_bench, speed, suite
+from engine.cli import info, options
+from engine.core import runs, workspace
+from engine.core.errors import UserError
+from engine.data import demo_tasks, imagedata, sample
+from engine.jobs import JobContext, ctrl_c_cancels
+from engine.models import sources, store
+from engine.pretrain import mini_resnet
+from engine.vision import export, label_issues
+from engine.vision.config import FinetuneConfig
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,8 +44,6 @@ def emit(args, obj, text: str | None = None) -> None:
 
 # --------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from engine import info
-
     data = info.collect()
     emit(args, data, info.format_text(data))
     return 0
@@ -51,61 +61,48 @@ class ProgressLine:
         return self._stream or sys.stderr  # (looked up when used: tests swap sys.stderr)
 
     def __call__(self, **p) -> None:
-        from engine import models
-
         if p.get("bytes") is None:
             return
         tty = self.stream.isatty()
         step = int((p.get("progress") or 0) * 10)
         if tty or step != self.step:
             self.step = step
-            line = f"downloading {p.get('model', '')}: {models.progress_line(p)}"
+            line = f"downloading {p.get('model', '')}: {store.progress_line(p)}"
             print(("\r" + line.ljust(72)) if tty else line, end="" if tty else "\n", file=self.stream, flush=True)
             if tty and p.get("progress") == 1.0:
                 print(file=self.stream)
 
 
 def cmd_models_list(args) -> int:
-    from engine import models, sources
-
-    found = models.catalog()
+    found = store.catalog()
     net = "online" if sources.online() else f"offline: {sources.offline_reason()}"
-    emit(args, {"models": [m.to_dict() for m in found], "online": sources.online()}, models.format_table(found) + f"\n({net})")
+    emit(args, {"models": [m.to_dict() for m in found], "online": sources.online()}, store.format_table(found) + f"\n({net})")
     return 0
 
 
 def cmd_models_download(args) -> int:
-    from engine import models
-    from engine.jobs import JobContext, ctrl_c_cancels
-
     ctx = JobContext(run_id="download", config={"name": args.name}, run_dir=None)
     with ctrl_c_cancels(ctx):  # Ctrl-C stops the download cleanly
-        path = models.download(args.name, report=ProgressLine(), cancelled=ctx.cancelled)
-    m = models.get(args.name)
+        path = store.download(args.name, report=ProgressLine(), cancelled=ctx.cancelled)
+    m = store.get(args.name)
     emit(args, m.to_dict(), f"{m.name}: {m.status}, {m.size_mb:.0f} MB at {path}")
     return 0
 
 
 def cmd_models_delete(args) -> int:
-    from engine import models
-
-    m = models.delete(args.name)
+    m = store.delete(args.name)
     emit(args, m.to_dict(), f"deleted {args.name} (now {m.status})")
     return 0
 
 
 def cmd_models_import(args) -> int:
-    from engine import models
-
-    m = models.import_file(args.file, name=args.name)
+    m = store.import_file(args.file, name=args.name)
     emit(args, m.to_dict(), f"imported {m.name}: {m.status}, {m.size_mb:.0f} MB at {m.path}")
     return 0
 
 
 # --------------------------------------------------------------------------- data
 def cmd_data_check(args) -> int:
-    from engine import imagedata
-
     report = imagedata.check_path(args.path)
     obj = {"classes": report.classes, "rejected": report.rejected, "usable": report.usable}
     if args.json:
@@ -121,8 +118,6 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_issues(args) -> int:
-    from engine import label_issues
-
     found = label_issues.find(args.name, weights=args.weights, arch=args.model)
     lines = [f"{len(found['issues'])} of {found['images']} labels look wrong (out-of-fold accuracy "
              f"{found['out_of_fold_accuracy']:.1%} with {found['weights']} features):"]
@@ -133,7 +128,7 @@ def cmd_data_issues(args) -> int:
 
 
 def cmd_data_map(args) -> int:
-    from engine import datamap
+    from engine.vision import datamap  # deferred: imports torch
 
     m = datamap.compute(args.name, weights=args.weights, arch=args.model)
     obj = {"classes": m.classes, "method": m.method, "knn": m.knn, "weights": m.weights, "points": m.rows()}
@@ -143,24 +138,18 @@ def cmd_data_map(args) -> int:
 
 
 def cmd_data_import(args) -> int:
-    from engine import imagedata
-
     summary = imagedata.import_path(args.path, args.name)
     emit(args, summary, imagedata.format_import(summary))
     return 0
 
 
 def cmd_data_list(args) -> int:
-    from engine import imagedata
-
     rows = imagedata.list_datasets()
     emit(args, {"datasets": rows}, "\n".join(f"{r['name']}: {r['images']} images in {r['classes']} classes" for r in rows) or "no datasets")
     return 0
 
 
 def cmd_data_sample(args) -> int:
-    from engine import sample
-
     summary = sample.load_sample(args.name)
     note = "already in the workspace" if summary["existed"] else "imported"
     emit(args, summary, f"{summary['dataset']!r} {note}: " + ", ".join(f"{c} {n}" for c, n in summary["classes"].items()))
@@ -168,8 +157,6 @@ def cmd_data_sample(args) -> int:
 
 
 def cmd_data_make_sample(args) -> int:
-    from engine import sample
-
     sample.make_sample()
     print(f"wrote {sample.SAMPLE_DIR}")
     return 0
@@ -183,18 +170,15 @@ TRAIN_FIELDS = ["epochs", "lr", "schedule", "weight_decay", "label_smoothing", "
 
 
 def cmd_finetune(args) -> int:
-    from pathlib import Path
+    from engine.vision import finetune  # deferred: imports torch
 
-    from engine import cli_options, vision
-    from engine.jobs import JobContext, ctrl_c_cancels
-
-    cfg = vision.FinetuneConfig(**cli_options.values(args, RUN_FIELDS + TRAIN_FIELDS)).validate()
+    cfg = FinetuneConfig(**options.values(args, RUN_FIELDS + TRAIN_FIELDS)).validate()
     out = Path(args.out)
     if args.resume and not (out / "last.json").is_file():
         raise UserError(f"nothing to resume in {out} (no last.json checkpoint)")
     # progress goes to stdout, or to stderr with --json so stdout holds only the final object
     stream = sys.stderr if args.json else sys.stdout
-    from engine import distributed
+    from engine.train import distributed  # deferred: imports torch
 
     quiet = not distributed.env_info().is_main  # under torchrun only rank 0 prints
     seen = {"epoch": None, "msg": None}
@@ -214,8 +198,8 @@ def cmd_finetune(args) -> int:
 
     ctx = JobContext(run_id=out.name, config=cfg.__dict__, run_dir=out, resume=args.resume, on_report=on_report)
     with ctrl_c_cancels(ctx):  # Ctrl-C: stop and keep what was learned
-        summary = vision.finetune(cfg, out, ctx)
-    text = (f"settings: {vision.describe_settings(summary['settings'], summary['from_recipe'])}\n"
+        summary = finetune.finetune(cfg, out, ctx)
+    text = (f"settings: {finetune.describe_settings(summary['settings'], summary['from_recipe'])}\n"
             f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), {summary['epochs_done']} epochs, "
             f"{summary['seconds']:.1f}s, {summary['img_s']} img/s, weights: {summary['weights']['name']}"
             + (" [cancelled]" if summary["cancelled"] else "") + f"\nwrote {out}")
@@ -225,9 +209,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from engine import cli_options, lrfind, vision
+    from engine.vision import lrfind  # deferred: imports torch
 
-    cfg = vision.FinetuneConfig(**cli_options.values(args, RUN_FIELDS))
+    cfg = FinetuneConfig(**options.values(args, RUN_FIELDS))
     result = lrfind.find_lr(cfg, steps=args.steps)
     emit(args, result, f"suggested learning rate (head): {result['suggestion']:.2e}  (lowest loss at {result['minimum_lr']:.2e}; "
                        f"the recipe uses {result['recipe_lr']:g})\n{result['steps']} steps, {result['seconds']:.1f} s")
@@ -235,20 +219,20 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from engine import imagedata, vision
+    from engine.vision import inference  # deferred: imports torch
 
     if args.top_k < 1:
         raise UserError("--top-k must be >= 1")
-    loaded = vision.load_model(args.run)
+    loaded = inference.load_model(args.run)
     results, failed = [], 0
     for f in args.images:
         try:
             with open(f, "rb") as fh:
                 img = imagedata.decode_image(fh.read(), f)
-            top = vision.predict(loaded, [img], top_k=args.top_k)[0]
+            top = inference.predict(loaded, [img], top_k=args.top_k)[0]
             results.append({"file": f, "top": [{"label": lab, "prob": round(p, 6)} for lab, p in top]})
             if args.explain:  # where the model looked, for the predicted (or the --explain-class) class
-                from engine import heatmaps
+                from engine.vision import heatmaps  # deferred: imports torch
 
                 h = heatmaps.explain(loaded, [img], target=args.explain_class)[0]
                 results[-1]["heatmap"] = {"file": str(heatmaps.save([h], [f], args.explain)[0]), "class": h.label,
@@ -270,11 +254,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from engine import vision
+    pass  # import removed
 
-    from engine import export
-
-    path = vision.export_run(args.run, args.out, onnx=args.onnx, half=args.fp16)
+    path = export.export_run(args.run, args.out, onnx=args.onnx, half=args.fp16)
     check = export.parity(args.run, path) if args.onnx else None
     text = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"
     if check:
@@ -284,36 +266,27 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_model(args) -> int:
-    from engine import cli_options, vision
-
-    run_id = vision.import_model(args.file, labels=cli_options.csv(args.labels) or None)
+    run_id = export.import_model(args.file, labels=options.csv(args.labels) or None)
     emit(args, {"run_id": run_id}, f"imported as run {run_id}")
     return 0
 
 
 def cmd_bench_finetune(args) -> int:
-    from engine import bench
-
-    result = bench.bench_finetune(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs, threads=args.threads)
-    emit(args, result, bench.format_finetune(result))
+    result = speed.bench_finetune(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs, threads=args.threads)
+    emit(args, result, speed.format_finetune(result))
     return 0
 
 
 def cmd_bench_seed_loop(args) -> int:
-    from engine import bench
-
-    result = bench.seed_loop_process(args.list, args.image_size, args.epochs)
+    result = speed.seed_loop_process(args.list, args.image_size, args.epochs)
     emit(args, result, f"seed loop: best val acc {result['best_val_acc']:.3f} in {result['seconds']:.1f} s")
     return 0
 
 
 def cmd_bench_process(args) -> int:
-    from engine import bench
+    r = speed.bench_process(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs)
 
-    r = bench.bench_process(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs)
-    from pathlib import Path
-
-    path = bench.write_process_markdown(r, Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    path = speed.write_process_markdown(r, Path(args.out) if args.out else workspace.PROJECT / "BENCHMARKS.md")
     emit(args, r, f"{r['images']} images at {r['image_size']} px, {r['epochs']} epochs, whole processes: seed loop {r['seed_seconds']} s "
                   f"(val acc {r['seed_val_acc']}), engine finetune --strategy linear {r['seconds']} s (val acc {r['val_acc']}): "
                   f"{r['ratio']}x; first run on this machine {r['first_seconds']} s ({r['first_ratio']}x); extractors {r['extractor_img_s']} img/s"
@@ -322,62 +295,50 @@ def cmd_bench_process(args) -> int:
 
 
 def cmd_bench_load(args) -> int:
-    from pathlib import Path
-
-    from engine import bench_load
-
-    r = bench_load.bench_load(sessions=args.sessions, seconds=args.seconds, rounds=args.rounds, train=not args.no_train)
-    path = bench_load.write_markdown(r, Path(args.out) if args.out else None)
-    emit(args, r, bench_load.format_load(r) + f"\nwrote {path}")
+    r = browser_load.bench_load(sessions=args.sessions, seconds=args.seconds, rounds=args.rounds, train=not args.no_train)
+    path = browser_load.write_markdown(r, Path(args.out) if args.out else None)
+    emit(args, r, browser_load.format_load(r) + f"\nwrote {path}")
     return 0
 
 
 def cmd_bench_all(args) -> int:
-    from pathlib import Path
-
-    from engine import benchall
-
-    result = benchall.run_all(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs,
+    result = suite.run_all(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs,
                               train_steps=args.train_steps, tokens=args.tokens, cold_start=not args.no_cold_start,
                               threads=args.threads, process_per_class=args.process_per_class,
                               process_image_size=args.process_image_size)
-    path = benchall.write_markdown(result, Path(args.out) if args.out else None)
-    emit(args, result, benchall.format_markdown(result) + f"\nwrote {path}")
+    path = suite.write_markdown(result, Path(args.out) if args.out else None)
+    emit(args, result, suite.format_markdown(result) + f"\nwrote {path}")
     return 0
 
 
 def cmd_bench_recipes(args) -> int:
-    from pathlib import Path
-
-    from engine import bench_recipes, cli_options
-
-    datasets, strategies = cli_options.csv(args.datasets), cli_options.csv(args.strategies)
-    bad = [d for d in datasets if d not in bench_recipes.DATASETS] + [s for s in strategies if s not in bench_recipes.STRATEGIES]
+    datasets, strategies = options.csv(args.datasets), options.csv(args.strategies)
+    bad = [d for d in datasets if d not in recipe_bench.DATASETS] + [s for s in strategies if s not in recipe_bench.STRATEGIES]
     if bad or not datasets or not strategies:
-        raise UserError(f"unknown dataset or strategy {', '.join(bad) or '(none given)'}; datasets: {', '.join(bench_recipes.DATASETS)}; "
-                        f"strategies: {', '.join(bench_recipes.STRATEGIES)}")
+        raise UserError(f"unknown dataset or strategy {', '.join(bad) or '(none given)'}; datasets: {', '.join(recipe_bench.DATASETS)}; "
+                        f"strategies: {', '.join(recipe_bench.STRATEGIES)}")
     if not 1 <= args.seeds <= 10:
         raise UserError("--seeds must be from 1 to 10")
     logging.getLogger("engine").setLevel(logging.INFO)  # long: show each finished cell
-    done = bench_recipes.run(datasets, strategies, seeds=tuple(range(args.seeds)), grid=not args.no_grid,
+    done = recipe_bench.run(datasets, strategies, seeds=tuple(range(args.seeds)), grid=not args.no_grid,
                              results=Path(args.results) if args.results else None)
-    path = bench_recipes.write_markdown(done, Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
-    emit(args, done, bench_recipes.format_markdown(done) + f"\nwrote {path}")
+    path = recipe_bench.write_markdown(done, Path(args.out) if args.out else workspace.PROJECT / "BENCHMARKS.md")
+    emit(args, done, recipe_bench.format_markdown(done) + f"\nwrote {path}")
     return 0
 
 
 # --------------------------------------------------------------------------- text (generate, lm-finetune, bench generate)
 def cmd_generate(args) -> int:
-    from engine import text, textgen
+    from engine.text import causal_lm, generation  # deferred: imports torch
 
-    cfg = textgen.GenerationConfig(
+    cfg = generation.GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
         num_return_sequences=args.num_return_sequences, seed=args.seed, stop=args.stop or [],
     ).validate()
-    text.check_prompt(args.prompt)
-    lm = text.load(args.model)
-    gen = textgen.generate(lm, args.prompt, cfg)
+    causal_lm.check_prompt(args.prompt)
+    lm = causal_lm.load(args.model)
+    gen = generation.generate(lm, args.prompt, cfg)
     if gen.prompt_notice:
         print(f"note: {gen.prompt_notice}", file=sys.stderr)
     if args.json:
@@ -392,12 +353,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_lm_finetune(args) -> int:
-    from pathlib import Path
+    from engine.text import lm_finetune  # deferred: imports torch
 
-    from engine import lmtrain
-    from engine.jobs import JobContext, ctrl_c_cancels
-
-    cfg = lmtrain.LMFinetuneConfig(texts=args.text, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,
+    cfg = lm_finetune.LMFinetuneConfig(texts=args.text, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,
                                    batch_size=args.batch_size, seed=args.seed, sample_prompt=args.prompt or "").validate()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -416,7 +374,7 @@ def cmd_lm_finetune(args) -> int:
 
     ctx = JobContext(run_id=out.name, config=cfg.__dict__, run_dir=out, resume=args.resume, on_report=on_report)
     with ctrl_c_cancels(ctx):  # Ctrl-C: stop, keep a resumable checkpoint
-        summary = lmtrain.run_job(ctx)
+        summary = lm_finetune.run_job(ctx)
     if ctx.cancelled():
         emit(args, summary, f"cancelled at step {summary['step']}/{summary['steps']}; continue with --resume")
         return 130
@@ -428,28 +386,24 @@ def cmd_lm_finetune(args) -> int:
 
 
 def cmd_bench_generate(args) -> int:
-    from engine import bench
-
-    result = bench.bench_generate(new_tokens=args.tokens, repeats=args.repeats, threads=args.threads,
+    result = speed.bench_generate(new_tokens=args.tokens, repeats=args.repeats, threads=args.threads,
                                   models=tuple(args.models) if args.models else ("gpt2-124m-random", "mini"))
-    emit(args, result, bench.format_generate(result))
+    emit(args, result, speed.format_generate(result))
     return 0
 
 
 def cmd_pretrain_text(args) -> int:
-    from pathlib import Path
-
-    from engine import pretrain
+    from engine.pretrain import mini_gpt2  # deferred: imports torch
 
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
     if args.steps is None and args.minutes <= 0:
         raise UserError("--minutes must be > 0 (or give --steps)")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    cfg = pretrain.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads)
+    cfg = mini_gpt2.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads)
     if args.out:
         cfg.out = Path(args.out)
-    card = pretrain.pretrain_text(cfg, resume=args.resume)
+    card = mini_gpt2.pretrain_text(cfg, resume=args.resume)
     m = card["metrics"]
     emit(args, card, f"validation perplexity {m['val_perplexity']:.1f} ({m['bits_per_byte']:.3f} bits/byte) after "
                      f"{card['training']['steps']} steps\nsample: {card['sample']['text']!r}\nwrote {cfg.out}")
@@ -458,8 +412,7 @@ def cmd_pretrain_text(args) -> int:
 
 # --------------------------------------------------------------------------- showcase (report, demo)
 def cmd_report(args) -> int:
-    from engine import report
-    from engine.vision import resolve_run
+    from engine.vision.inference import resolve_run  # deferred: imports torch
 
     out = report.write_report(resolve_run(args.run), args.out)
     emit(args, {"report": str(out), "bytes": out.stat().st_size}, f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, self-contained)")
@@ -467,11 +420,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import os
-
     if args.workspace:
         os.environ["TRANSFER_STUDIO_HOME"] = args.workspace
-    from engine import demo
 
     if args.reset:
         done = demo.reset(epochs=args.epochs, lab=not args.no_lab)
@@ -494,19 +444,17 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 
 
 def cmd_lab(args) -> int:
+    from engine.lab import experiments  # deferred: imports torch
 
-    from engine import lab, runs
-    from engine.jobs import JobContext, ctrl_c_cancels
-
-    cfg = lab.LabConfig(
+    cfg = experiments.LabConfig(
         experiment=args.lab_command, data=args.data, preset=args.preset, weights=args.weights,
         epochs=getattr(args, "epochs", None), seeds=getattr(args, "seeds", None), image_size=getattr(args, "image_size", None),
         batch_size=getattr(args, "batch_size", None), lr=getattr(args, "lr", None), ks=_ints(getattr(args, "ks", None), "--ks"),
         sizes=_ints(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
         ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None))
     resolved = cfg.resolved()  # bad options fail here, before a run is recorded
-    cfg.data = resolved.data = lab.check_data(cfg.data)  # "sample" or a demo key -> the dataset's name
-    run_id = runs.create("lab", f"Lab · {lab.EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}",
+    cfg.data = resolved.data = experiments.check_data(cfg.data)  # "sample" or a demo key -> the dataset's name
+    run_id = runs.create("lab", f"Lab · {experiments.EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}",
                          {k: v for k, v in vars(cfg).items() if v is not None})
     stream = sys.stderr if args.json else sys.stdout
     seen = set()
@@ -521,21 +469,19 @@ def cmd_lab(args) -> int:
     runs.set_status(run_id, "running")
     try:
         with ctrl_c_cancels(ctx):  # Ctrl-C: stop, keep finished runs
-            summary = lab.run_lab(cfg, ctx.run_dir, ctx)
+            summary = experiments.run_lab(cfg, ctx.run_dir, ctx)
     except BaseException as err:
         runs.set_status(run_id, "failed", error=str(err)[:300])
         raise
     runs.set_status(run_id, "cancelled" if ctx.cancelled() else "done", summary=summary)
-    state = lab.read_result(ctx.run_dir) or {}
-    emit(args, lab.cli_object(run_id, state), lab.format_text(run_id, state))
+    state = experiments.read_result(ctx.run_dir) or {}
+    emit(args, experiments.cli_object(run_id, state), experiments.format_text(run_id, state))
     return 130 if ctx.cancelled() else 0
 
 
 def cmd_lab_demo_data(args) -> int:
-    from engine import demodata
-
-    keys = args.keys or list(demodata.DEMOS)
-    done = [demodata.import_demo(k) for k in keys]
+    keys = args.keys or list(demo_tasks.DEMOS)
+    done = [demo_tasks.import_demo(k) for k in keys]
     emit(args, {"datasets": done}, "\n".join(f"{d['dataset']!r}: " + ", ".join(f"{c} {n}" for c, n in d["classes"].items())
                                              + (" (already there)" if d["existed"] else "") for d in done))
     return 0
@@ -543,19 +489,17 @@ def cmd_lab_demo_data(args) -> int:
 
 # --------------------------------------------------------------------------- pretrain
 def cmd_pretrain_vision(args) -> int:
-    from engine import pretrain
-
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
     if args.probe_only:
-        card = pretrain.probe_vision(args.out or None)
+        card = mini_resnet.probe_vision(args.out or None)
     else:
-        cfg = pretrain.VisionPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed,
+        cfg = mini_resnet.VisionPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed,
                                             threads=args.threads, out=args.out or "", probe=not args.no_probe)
         if cfg.steps is None and (cfg.minutes is None or cfg.minutes <= 0):
             raise UserError("--minutes must be > 0 (or give --steps)")
         if cfg.steps is not None and cfg.steps < 1:
             raise UserError("--steps must be >= 1")
-        card = pretrain.pretrain_vision(cfg)
+        card = mini_resnet.pretrain_vision(cfg)
     emit(args, card)
     return 0
 
@@ -600,18 +544,16 @@ def add_data_commands(sub):
 def add_vision_commands(sub) -> None:
     """finetune, lr-find, predict, export, import-model: options made from FinetuneConfig's fields."""
     # (vision parsers) options made from FinetuneConfig's fields: names, defaults, choices and help in one place
-    from engine import cli_options
-    from engine.finetune_config import FinetuneConfig  # (no torch)
 
     s = sub.add_parser("finetune", help="fine-tune a ResNet on an image dataset")
-    cli_options.add_options(s, FinetuneConfig, RUN_FIELDS + TRAIN_FIELDS)
+    options.add_options(s, FinetuneConfig, RUN_FIELDS + TRAIN_FIELDS)
     s.add_argument("--out", required=True, metavar="RUN_DIR")
     s.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("lr-find", help="suggest a learning rate: a short sweep on a copy of the model (changes nothing)")
-    cli_options.add_options(s, FinetuneConfig, RUN_FIELDS, choices={"optimizer": ("sgd", "adamw")})
+    options.add_options(s, FinetuneConfig, RUN_FIELDS, choices={"optimizer": ("sgd", "adamw")})
     s.add_argument("--steps", type=int, default=60, help="learning rates tried, one step each (10..1000)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lr_find)
@@ -839,15 +781,12 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--offline" in argv:  # accepted anywhere, not only before the command
         argv.remove("--offline")
         os.environ["TRANSFER_STUDIO_OFFLINE"] = "1"
-    from engine import models
 
-    models.default_report = ProgressLine()  # downloads a command needs first show a progress line
+    store.default_report = ProgressLine()  # downloads a command needs first show a progress line
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -859,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:
-        models.default_report = None
+        store.default_report = None
 
 
 if __name__ == "__main__":

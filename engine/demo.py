@@ -13,14 +13,19 @@ added since (datasets, runs, generations that are not the demo's), then complete
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import dataclasses
 from dataclasses import asdict
 from typing import Callable
 
-from engine import runs, sample, workspace
-from engine.errors import UserError
+from engine import jobs
+from engine.core import runs, workspace
+from engine.core.errors import UserError
+from engine.data import imagedata, sample
+from engine.text import history
+from engine.train import recipes
+from engine.vision.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,6 @@ DEMO_PROMPTS = ["The meaning of life is", "A good programmer", "Love is"]
 
 def _user_items() -> list[tuple[str, str | int, str]]:
     """(kind, key, label) for everything in the workspace the demo did not make."""
-    from engine import history, imagedata
 
     items = [("dataset", d["name"], f"dataset {d['name']!r}") for d in imagedata.list_datasets() if d["name"] != sample.SAMPLE_NAME]
     items += [("run", r["id"], f"run {r['title']!r}") for r in runs.list_runs()
@@ -48,7 +52,6 @@ def user_data() -> list[str]:
 
 def _prompts_todo() -> list[str]:
     """The demo prompts that have no generation in the history yet."""
-    from engine import history
 
     have = {g["prompt"] for g in history.recent(500) if g["settings"].get("demo")}
     return [p for p in DEMO_PROMPTS if p not in have]
@@ -56,7 +59,6 @@ def _prompts_todo() -> list[str]:
 
 def missing(lab: bool = True) -> list[str]:
     """The demo pieces this workspace does not have yet."""
-    from engine import imagedata
 
     todo = [] if sample.SAMPLE_NAME in {d["name"] for d in imagedata.list_datasets()} else ["sample dataset"]
     todo += [] if _has_run("finetune", DEMO_RUN_TITLE) else ["fine-tuning run"]
@@ -67,7 +69,6 @@ def missing(lab: bool = True) -> list[str]:
 
 def remove_user_data() -> list[str]:
     """Delete every dataset, finished run and generation the demo did not make. Returns what went."""
-    from engine import history, imagedata
 
     delete = {"dataset": imagedata.delete_dataset, "run": runs.delete, "generation": history.delete}
     gone = []
@@ -80,7 +81,6 @@ def remove_user_data() -> list[str]:
 
 def _run_in_foreground(kind: str, title: str, config: dict) -> str:
     """Create a run record and execute it here (not in a worker), so the CLI can wait for it."""
-    from engine import jobs
 
     run_id = runs.create(kind, title, config)
     runs.set_status(run_id, "running", device="cpu" if os.environ.get("TRANSFER_STUDIO_DEVICE") == "cpu" else None)
@@ -98,9 +98,8 @@ def _has_run(kind: str, title: str) -> bool:
 
 def run_config():
     """The demo's fine-tuning run: the sample with the default strategy, every setting from the recipe."""
-    from engine import recipes, vision
 
-    return vision.FinetuneConfig(data=sample.SAMPLE_NAME, weights="auto", strategy=recipes.DEFAULT_STRATEGY)
+    return FinetuneConfig(data=sample.SAMPLE_NAME, weights="auto", strategy=recipes.DEFAULT_STRATEGY)
 
 
 def prepare(force: bool = False, epochs: int | None = None, generations: bool = True, lab: bool = True,
@@ -126,7 +125,7 @@ def prepare(force: bool = False, epochs: int | None = None, generations: bool = 
         done["added"].append("fine-tuning run")
 
     if lab and not _has_run("lab", DEMO_LAB_TITLE):
-        from engine import lab as lab_engine
+        from engine.lab import experiments as lab_engine  # deferred: imports torch
 
         step("pretrained-vs-scratch comparison")
         cfg = lab_engine.LabConfig(experiment="compare", data=sample.SAMPLE_NAME, preset="quick")
@@ -134,15 +133,15 @@ def prepare(force: bool = False, epochs: int | None = None, generations: bool = 
         done["added"].append("pretrained-vs-scratch comparison")
 
     if generations:
-        from engine import history, text, textgen
+        from engine.text import causal_lm, generation, history  # deferred: imports torch
 
         todo = _prompts_todo()
         if todo:
             step("generations")
-            lm = text.load("auto")
+            lm = causal_lm.load("auto")
             for i, prompt in enumerate(todo):
-                cfg = textgen.GenerationConfig(max_new_tokens=40, seed=1000 + i, **textgen.PRESETS["Balanced"])
-                gen = textgen.generate(lm, prompt, cfg)
+                cfg = generation.GenerationConfig(max_new_tokens=40, seed=1000 + i, **generation.PRESETS["Balanced"])
+                gen = generation.generate(lm, prompt, cfg)
                 history.save("auto", gen.prompt, {**gen.settings, "demo": True}, [s.completion for s in gen.samples], gen.stats())
             done["added"].append(f"{len(todo)} generations")
     return done

@@ -16,6 +16,7 @@ live in SQLite (engine.runs) so a restart finds them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -27,18 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engine import runs, workspace
-from engine.errors import Cancelled, UserError
+from engine.core import runs, workspace
+from engine.core.errors import Cancelled, UserError
 
 log = logging.getLogger(__name__)
 
 RUNNERS = {
-    "finetune": "engine.vision:run_job",
-    "lr-find": "engine.lrfind:run_job",
-    "lm-finetune": "engine.lmtrain:run_job",
-    "lab": "engine.lab:run_job",
+    "finetune": "engine.vision.finetune:run_job",
+    "lr-find": "engine.vision.lrfind:run_job",
+    "lm-finetune": "engine.text.lm_finetune:run_job",
+    "lab": "engine.lab.experiments:run_job",
     "demo": "engine.demo:run_job",
-    "download": "engine.models:run_job",
+    "download": "engine.models.store:run_job",
 }
 # queued + running, per process; more is refused with a clear message
 MAX_QUEUED = int(os.environ.get("TRANSFER_STUDIO_MAX_JOBS", 8))
@@ -128,8 +129,6 @@ def execute(kind: str, ctx: JobContext) -> tuple[str, dict, str | None]:
 
 
 def _free_accelerator_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()
@@ -170,7 +169,7 @@ class JobManager:
         self._enqueue(run_id, run["kind"], run["config"], resume=True, device=device)
 
     def _enqueue(self, run_id: str, kind: str, config: dict, resume: bool, device: str | None) -> None:
-        from engine.device import best_device
+        from engine.core.device import best_device  # deferred: imports torch
 
         device = device or str(best_device())
         ctx = JobContext(run_id=run_id, config=config, run_dir=runs.run_dir(run_id), resume=resume, device=device)

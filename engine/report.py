@@ -16,8 +16,10 @@ from pathlib import Path
 import plotly.graph_objects as go
 from PIL import Image
 
-from engine import workspace
-from engine.errors import UserError
+from engine.core import runs, workspace
+from engine.core.errors import UserError
+from engine.data import imagedata
+from engine.text import history
 
 MAX_MISTAKES = 24
 THUMBS_PER_CLASS = 6
@@ -68,7 +70,7 @@ def confusion_figure(ev: dict) -> go.Figure:
 
 
 def comparison_figure(curves: dict[str, dict], title: str) -> go.Figure:
-    """The Lab's mean curves ({name: {"epoch": [...], "mean": [...]}}, as engine.lab.mean_curve gives
+    """The Lab's mean curves ({name: {"epoch": [...], "mean": [...]}}, as engine.lab.experiments.mean_curve gives
     them), on the Lab's own epoch axis: epoch 0 is the untrained network."""
     fig = go.Figure()
     for label, curve in curves.items():
@@ -95,7 +97,6 @@ def _fmt(v) -> str:
 
 def _dataset_thumbs(run: dict) -> str:
     """A few images per class from the run's dataset, when it is a workspace dataset still there."""
-    from engine import imagedata
 
     name = run.get("config", {}).get("data", "")
     try:
@@ -118,10 +119,10 @@ def _png_uri(array) -> str:
 
 def _mistake_heats(run_dir: Path | None, mistakes: list[dict]) -> list:
     """Where the model looked for the class it wrongly predicted, per mistake (Nones when the run has no model)."""
-    from engine import heatmaps, vision
+    from engine.vision import heatmaps, inference  # deferred: imports torch
 
     try:
-        loaded = vision.load_model(run_dir)
+        loaded = inference.load_model(run_dir)
     except (UserError, OSError, TypeError):
         return [None] * len(mistakes)
     return heatmaps.explain_files(loaded, [m["file"] for m in mistakes], [m["pred"] for m in mistakes])
@@ -145,12 +146,12 @@ def _mistakes(ev: dict, run_dir: Path | None = None) -> str:
 
 def _comparisons(run: dict) -> str:
     """Pretrained-vs-scratch results from the Transfer Lab for the same dataset, if any."""
-    from engine import lab, runs
+    from engine.lab import experiments  # deferred: imports torch
 
     data = run.get("config", {}).get("data")
     parts = []
     for r in runs.list_runs("lab"):
-        state = lab.read_result(r["dir"]) or {}
+        state = experiments.read_result(r["dir"]) or {}
         res = state.get("result") or {}
         if r["status"] != "done" or state.get("experiment") != "compare" or r["config"].get("data") != data or not res.get("curves"):
             continue
@@ -182,8 +183,6 @@ def _benefits_table(b: dict) -> str:
 
 
 def _text_samples(limit: int = 5) -> str:
-    from engine import history
-
     rows = history.recent(limit)
     out = []
     for r in rows:

@@ -9,8 +9,9 @@ from contextlib import contextmanager
 
 import streamlit as st
 
-from engine import access, jobs, workspace
-from engine.errors import UserError
+from engine import jobs
+from engine.core import access, workspace
+from engine.core.errors import UserError
 
 
 @st.cache_resource
@@ -24,7 +25,7 @@ def presenting() -> bool:
     return st.session_state.get("_present", False) or st.query_params.get("present") == "1"
 
 
-# ----------------------------------------------------------------------------- roles (engine/access.py)
+# ----------------------------------------------------------------------------- roles (engine/core/access.py)
 LOCKED_HELP = "Presenter only: unlock with the presenter password in the sidebar."
 
 
@@ -149,9 +150,9 @@ def loaded_model(run_dir: str, stamp: float = 0.0):
     """
     from pathlib import Path
 
-    from engine import vision
+    from engine.vision import inference
 
-    return vision.load_model(Path(run_dir))
+    return inference.load_model(Path(run_dir))
 
 
 def curves(series: dict[str, list[dict]]):
@@ -187,9 +188,9 @@ def curves(series: dict[str, list[dict]]):
 @st.cache_resource(max_entries=3, show_spinner="Loading the language model…")
 def language_model(spec: str):
     """A loaded language model shared by every session: read-only, generation serialised by its lock."""
-    from engine import text
+    from engine.text import causal_lm
 
-    return text.load(spec)
+    return causal_lm.load(spec)
 
 
 def md_escape(s: str) -> str:

@@ -10,7 +10,7 @@ from pages.common import friendly_errors
 @st.cache_data(show_spinner=False, max_entries=8)
 def dataset_map(dataset: str, version: str):
     """The map of a dataset, once per version of its images and labels (an edit draws a new one)."""
-    from engine import datamap
+    from engine.vision import datamap
 
     return datamap.compute(dataset)
 
@@ -20,7 +20,7 @@ def dataset_map_view(dataset: str, key: str) -> None:
     import pandas as pd
     import plotly.express as px
 
-    from engine import imagedata
+    from engine.data import imagedata
 
     st.caption("Each dot is one of your images, placed by the features of the backbone before any training: "
                "with pretrained features the classes already gather in groups, with the same network's random "

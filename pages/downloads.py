@@ -21,11 +21,12 @@ def start_download(name: str) -> None:
 def download_progress() -> None:
     """Live progress bars of the downloads, with Cancel; when the one this session started ends,
     the page is redrawn (what is on the machine has changed) and the outcome shown once."""
-    from engine import models, runs
+    from engine.core import runs
+    from engine.models import store
 
     active = download_jobs()
     for job in active:
-        st.progress(min(1.0, job.get("progress") or 0.0), text=models.job_line(job))
+        st.progress(min(1.0, job.get("progress") or 0.0), text=store.job_line(job))
         if st.button("Cancel download", key=f"cancel-{job['run_id']}", **locked()):
             manager().cancel(job["run_id"])
     watching = st.session_state.get("downloading")
@@ -53,13 +54,13 @@ def download_outcome() -> None:
 def offer_download(source, meanwhile: str) -> None:
     """`auto`'s real weights are not on this machine yet but the network answers: say so in one line,
     with a one-click download (or its live progress)."""
-    from engine import models
+    from engine.models import store
 
     download_outcome()
     if download_jobs() or st.session_state.get("downloading"):
         download_progress()
         return
-    m = models.get(source.download)
+    m = store.get(source.download)
     text, button = st.columns([5, 1], vertical_alignment="center")
     text.info(f"**{m.name}** ({m.size_mb:.0f} MB) is not on this machine yet. {meanwhile}", icon=":material/download:")
     if button.button(f"Download {m.size_mb:.0f} MB", key=f"offer-{m.name}", **locked()) and allowed():

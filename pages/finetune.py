@@ -10,13 +10,19 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import backbones, distributed, export, heatmaps, imagedata, report, runs, sources, vision, workspace
-from engine.errors import UserError
+from engine import report
+from engine.core import runs, safetensors, workspace
+from engine.core.errors import UserError
+from engine.data import imagedata
+from engine.models import backbones, sources
+from engine.train import distributed
+from engine.vision import config, finetune, heatmaps, preprocess, strategies
+from engine.vision.config import FinetuneConfig
 from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager, read_json
 from pages.downloads import offer_download
 from pages.finetune_options import training_options
 
-D = vision.FinetuneConfig(data="")  # the engine's defaults; training settings left None come from the recipe book
+D = FinetuneConfig(data="")  # the engine's defaults; training settings left None come from the recipe book
 WEIGHTS = {"auto": "auto (best available)", "imagenet": "ImageNet", "mini": "bundled mini backbone",
            "none": "none (random init)", "upload": "upload a .safetensors file"}
 st.title("Fine-tune")
@@ -26,7 +32,7 @@ def saved_upload(up) -> str | None:
     """Check uploaded weights, keep them in the workspace under their content hash (never the upload's own name)."""
     data = up.getvalue()
     try:
-        export.check_safetensors_header(data)  # a bad or lying header is refused before anything is stored
+        safetensors.check_safetensors_header(data)  # a bad or lying header is refused before anything is stored
     except UserError as err:
         st.error(f"{up.name}: {err}")
         return None
@@ -40,8 +46,8 @@ def start_form(datasets: list[dict]) -> None:
     by_name = {d["name"]: d for d in datasets}
     left, right = st.columns(2, gap="large")
     with right:
-        strategy = st.radio("Strategy", list(vision.STRATEGIES), list(vision.STRATEGIES).index(D.strategy),
-                            captions=list(vision.STRATEGIES.values()), key="ft_strategy")
+        strategy = st.radio("Strategy", list(config.STRATEGIES), list(config.STRATEGIES).index(D.strategy),
+                            captions=list(config.STRATEGIES.values()), key="ft_strategy")
         freeze = D.freeze
         if strategy == "partial":
             freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze",
@@ -63,10 +69,10 @@ def start_form(datasets: list[dict]) -> None:
     if weights is None:
         st.info(f"Upload a .safetensors state dict of a torchvision {model} to use your own backbone weights.")
         return
-    base = vision.FinetuneConfig(data=data, model=model, weights=weights, strategy=strategy, freeze=int(freeze),
+    base = FinetuneConfig(data=data, model=model, weights=weights, strategy=strategy, freeze=int(freeze),
                                  image_size=st.session_state.get("ft_size"), seed=int(st.session_state.get("ft_seed", D.seed)))
     try:
-        rec, info = vision.plan_settings(base)  # the recipe for this strategy and this dataset
+        rec, info = finetune.plan_settings(base)  # the recipe for this strategy and this dataset
     except UserError as err:
         st.warning(str(err))
         return
@@ -75,14 +81,14 @@ def start_form(datasets: list[dict]) -> None:
     cfg = dataclasses.replace(base, **chosen, early_stopping=int(st.session_state.get("ft_early", 0)))
     try:
         src = sources.resolve_vision(model, weights)
-        size = vision.run_preprocessing(cfg, src).image_size
+        size = preprocess.run_preprocessing(cfg, src).image_size
         st.info(f"**Weights:** {src.name} — {src.reason} Images are used at {size} px.", icon=":material/info:")
         if src.download:
             offer_download(src, "Download it now, or the run downloads it first (its progress shows here).")
     except UserError as err:
         st.warning(str(err))
         return
-    st.caption(vision.cache_plan(dataclasses.replace(rec, **chosen))[1])  # whether the fast frozen-feature path applies, and why
+    st.caption(strategies.cache_plan(dataclasses.replace(rec, **chosen))[1])  # whether the fast frozen-feature path applies, and why
     with st.expander("Run this at scale (several GPUs or machines)"):
         st.code(distributed.torchrun_command(cfg, nproc=2), language="bash")  # these settings, data-parallel
         st.caption("Set --nproc-per-node to the GPUs of each machine; the README's *Multi-GPU and multi-node* "

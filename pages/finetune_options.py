@@ -10,10 +10,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine import lrfind, runs, vision
+from engine.core import runs
+from engine.vision import config, finetune, lrfind
+from engine.vision.config import FinetuneConfig
 from pages.common import allowed, friendly_errors, locked, manager
 
-D = vision.FinetuneConfig(data="")
+D = FinetuneConfig(data="")
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 WEIGHT_DECAYS = [None, 0.0, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.3, 1.0]
 SMOOTHINGS = [0.0, 0.05, 0.1, 0.2, 0.3]
@@ -21,7 +23,7 @@ LABELS = {"epochs": "Epochs", "batch_size": "Batch size", "lr": "Learning rate (
           "schedule": "Schedule", "weight_decay": "Weight decay", "label_smoothing": "Label smoothing",
           "augment": "Augmentation", "bn_adapt": "Re-estimate BatchNorm"}
 
-def training_options(rec: vision.FinetuneConfig, info: dict, group: str) -> dict:
+def training_options(rec: FinetuneConfig, info: dict, group: str) -> dict:
     """The training settings, starting at the recipe's values. Returns only those the user changed:
     the rest stay None and come from the recipe when the run starts, exactly as on the CLI."""
     why = info["recipe"]["why"]
@@ -40,13 +42,13 @@ def training_options(rec: vision.FinetuneConfig, info: dict, group: str) -> dict
             lrs = sorted(set(LRS) | {rec.lr})
             v["lr"] = b.select_slider(LABELS["lr"], lrs, rec.lr, format_func=lambda x: f"{x:g}", key=key("lr"))
             suggest_lr(key("lr"), lrs)
-            v["schedule"] = b.radio(LABELS["schedule"], list(vision.SCHEDULES), list(vision.SCHEDULES).index(rec.schedule),
+            v["schedule"] = b.radio(LABELS["schedule"], list(config.SCHEDULES), list(config.SCHEDULES).index(rec.schedule),
                                     horizontal=True, key=key("schedule"))
             v["label_smoothing"] = c.select_slider(LABELS["label_smoothing"], SMOOTHINGS, rec.label_smoothing, key=key("ls"))
         wd = rec.weight_decay if rec.weight_decay in WEIGHT_DECAYS else None
         v["weight_decay"] = c.select_slider(LABELS["weight_decay"], WEIGHT_DECAYS, wd, key=key("wd"),
                                             format_func=lambda x: "cross-validated" if x is None else f"{x:g}")
-        v["augment"] = c.multiselect(LABELS["augment"], vision.AUGMENTATIONS, rec.augment, key=key("augment"),
+        v["augment"] = c.multiselect(LABELS["augment"], config.AUGMENTATIONS, rec.augment, key=key("augment"),
                                      help="Augmented images change every epoch, so they turn off the fast cached-feature path.")
         if rec.strategy in ("linear", "partial", "two-phase"):
             v["bn_adapt"] = c.checkbox(LABELS["bn_adapt"], rec.bn_adapt, key=key("bn"),
@@ -56,7 +58,7 @@ def training_options(rec: vision.FinetuneConfig, info: dict, group: str) -> dict
                     format_func=lambda s: "from the weights" if s is None else f"{s} px")
         a.number_input("Seed", 0, 2**31 - 1, D.seed, key="ft_seed")
         mine = {k: x for k, x in v.items() if list(x if k == "augment" else [x]) != list(getattr(rec, k) if k == "augment" else [getattr(rec, k)])}
-        rows = [{"setting": LABELS[k], "value": vision.show_setting(k, x), "from": "you" if k in mine else "recipe",
+        rows = [{"setting": LABELS[k], "value": finetune.show_setting(k, x), "from": "you" if k in mine else "recipe",
                  "why": "" if k in mine else why.get(k, "")} for k, x in v.items()]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption(f"The recipe for **{rec.strategy}** on {info['n_train']} training images in {info['n_classes']} classes "

@@ -7,12 +7,13 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from engine import history, sources, text, textgen
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.models import sources
+from engine.text import causal_lm, generation, history
 from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape
 from pages.downloads import offer_download
 
-D = textgen.GenerationConfig()  # the engine's defaults are the page's defaults
+D = generation.GenerationConfig()  # the engine's defaults are the page's defaults
 ss = st.session_state
 KNOBS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 # token probability -> colour: an ordered scale from sure (blue) through grey to unsure (orange, then an
@@ -27,13 +28,13 @@ def preset_caption(values: dict) -> str:
 
 
 def apply_preset() -> None:
-    for k, v in textgen.PRESETS.get(ss.g_preset, {}).items():
+    for k, v in generation.PRESETS.get(ss.g_preset, {}).items():
         ss[f"g_{k}"] = v
 
 
 def load_settings(row: dict) -> None:
     """History 'Re-run': put a past generation's model, prompt and settings back into the widgets and run it."""
-    cfg = textgen.GenerationConfig.from_dict(row["settings"])
+    cfg = generation.GenerationConfig.from_dict(row["settings"])
     ss.g_model, ss.g_prompt, ss.g_preset = row["model"], row["prompt"], "Custom"
     for k in (*KNOBS, "max_new_tokens", "num_return_sequences", "seed"):
         ss[f"g_{k}"] = getattr(cfg, k)
@@ -56,7 +57,7 @@ if "g_stream" in ss:
         ss.g_last = {"gen": pending["stream"].result, "spec": pending["spec"], "stopped": True}
         history.save_generation(pending["spec"], pending["stream"].result)
 
-choices = text.model_choices()
+choices = causal_lm.model_choices()
 if ss.get("g_model") not in choices:
     ss.g_model = "auto"  # the best model this machine has (offline: the bundled mini, saying why)
 spec = st.selectbox("Model", list(choices), format_func=choices.get, key="g_model")
@@ -75,32 +76,32 @@ ss.g_max_new_tokens = min(ss.g_max_new_tokens, lm.context - 1)  # a smaller mode
 prompt = st.text_area("Prompt", key="g_prompt", height=100,
                       help="The model continues this text. An empty prompt is refused; a prompt longer than the "
                            "model's context keeps its last tokens (you will see a note).")
-st.radio("Preset", [*textgen.PRESETS, "Custom"], key="g_preset", horizontal=True, on_change=apply_preset,
-         captions=[preset_caption(v) for v in textgen.PRESETS.values()] + ["your own values below"])
+st.radio("Preset", [*generation.PRESETS, "Custom"], key="g_preset", horizontal=True, on_change=apply_preset,
+         captions=[preset_caption(v) for v in generation.PRESETS.values()] + ["your own values below"])
 with st.expander("Sampling controls", expanded=ss.g_preset == "Custom"):
     a, b, c = st.columns(3)
-    a.slider("Max new tokens", 1, min(textgen.MAX_NEW_TOKENS, lm.context - 1), key="g_max_new_tokens")
+    a.slider("Max new tokens", 1, min(generation.MAX_NEW_TOKENS, lm.context - 1), key="g_max_new_tokens")
     a.slider("Temperature", 0.0, 2.0, step=0.05, key="g_temperature", help="0 = greedy (always the most likely token).")
     b.number_input("Top-k", 0, 1000, key="g_top_k", help="Sample only among the k most likely tokens; 0 = off.")
     b.slider("Top-p", 0.05, 1.0, step=0.01, key="g_top_p", help="Sample among the most likely tokens covering p of the probability; 1 = off.")
     c.slider("Repetition penalty", 1.0, 2.0, step=0.05, key="g_repetition_penalty", help="1 = off; higher discourages tokens already used.")
     c.number_input("No-repeat n-gram size", 0, 10, key="g_no_repeat_ngram_size", help="Never repeat an n-gram of this size; 0 = off.")
     a, b, c = st.columns(3)
-    a.slider("Samples (side by side)", 1, textgen.MAX_SAMPLES, key="g_num_return_sequences")
+    a.slider("Samples (side by side)", 1, generation.MAX_SAMPLES, key="g_num_return_sequences")
     b.number_input("Seed", 0, 2**31 - 1, key="g_seed", placeholder="random", help="Empty = a fresh seed (shown afterwards). Same seed + settings = same text.")
     b.button("Random seed", key="g_seed_random", icon=":material/casino:", on_click=ss.update, kwargs={"g_seed": None},
              disabled=ss.g_seed is None, help="Empty the Seed box: every generation then draws a fresh seed.")
     c.text_input("Stop strings", key="g_stop", placeholder="e.g. \\n | --", help="Separate with |; \\n means a line break. A sample ends at the first one (not shown).")
 
 stops = [s.strip().replace("\\n", "\n") for s in ss.g_stop.split("|") if s.strip()]
-cfg = textgen.GenerationConfig(max_new_tokens=ss.g_max_new_tokens, num_return_sequences=ss.g_num_return_sequences,
+cfg = generation.GenerationConfig(max_new_tokens=ss.g_max_new_tokens, num_return_sequences=ss.g_num_return_sequences,
                                seed=ss.g_seed, stop=stops, **{k: ss[f"g_{k}"] for k in KNOBS})
 go = st.button("Generate", type="primary", icon=":material/play_arrow:") or ss.pop("g_autorun", False)
 
 if go:
     with friendly_errors("generate"), generation_slot() as free:
         if free:
-            stream = textgen.Stream(lm, prompt, cfg)
+            stream = generation.Stream(lm, prompt, cfg)
             ss.g_stream = {"stream": stream, "spec": spec}
             stop_slot = st.empty()
             stop_slot.button("Stop", icon=":material/stop:", help="Stops the model after the current token.")
@@ -124,7 +125,7 @@ if last:
     if last["stopped"]:
         st.info("Stopped: the model stopped generating when you pressed Stop.")
     if any(s.finish == "time limit" for s in gen.samples):
-        st.info(f"Cut short after {textgen.MAX_GENERATION_SECONDS:.0f} s, the time one generation may take here "
+        st.info(f"Cut short after {generation.MAX_GENERATION_SECONDS:.0f} s, the time one generation may take here "
                 "(a shared demo must keep answering). Ask for fewer tokens or samples.", icon=":material/timer:")
     cols = st.columns(len(gen.samples))
     for i, (col, sample) in enumerate(zip(cols, gen.samples)):
@@ -142,7 +143,7 @@ if last:
             which = st.selectbox("Sample", range(len(gen.samples)), format_func=lambda i: f"sample {i + 1}") if len(gen.samples) > 1 else 0
             key = (last["spec"], tuple(gen.prompt_ids), tuple(gen.samples[which].token_ids))  # one forward pass, not one per rerun
             if ss.get("g_scores", (None,))[0] != key:
-                ss.g_scores = (key, textgen.token_view(language_model(last["spec"]), gen, which))
+                ss.g_scores = (key, generation.token_view(language_model(last["spec"]), gen, which))
             scores, ppl = ss.g_scores[1]
             st.metric("Perplexity of the generated text", f"{ppl:.1f}" if scores else "–",
                       help="exp(average surprise per token) under the model itself: lower = more predictable text.")

@@ -1,7 +1,9 @@
 """Home: what Transfer Studio is, and where to start."""
 import streamlit as st
 
-from engine import demo, imagedata, runs
+from engine import demo
+from engine.core import runs
+from engine.data import imagedata
 from pages.common import allowed, friendly_errors, locked, manager, md_escape, plural
 
 st.title("Transfer Studio")

@@ -1,11 +1,12 @@
 """Images: build datasets of labelled images (upload per class, ZIP, camera, sample) and browse them."""
+from pathlib import Path
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from pathlib import Path
-
-from engine import imagedata, label_issues, sample
+from engine.data import imagedata, sample
+from engine.vision import label_issues
 from pages.common import allowed, friendly_errors, locked, upload_fits
 from pages.datamap_view import dataset_map_view
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine import advisor, demodata, imagedata, lab, runs, sample
+from engine.core import runs
+from engine.data import demo_tasks, imagedata, sample
+from engine.lab import advisor, experiments
 from pages import lab_charts as charts
 from pages import lab_inside
 from pages.common import allowed, friendly_errors, locked, manager
@@ -41,8 +43,8 @@ def choose_data() -> str | None:
                               "And grey clothing photos for learning without labels.")) and allowed():
         with friendly_errors("lab: demo data"), st.spinner("Adding datasets…"):
             sample.load_sample()
-            for key in demodata.DEMOS:
-                demodata.import_demo(key)
+            for key in demo_tasks.DEMOS:
+                demo_tasks.import_demo(key)
             st.rerun()
     if not names:
         return None
@@ -53,7 +55,7 @@ def choose_data() -> str | None:
 def options() -> dict:
     with st.expander("Options"):
         c = st.columns(3)
-        preset = c[0].radio("Preset", lab.PRESET_NAMES, horizontal=True, key="lab_preset",
+        preset = c[0].radio("Preset", experiments.PRESET_NAMES, horizontal=True, key="lab_preset",
                             captions=["a minute or two", "several minutes: more epochs, seeds and settings"])
         epochs = c[1].number_input("Epochs (0 = preset)", 0, 200, 0, key="lab_epochs")
         seeds = c[2].number_input("Seeds to average (0 = preset)", 0, 10, 0, key="lab_seeds")
@@ -143,7 +145,7 @@ def live(run_id: str, drawn_active: bool) -> None:
     active = run["status"] in runs.ACTIVE
     if drawn_active and not active:
         st.rerun()  # just finished: redraw once without polling
-    state = lab.read_result(run["dir"]) or {}
+    state = experiments.read_result(run["dir"]) or {}
     if active:
         prog = manager().progress(run_id) or {}
         pos = manager().queue_position(run_id)
@@ -175,9 +177,9 @@ def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
                       key=f"lab_start_{exp}", **locked(disabled=data is None))
     if start and allowed():
         with friendly_errors(f"lab: start {exp}"):
-            cfg = lab.LabConfig(exp, data=data, preset=opts["preset"],
+            cfg = experiments.LabConfig(exp, data=data, preset=opts["preset"],
                                 **({} if exp == "advise" else {"epochs": opts["epochs"], "seeds": opts["seeds"]}))
-            st.session_state[f"lab_{exp}"] = lab.submit(cfg, manager())
+            st.session_state[f"lab_{exp}"] = experiments.submit(cfg, manager())
             st.rerun()
     if not mine:
         return

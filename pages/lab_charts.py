@@ -1,4 +1,4 @@
-"""Plotly figures for the Transfer Lab page, from a lab.json state (engine/lab.py). Not a page."""
+"""Plotly figures for the Transfer Lab page, from a lab.json state (engine/lab/experiments.py). Not a page."""
 from __future__ import annotations
 
 import math

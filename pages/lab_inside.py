@@ -6,7 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine import filters, imagedata, runs, sources, vision
+from engine.core import runs
+from engine.data import imagedata
+from engine.models import sources
+from engine.vision import filters, network, preprocess
 from pages.common import friendly_errors, loaded_model
 from pages.datamap_view import dataset_map_view
 
@@ -17,7 +20,7 @@ ARCH = "resnet18"
 def backbone(weights: str):
     """The starting network for `weights` ("auto" or "none"), built once per process (read-only)."""
     source = sources.resolve_vision(ARCH, weights)
-    return vision.build_model(ARCH, 2, source, seed=0).eval(), source
+    return network.build_model(ARCH, 2, source, seed=0).eval(), source
 
 
 def finetuned_runs() -> dict[str, str]:
@@ -58,9 +61,9 @@ def show(data: str | None) -> None:
         files = [str(p) for p, _ in td.train[:24]]
         if files:
             chosen = st.select_slider("Image", options=files, format_func=lambda f: f"{files.index(f) + 1}", key="lab_inside_img")
-            pp = vision.preprocessing_for(source, None)
-            x8 = vision.load_images([Path(chosen)], pp.resize)
-            x = vision.normalize(vision.center_crop(x8, pp.image_size), pp)
+            pp = preprocess.preprocessing_for(source, None)
+            x8 = preprocess.load_images([Path(chosen)], pp.resize)
+            x = preprocess.normalize(preprocess.center_crop(x8, pp.image_size), pp)
             left, right = st.columns([1, 4])
             left.image(chosen, width=140)
             for name, grid in filters.stage_maps(pretrained, x):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine import models, sources
+from engine.models import sources, store
 from pages.common import allowed, friendly_errors, locked
 from pages.downloads import download_jobs, download_outcome, download_progress, start_download
 
@@ -16,7 +16,7 @@ if sources.online():
 else:
     st.caption(f"Network: **offline** ({sources.offline_reason()}) — bring weights in from a file below.")
 
-found = models.catalog()
+found = store.catalog()
 STATUS = {"bundled": "bundled", "cached": "on this machine", "downloadable": "downloadable", "unavailable": "unavailable offline"}
 st.dataframe([{"model": m.name, "kind": m.kind, "status": STATUS[m.status], "size (MB)": round(m.size_mb, 1),
                "good for": m.good_for, "where": m.path} for m in found], hide_index=True, width="stretch")
@@ -44,7 +44,7 @@ with left:
         gone = st.selectbox("Delete a downloaded or imported model", here, key="rm_model")
         if st.button("Delete", **locked()) and allowed():
             with friendly_errors("delete"):
-                models.delete(gone)
+                store.delete(gone)
                 st.rerun()
 
 with right:
@@ -56,5 +56,5 @@ with right:
                             help=".pth: the architecture, found from the tensors when empty. .zip: the model id, e.g. gpt2.")
     if upload is not None and st.button("Import", **locked()) and allowed():
         with friendly_errors("import"), st.spinner(f"Checking {upload.name}…"):
-            m = models.import_file(upload.name, data=upload.getvalue(), name=as_name.strip() or None)
+            m = store.import_file(upload.name, data=upload.getvalue(), name=as_name.strip() or None)
             st.success(f"Imported {m.name} ({m.size_mb:.0f} MB): `auto` uses it from now on.")

@@ -13,8 +13,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import access, export, heatmaps, imagedata, live, runs, vision, workspace
-from engine.errors import UserError
+from engine.core import access, runs, workspace
+from engine.core.errors import UserError
+from engine.data import imagedata
+from engine.vision import export, heatmaps, inference, live
 from pages.common import allowed, audience_wait, friendly_errors, loaded_model, locked, read_json, upload_fits
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
@@ -55,7 +57,7 @@ def decode_all(files: list[tuple[str, bytes]]) -> tuple[list[str], list, list[di
 def predict_all(model, images: list, top_k: int) -> list[list[tuple[str, float]]]:
     out = []
     for i in range(0, len(images), BATCH):
-        out += vision.predict(model, images[i:i + BATCH], top_k=top_k)
+        out += inference.predict(model, images[i:i + BATCH], top_k=top_k)
     return out
 
 
@@ -162,7 +164,7 @@ def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
     batch: list[tuple[int, object]] = []  # (row index, image)
 
     def flush() -> None:
-        for (i, _), top in zip(batch, vision.predict(model, [im for _, im in batch], top_k=top_k)):
+        for (i, _), top in zip(batch, inference.predict(model, [im for _, im in batch], top_k=top_k)):
             rows[i] |= {"prediction": top[0][0], "probability": round(top[0][1], 4)}
             for k, (lbl, p) in enumerate(top[1:], start=2):
                 rows[i] |= {f"top{k}": lbl, f"top{k}_probability": round(p, 4)}
@@ -188,7 +190,7 @@ def export_tab(run: dict) -> None:
     if st.button("Build export ZIP", icon=":material/package_2:", key="pr_export", **locked()) and allowed():
         with friendly_errors("predict: export"), st.spinner("Exporting, then checking the file against the app…"):
             out = Path(run["dir"]) / "export" / f"{run['id']}{'-onnx' if onnx else ''}{'-fp16' if half else ''}.zip"
-            st.session_state["pr_zip"] = str(vision.export_run(Path(run["dir"]), out, onnx=onnx, half=half))
+            st.session_state["pr_zip"] = str(export.export_run(Path(run["dir"]), out, onnx=onnx, half=half))
             st.session_state["pr_parity"] = export.parity(Path(run["dir"]), out) if onnx else None
     path = st.session_state.get("pr_zip")
     if path and Path(path).is_file() and Path(path).is_relative_to(Path(run["dir"])):
@@ -215,7 +217,7 @@ def import_tab() -> None:
             stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(up.name).stem)[:60] or "model"
             path = workspace.subdir("uploads") / hashlib.sha256(data).hexdigest()[:16] / f"{stem}{suffix}"
             workspace.atomic_write_bytes(path, data)
-            run_id = vision.import_model(path)
+            run_id = export.import_model(path)
             st.session_state["pr_run"] = st.query_params["run"] = run_id
             st.toast(f"Imported as {run_id}; it is now the selected model.", icon=":material/check_circle:")
             st.rerun()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from engine import runs
+from engine.core import runs
 from pages.common import allowed, curves, friendly_errors, locked, manager, read_json
 
 st.title("Runs")

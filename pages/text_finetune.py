@@ -7,11 +7,12 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from engine import lmtrain, runs, text, textgen
-from engine.errors import UserError
+from engine.core import runs
+from engine.core.errors import UserError
+from engine.text import causal_lm, generation, lm_finetune, text_files
 from pages.common import allowed, friendly_errors, generation_slot, language_model, locked, manager, md_escape, read_json
 
-D = lmtrain.LMFinetuneConfig()  # the engine's defaults are the form's defaults
+D = lm_finetune.LMFinetuneConfig()  # the engine's defaults are the form's defaults
 ss = st.session_state
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 5e-4, 1e-3, 3e-3]
 
@@ -27,9 +28,9 @@ def corpora() -> list[Path]:
     """Validated UTF-8 texts from the uploads and the paste box, stored in the workspace."""
     paths = []
     for up in ss.get("tf_files") or []:
-        paths.append(lmtrain.save_corpus(up.getvalue(), up.name))
+        paths.append(lm_finetune.save_corpus(up.getvalue(), up.name))
     if (ss.get("tf_paste") or "").strip():
-        paths.append(lmtrain.save_corpus(ss.tf_paste.encode(), "the pasted text"))
+        paths.append(lm_finetune.save_corpus(ss.tf_paste.encode(), "the pasted text"))
     if not paths:
         raise UserError("upload a .txt file or paste some text first")
     return paths
@@ -37,14 +38,14 @@ def corpora() -> list[Path]:
 
 with st.container(border=True):
     st.subheader("1 · Your text")
-    limit = text.MAX_TEXT_BYTES // 2**20  # the same number in the label, the browser's check and the engine's
+    limit = text_files.MAX_TEXT_BYTES // 2**20  # the same number in the label, the browser's check and the engine's
     st.file_uploader(f"Upload .txt files (UTF-8, up to {limit} MB each)", type=["txt"], accept_multiple_files=True,
                      key="tf_files", max_upload_size=limit)
     st.text_area("…or paste text", key="tf_paste", height=120, placeholder="A few paragraphs in the style you want…")
 
 with st.container(border=True):
     st.subheader("2 · Settings")
-    choices = text.model_choices()
+    choices = causal_lm.model_choices()
     a, b, c = st.columns(3)
     model = a.selectbox("Base model", list(choices), format_func=choices.get, key="tf_model",
                         index=list(choices).index("mini") if "mini" in choices else 0)
@@ -59,7 +60,7 @@ with st.container(border=True):
                            placeholder="default: the first words of the held-out text")
     if st.button("Start fine-tuning", type="primary", icon=":material/model_training:", **locked()) and allowed():
         with friendly_errors("start lm fine-tune"):
-            cfg = lmtrain.LMFinetuneConfig(texts=[str(p) for p in corpora()], model=model, epochs=epochs, lr=lr,
+            cfg = lm_finetune.LMFinetuneConfig(texts=[str(p) for p in corpora()], model=model, epochs=epochs, lr=lr,
                                            block_size=block, batch_size=batch, seed=int(seed), sample_prompt=prompt).validate()
             title = f"{choices[model].split(' (')[0]} on {', '.join(u.name for u in ss.get('tf_files') or []) or 'pasted text'}"
             ss.tf_run = manager().submit("lm-finetune", dataclasses.asdict(cfg), title)
@@ -111,14 +112,14 @@ def results(run: dict) -> None:
         q = st.text_input("Try another prompt on both", value=s["sample_prompt"])
         if st.form_submit_button("Generate with both"):
             with friendly_errors("compare samples"), generation_slot() as free:
-                cfg = textgen.GenerationConfig(max_new_tokens=40, seed=s["sample_seed"], **textgen.PRESETS["Balanced"])
+                cfg = generation.GenerationConfig(max_new_tokens=40, seed=s["sample_seed"], **generation.PRESETS["Balanced"])
                 left, right = st.columns(2)
                 for col, spec in ((left, s["base_spec"]), (right, s["model_dir"])) if free else ():
-                    col.markdown(md_escape(textgen.generate(language_model(spec), q, cfg).samples[0].text))
+                    col.markdown(md_escape(generation.generate(language_model(spec), q, cfg).samples[0].text))
     st.caption("The fine-tuned model is now in the **Model** list of the Generate page.")
     if st.button("Prepare download (zipped Hugging Face folder)", icon=":material/folder_zip:", **locked()) and allowed():
         with friendly_errors("export lm"):
-            ss.tf_zip = str(lmtrain.export_zip(Path(s["model_dir"])))
+            ss.tf_zip = str(lm_finetune.export_zip(Path(s["model_dir"])))
     if ss.get("tf_zip") and Path(ss.tf_zip).parent == Path(s["model_dir"]).parent:
         st.download_button("Download model .zip", Path(ss.tf_zip).read_bytes(), file_name=Path(ss.tf_zip).name,
                            mime="application/zip", icon=":material/download:")

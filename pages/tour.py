@@ -5,7 +5,12 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from engine import demo, filters, heatmaps, imagedata, report, runs, sample, sources, vision
+from engine import demo, report
+from engine.core import runs
+from engine.data import imagedata, sample
+from engine.models import sources
+from engine.text import causal_lm
+from engine.vision import filters, heatmaps, inference
 from pages import lab_inside
 from pages.common import allowed, audience, curves, friendly_errors, loaded_model, locked, manager, md_escape, read_json
 from pages.datamap_view import dataset_map
@@ -147,7 +152,7 @@ elif step == 5:
             with friendly_errors("tour predict"):
                 img = imagedata.decode_image(photo.getvalue(), photo.name)
                 model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
-                top = vision.predict(model, [img], top_k=3)[0]
+                top = inference.predict(model, [img], top_k=3)[0]
                 heat = heatmaps.explain(model, [img])[0]
                 c1, c0, c2 = st.columns([1, 1, 2])
                 c1.image(img, width=200)
@@ -156,9 +161,9 @@ elif step == 5:
                                        labels={"x": "probability", "y": ""}, range_x=[0, 1], height=260), width="stretch")
 
 elif step == 6:
-    from engine import lab
+    from engine.lab import experiments
 
-    states = [lab.read_result(r["dir"]) or {} for r in runs.list_runs("lab") if r["status"] == "done"]
+    states = [experiments.read_result(r["dir"]) or {} for r in runs.list_runs("lab") if r["status"] == "done"]
     result = next((s.get("result") or {} for s in states if s.get("experiment") == "compare"), {})
     if result.get("curves"):
         st.markdown(comparison_sentence({k: v["mean"] for k, v in result["curves"].items()}))
@@ -169,13 +174,13 @@ elif step == 6:
     st.page_link("pages/lab.py", label="Open the Transfer Lab", icon=":material/science:")
 
 elif step == 7:
-    from engine import text, textgen
+    from engine.text import generation
 
     prompt = st.text_input("Start a sentence", "The best thing about machine learning is")
     if st.button("Continue it", type="primary"):
         with friendly_errors("tour generate"):
-            lm = text.load("auto")
-            gen = textgen.generate(lm, prompt, textgen.GenerationConfig(max_new_tokens=40, seed=7, **textgen.PRESETS["Balanced"]))
+            lm = causal_lm.load("auto")
+            gen = generation.generate(lm, prompt, generation.GenerationConfig(max_new_tokens=40, seed=7, **generation.PRESETS["Balanced"]))
             st.info(md_escape(gen.samples[0].text))
             st.caption(f"{lm.name} · {gen.tokens_per_s:.0f} tokens/s")
 

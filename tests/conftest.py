@@ -61,7 +61,7 @@ def tiny_mini_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_as_mini(tiny_mini_dir, monkeypatch):
     """Pages and the CLI see the tiny model as the bundled `mini` (fast, no assets needed)."""
-    from engine import sources
+    from engine.models import sources
 
     monkeypatch.setattr(sources, "MINI_TEXT", tiny_mini_dir)
     return tiny_mini_dir

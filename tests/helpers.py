@@ -12,7 +12,9 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import pages  # noqa: F401 - imported outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
-from engine import imagedata, lab, vision
+from engine.data import imagedata
+from engine.lab import experiments
+from engine.vision.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,7 @@ def cfg_for(data, **kw):
     # defaults are tested in tests/test_recipes.py)
     base = dict(data=data, weights="none", image_size=32, epochs=2, batch_size=8, lr=1e-2, seed=0, strategy="linear",
                 optimizer="sgd", schedule="cosine", augment=[], weight_decay=0.0, label_smoothing=0.0, bn_adapt=False)
-    return vision.FinetuneConfig(**{**base, **kw})
+    return FinetuneConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- page tests: two noisy colours
@@ -103,6 +105,6 @@ def make_folder(root: Path, per_class: int = 8, size: int = 32) -> Path:
     return root
 
 
-def tiny(experiment: str, data: str, weights: str, **kw) -> lab.LabConfig:
+def tiny(experiment: str, data: str, weights: str, **kw) -> experiments.LabConfig:
     base = dict(epochs=1, seeds=1, image_size=32, batch_size=8, lr=0.01)
-    return lab.LabConfig(experiment, data=data, weights=weights, **(base | kw))
+    return experiments.LabConfig(experiment, data=data, weights=weights, **(base | kw))

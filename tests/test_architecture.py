@@ -1,10 +1,33 @@
 """The import graph stays one-way: the contracts in pyproject.toml, checked by import-linter."""
+import ast
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`from engine.x import _name` and `module._name` on an engine module bound by an import."""
+    tree = ast.parse(path.read_text())
+    bound, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("engine"):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append(f"{path}:{node.lineno}: from {node.module} import {a.name}")
+                bound.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{path}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    found = [hit for folder in ("engine", "pages") for p in sorted((ROOT / folder).rglob("*.py")) for hit in _private_uses(p)]
+    assert not found, "\n".join(found)
 
 
 def test_import_contracts_are_kept():

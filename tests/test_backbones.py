@@ -13,7 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import backbones, features, sources, vision
+from engine.core import workspace
+from engine.core.errors import UserError
+from engine.models import backbones, sources
+from engine.vision import export, feature_cache, finetune, inference, network, preprocess
 from tests.helpers import ROOT, cfg_for, make_dataset
 
 NEW_FAMILIES = ["mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"]
@@ -24,7 +27,7 @@ RANDOM = sources.Source("none", "random init", "")
 def test_stages_pool_and_head_cover_the_whole_network_once(arch):
     """Every tensor of the model belongs to exactly one stage, the pool or the head; and the stages,
     run in order, compute the model's own forward for every cut k."""
-    model = vision.build_model(arch, 3, RANDOM, seed=0).eval()
+    model = network.build_model(arch, 3, RANDOM, seed=0).eval()
     keys = set(model.state_dict())
     head = {k for k in keys if k.startswith(backbones.head_prefix(arch))}
     assert head == {backbones.get(arch).head + ".weight", backbones.get(arch).head + ".bias"}
@@ -40,20 +43,20 @@ def test_stages_pool_and_head_cover_the_whole_network_once(arch):
     with torch.no_grad():
         want = model(x)
         for k in range(6):
-            got = vision.forward_from(model, vision.forward_until(model, x, k), k)
+            got = network.forward_from(model, network.forward_until(model, x, k), k)
             assert torch.allclose(got, want, atol=1e-5), k
 
 
 @pytest.mark.parametrize("arch", backbones.NAMES)
 def test_freezing_k_stages_trains_exactly_what_is_saved_and_optimised(arch):
-    model = vision.build_model(arch, 3, RANDOM, seed=0)
+    model = network.build_model(arch, 3, RANDOM, seed=0)
     counts = []
     for k in range(6):
-        vision.set_trainable(model, k)
+        network.set_trainable(model, k)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         for rates in (("one", "backbone/10") if k == 0 else ("one",)):
-            assert {id(p) for g in vision.param_groups(model, 1e-3, k, rates) for p in g["params"]} == trainable
-        saved = vision.trainable_state(model, k)
+            assert {id(p) for g in network.param_groups(model, 1e-3, k, rates) for p in g["params"]} == trainable
+        saved = network.trainable_state(model, k)
         named = dict(model.named_parameters())
         assert {id(named[n]) for n in saved if n in named} == trainable
         counts.append(len(trainable))
@@ -100,35 +103,35 @@ def test_new_family_every_strategy_cache_export_and_import(arch, shapes, tmp_pat
     common = dict(model=arch, epochs=1, batch_size=6, image_size=32)
     for strategy, extra in [("linear", {}), ("partial", {"freeze": 2}), ("full", {"optimizer": "adamw", "lr": 1e-3}),
                             ("two-phase", {"epochs": 2, "optimizer": "adamw", "lr": 1e-3}), ("scratch", {"optimizer": "adamw"})]:
-        summary = vision.finetune(cfg_for(str(shapes), strategy=strategy, **(common | extra)), tmp_path / strategy)
+        summary = finetune.finetune(cfg_for(str(shapes), strategy=strategy, **(common | extra)), tmp_path / strategy)
         assert summary["epochs_done"] >= 1 and 0 <= summary["best_val_acc"] <= 1, strategy
 
     # the feature cache: a second linear run reads the features the first one stored
-    cached = sorted(p.name for p in (vision.workspace.subdir("cache/features")).glob("*.safetensors"))
+    cached = sorted(p.name for p in (workspace.subdir("cache/features")).glob("*.safetensors"))
     assert cached
-    vision.finetune(cfg_for(str(shapes), strategy="linear", seed=0, **common), tmp_path / "linear-again")
-    assert sorted(p.name for p in vision.workspace.subdir("cache/features").glob("*.safetensors")) == cached
+    finetune.finetune(cfg_for(str(shapes), strategy="linear", seed=0, **common), tmp_path / "linear-again")
+    assert sorted(p.name for p in workspace.subdir("cache/features").glob("*.safetensors")) == cached
     a = json.loads((tmp_path / "linear" / "metrics.json").read_text())
     b = json.loads((tmp_path / "linear-again" / "metrics.json").read_text())
     assert [m["val_acc"] for m in a] == [m["val_acc"] for m in b]
 
     # export: safetensors + ONNX, equal to PyTorch on real images; the ZIP imports back and predicts the same
     run_dir = tmp_path / "full"
-    zpath = vision.export_run(run_dir, tmp_path / "model.zip", onnx=True)
-    loaded = vision.load_model(run_dir)
+    zpath = export.export_run(run_dir, tmp_path / "model.zip", onnx=True)
+    loaded = inference.load_model(run_dir)
     images = [Image.open(p).convert("RGB") for p in sorted(Path(shapes).glob("class_*/img_*.png"))[::4]]
     pp = loaded.preprocessing
-    crops = torch.stack([vision.center_crop(vision.load_square(im, pp.resize), pp.image_size) for im in images])
+    crops = torch.stack([preprocess.center_crop(preprocess.load_square(im, pp.resize), pp.image_size) for im in images])
     with torch.inference_mode():
-        want = loaded.model(vision.normalize(crops, pp).contiguous()).numpy()
+        want = loaded.model(preprocess.normalize(crops, pp).contiguous()).numpy()
     with zipfile.ZipFile(zpath) as z:
         sess = ort.InferenceSession(z.read("model.onnx"), providers=["CPUExecutionProvider"])
         assert backbones.get(arch).head in z.read("model_card.md").decode()
     assert np.abs(sess.run(["logits"], {"image": crops.permute(0, 2, 3, 1).numpy()})[0] - want).max() < 1e-4
-    imported = vision.load_model(vision.import_model(zpath))
+    imported = inference.load_model(export.import_model(zpath))
     assert imported.arch == arch and imported.classes == loaded.classes
-    got = vision.predict(imported, images)
-    assert [r[0][0] for r in got] == [r[0][0] for r in vision.predict(loaded, images)]
+    got = inference.predict(imported, images)
+    assert [r[0][0] for r in got] == [r[0][0] for r in inference.predict(loaded, images)]
 
 
 def test_a_checkpoint_of_another_family_is_refused(tmp_path):
@@ -138,24 +141,24 @@ def test_a_checkpoint_of_another_family_is_refused(tmp_path):
     state = {k: v.contiguous() for k, v in backbones.construct("mobilenet_v3_large").state_dict().items()}
     path = tmp_path / "mobilenet.safetensors"
     save_file(state, str(path))
-    with pytest.raises(vision.UserError, match="does not fit this architecture"):
-        vision.build_model("efficientnet_b0", 3, sources.resolve_vision("efficientnet_b0", str(path)))
-    model = vision.build_model("mobilenet_v3_large", 3, sources.resolve_vision("mobilenet_v3_large", str(path)))
+    with pytest.raises(UserError, match="does not fit this architecture"):
+        network.build_model("efficientnet_b0", 3, sources.resolve_vision("efficientnet_b0", str(path)))
+    model = network.build_model("mobilenet_v3_large", 3, sources.resolve_vision("mobilenet_v3_large", str(path)))
     assert torch.equal(model.features[0][0].weight, state["features.0.0.weight"])
 
 
 def test_feature_prefix_folds_batchnorm_without_changing_the_function():
     for arch in ("resnet18", "efficientnet_b0"):
-        model = vision.build_model(arch, 3, RANDOM, seed=0).eval()
+        model = network.build_model(arch, 3, RANDOM, seed=0).eval()
         for m in model.modules():  # non-trivial statistics, so a wrong fold would show
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
         x = torch.randn(4, 3, 64, 64)
-        prefix = features.frozen_prefix(model, 5, torch.device("cpu"))
+        prefix = feature_cache.frozen_prefix(model, 5, torch.device("cpu"))
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prefix.modules())
         with torch.no_grad():
-            assert torch.allclose(prefix(x.contiguous(memory_format=torch.channels_last)), vision.forward_until(model, x, 5), atol=1e-4)
+            assert torch.allclose(prefix(x.contiguous(memory_format=torch.channels_last)), network.forward_until(model, x, 5), atol=1e-4)
 
 
 def test_auto_picks_cached_imagenet_weights_for_a_new_family(tmp_path, monkeypatch):
@@ -170,6 +173,6 @@ def test_auto_picks_cached_imagenet_weights_for_a_new_family(tmp_path, monkeypat
     torch.save(state, path)
     source = sources.resolve_vision("efficientnet_b0", "auto")
     assert source.kind == "imagenet"
-    model = vision.build_model("efficientnet_b0", 4, source)
+    model = network.build_model("efficientnet_b0", 4, source)
     assert torch.equal(model.features[0][0].weight, state["features.0.0.weight"])
-    assert vision.head(model).out_features == 4
+    assert backbones.head(model).out_features == 4

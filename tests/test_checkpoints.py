@@ -2,7 +2,7 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from engine import checkpoints
+from engine.train import checkpoints
 
 
 def tiny_lm(tied: bool, seed: int) -> GPT2LMHeadModel:

@@ -6,9 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from engine import datamap, imagedata, label_issues, vision, workspace
 from engine.__main__ import main
-from engine.errors import UserError
+from engine.core import workspace
+from engine.core.errors import UserError
+from engine.data import imagedata
+from engine.vision import datamap, finetune, label_issues
+from engine.vision.config import FinetuneConfig
 from tests.helpers import make_dataset, open_page
 
 
@@ -28,7 +31,7 @@ def test_knn_accuracy_and_embedding():
 
 def test_map_has_both_sides_and_reuses_the_linear_runs_features(tmp_path):
     data = str(make_dataset(tmp_path / "data", n_classes=3, n=8))
-    vision.finetune(vision.FinetuneConfig(data=data, strategy="linear", epochs=2), tmp_path / "run")  # caches the pretrained side
+    finetune.finetune(FinetuneConfig(data=data, strategy="linear", epochs=2), tmp_path / "run")  # caches the pretrained side
     cache = workspace.subdir("cache/features")
     before = set(cache.iterdir())
     m = datamap.compute(data)

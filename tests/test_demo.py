@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import demo, history, imagedata, runs
-from engine.errors import UserError
+from engine import demo
+from engine.core import runs
+from engine.core.errors import UserError
+from engine.data import imagedata
+from engine.text import history
 from tests.imgs import png
 
 

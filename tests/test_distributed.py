@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import distributed, loop, vision
+from engine.train import distributed, loop
+from engine.vision import finetune
+from engine.vision.config import FinetuneConfig
 from tests.imgs import class_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +32,12 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
-def _single(cfg: vision.FinetuneConfig, out: Path) -> list[dict]:
-    vision.finetune(cfg, out)
+def _single(cfg: FinetuneConfig, out: Path) -> list[dict]:
+    finetune.finetune(cfg, out)
     return json.loads((out / "metrics.json").read_text())
 
 
-def _args(cfg: vision.FinetuneConfig) -> list[str]:
+def _args(cfg: FinetuneConfig) -> list[str]:
     return distributed.torchrun_command(cfg, 2, out="X").split(" ")[6:-2]  # the finetune options only
 
 
@@ -45,7 +47,7 @@ def data(tmp_path):
 
 
 def test_ddp_linear_matches_single_process_exactly(tmp_path, data):
-    cfg = vision.FinetuneConfig(data=str(data), weights="none", strategy="linear", cache=False, epochs=2,
+    cfg = FinetuneConfig(data=str(data), weights="none", strategy="linear", cache=False, epochs=2,
                                 batch_size=8, image_size=32, seed=3)
     single = _single(cfg, tmp_path / "single")
     r = _torchrun(_args(cfg) + ["--out", str(tmp_path / "ddp"), "--json"], tmp_path)
@@ -60,7 +62,7 @@ def test_ddp_linear_matches_single_process_exactly(tmp_path, data):
 
 
 def test_ddp_full_close_to_single_process_one_set_of_outputs_and_resume(tmp_path, data):
-    cfg = vision.FinetuneConfig(data=str(data), weights="none", strategy="full", epochs=2, batch_size=8,
+    cfg = FinetuneConfig(data=str(data), weights="none", strategy="full", epochs=2, batch_size=8,
                                 image_size=32, seed=0)
     single = _single(cfg, tmp_path / "single")
     out = tmp_path / "runs" / "ddp"
@@ -78,7 +80,7 @@ def test_ddp_full_close_to_single_process_one_set_of_outputs_and_resume(tmp_path
     run = json.loads((out / "run.json").read_text())
     assert run["summary"]["epochs_done"] == 2 and run["strategy"]["name"] == "full"
     # resume one more epoch with the same options on 2 ranks
-    more = vision.FinetuneConfig(**{**cfg.__dict__, "epochs": 3})
+    more = FinetuneConfig(**{**cfg.__dict__, "epochs": 3})
     r = _torchrun(_args(more) + ["--out", str(out), "--resume"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = json.loads((out / "metrics.json").read_text())
@@ -87,12 +89,12 @@ def test_ddp_full_close_to_single_process_one_set_of_outputs_and_resume(tmp_path
 
 
 def test_torchrun_command_single_and_multi_node():
-    cfg = vision.FinetuneConfig(data="Fruit (sample)", strategy="partial", freeze=2, epochs=5, lr=0.01,
+    cfg = FinetuneConfig(data="Fruit (sample)", strategy="partial", freeze=2, epochs=5, lr=0.01,
                                 augment=["flip", "crop"], seed=0)
     cmd = distributed.torchrun_command(cfg, 4, out="runs/fruit")
     assert cmd == ("torchrun --nproc-per-node 4 -m engine finetune --data 'Fruit (sample)' --strategy partial "
                    "--freeze 2 --epochs 5 --lr 0.01 --augment flip,crop --out runs/fruit")
-    multi = distributed.torchrun_command(vision.FinetuneConfig(data="d", cache=False), 8, nnodes=2)
+    multi = distributed.torchrun_command(FinetuneConfig(data="d", cache=False), 8, nnodes=2)
     assert multi.startswith("torchrun --nproc-per-node 8 --nnodes 2 --node-rank NODE_RANK --rdzv-backend c10d "
                             "--rdzv-endpoint HOST:29500")
     assert multi.endswith("--data d --no-cache --out RUN_DIR")

@@ -4,14 +4,16 @@ import json
 import pytest
 import torch
 
-from engine import features, sources, vision, workspace
+from engine.core import workspace
+from engine.models import sources
+from engine.vision import feature_cache, finetune, network, preprocess
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
 def model():
-    return vision.build_model("resnet18", 3, sources.Source("none", "random init", ""), seed=0).eval()
+    return network.build_model("resnet18", 3, sources.Source("none", "random init", ""), seed=0).eval()
 
 
 def images(n=20, size=40):
@@ -20,35 +22,35 @@ def images(n=20, size=40):
 
 @pytest.mark.parametrize("k", [5, 3])
 def test_onnxruntime_features_equal_torch_within_1e4(model, monkeypatch, k):
-    pp = vision.Preprocessing(32, 40, vision.IMAGENET_MEAN, vision.IMAGENET_STD)
+    pp = preprocess.Preprocessing(32, 40, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
     monkeypatch.setenv("TRANSFER_STUDIO_EXTRACTOR", "torch")
-    torch_ex = features.extractor(model, k, pp, CPU, "resnet18")
+    torch_ex = feature_cache.extractor(model, k, pp, CPU, "resnet18")
     monkeypatch.setenv("TRANSFER_STUDIO_EXTRACTOR", "onnxruntime")
-    ort_ex = features.extractor(model, k, pp, CPU, "resnet18")
+    ort_ex = feature_cache.extractor(model, k, pp, CPU, "resnet18")
     assert (torch_ex.name, ort_ex.name) == ("torch fp32", "onnxruntime fp32")
-    a = features.extract(torch_ex.run, images(), pp, CPU, torch_ex.dtype)
-    b = features.extract(ort_ex.run, images(), pp, CPU, ort_ex.dtype)
+    a = feature_cache.extract(torch_ex.run, images(), pp, CPU, torch_ex.dtype)
+    b = feature_cache.extract(ort_ex.run, images(), pp, CPU, ort_ex.dtype)
     assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
     assert (a - b).abs().max() < 1e-4
     with torch.no_grad():  # and both equal the network's own forward (BatchNorm folding changes nothing)
-        ref = vision.forward_until(model, vision.normalize(vision.center_crop(images(), 32), pp), k)
+        ref = network.forward_until(model, preprocess.normalize(preprocess.center_crop(images(), 32), pp), k)
     assert (a - ref).abs().max() < 1e-4
 
 
 def test_the_choice_is_measured_once_and_remembered(model, monkeypatch):
-    pp = vision.Preprocessing(32, 40, vision.IMAGENET_MEAN, vision.IMAGENET_STD)
+    pp = preprocess.Preprocessing(32, 40, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
     timed = []
-    real = features._rate
-    monkeypatch.setattr(features, "_rate", lambda *a, **kw: timed.append(1) or real(*a, **kw))
-    first = features.extractor(model, 5, pp, CPU, "resnet18")
+    real = feature_cache._rate
+    monkeypatch.setattr(feature_cache, "_rate", lambda *a, **kw: timed.append(1) or real(*a, **kw))
+    first = feature_cache.extractor(model, 5, pp, CPU, "resnet18")
     n = len(timed)
     assert n >= 2  # torch and onnxruntime were both timed
     memo = json.loads((workspace.subdir("cache") / "extractor.json").read_text())
     (entry,) = memo.values()
     assert first.name == max(entry["img_s"], key=entry["img_s"].get) and "img/s" in first.why
-    again = features.extractor(model, 5, pp, CPU, "resnet18")
+    again = feature_cache.extractor(model, 5, pp, CPU, "resnet18")
     assert len(timed) == n and again.name == first.name  # remembered: nothing timed again
-    features.extractor(model, 5, vision.Preprocessing(24, 30, pp.mean, pp.std), CPU, "resnet18")
+    feature_cache.extractor(model, 5, preprocess.Preprocessing(24, 30, pp.mean, pp.std), CPU, "resnet18")
     assert len(timed) > n  # another image size is another measurement
 
 
@@ -57,13 +59,13 @@ def test_a_cache_hit_builds_no_extractor(tmp_path, monkeypatch):
     from tests.helpers import cfg_for, make_dataset
 
     data = str(make_dataset(tmp_path / "d"))
-    vision.finetune(cfg_for(data), tmp_path / "a")
-    monkeypatch.setattr(features, "onnx_runner", lambda *a: pytest.fail("built an extractor on a cache hit"))
-    monkeypatch.setattr(features, "frozen_prefix", lambda *a: pytest.fail("built an extractor on a cache hit"))
-    vision.finetune(cfg_for(data, lr=5e-3), tmp_path / "b")
+    finetune.finetune(cfg_for(data), tmp_path / "a")
+    monkeypatch.setattr(feature_cache, "onnx_runner", lambda *a: pytest.fail("built an extractor on a cache hit"))
+    monkeypatch.setattr(feature_cache, "frozen_prefix", lambda *a: pytest.fail("built an extractor on a cache hit"))
+    finetune.finetune(cfg_for(data, lr=5e-3), tmp_path / "b")
 
 
 def test_unknown_forced_extractor_is_refused(model, monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_EXTRACTOR", "tensorrt")
     with pytest.raises(ValueError, match="choose torch or onnxruntime"):
-        features.extractor(model, 5, vision.Preprocessing(32, 40, [0.5] * 3, [0.25] * 3), CPU, "resnet18")
+        feature_cache.extractor(model, 5, preprocess.Preprocessing(32, 40, [0.5] * 3, [0.25] * 3), CPU, "resnet18")

@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from engine import filters, sources, vision
+from engine.models import sources
+from engine.vision import filters, network
 from tests.helpers import make_dataset, open_page
 
 
@@ -14,15 +15,15 @@ def roughness(model) -> float:
 
 
 def test_pretrained_filters_are_smooth_patterns_and_random_ones_are_noise():
-    pretrained = vision.build_model("resnet18", 2, sources.resolve_vision("resnet18", "mini"))
-    random = vision.build_model("resnet18", 2, sources.resolve_vision("resnet18", "none"))
+    pretrained = network.build_model("resnet18", 2, sources.resolve_vision("resnet18", "mini"))
+    random = network.build_model("resnet18", 2, sources.resolve_vision("resnet18", "none"))
     assert roughness(pretrained) < 0.8 * roughness(random)  # edges and blobs vs white noise
     a, b = filters.filter_grid(pretrained), filters.filter_grid(random)
     assert a.shape == b.shape == (8 * (7 * 6 + 1) + 1,) * 2 + (3,) and a.dtype == np.uint8 and not np.array_equal(a, b)
 
 
 def test_stage_maps_follow_the_network_down():
-    model = vision.build_model("resnet18", 2, sources.resolve_vision("resnet18", "mini")).eval()
+    model = network.build_model("resnet18", 2, sources.resolve_vision("resnet18", "mini")).eval()
     maps = filters.stage_maps(model, torch.randn(1, 3, 64, 64))
     assert [n.split(" ·")[0] for n, _ in maps] == ["maxpool", "layer1", "layer2", "layer3", "layer4"]
     assert "512 maps of 2x2" in maps[-1][0] and all(g.dtype == np.uint8 and g.ndim == 2 for _, g in maps)
@@ -34,7 +35,7 @@ def test_tile_lays_out_a_grid():
 
 
 def test_lab_inside_the_network_tab(tmp_path):
-    from engine import imagedata
+    from engine.data import imagedata
 
     imagedata.import_path(make_dataset(tmp_path / "d", n_classes=2, n=6), "two")
     at = open_page("pages/lab.py")

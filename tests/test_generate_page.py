@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import history
+from engine.text import history
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "generate.py")
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine import heatmaps, vision
 from engine.__main__ import main
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.vision import finetune, heatmaps, inference, preprocess
 from tests.helpers import cfg_for, make_dataset
 
 
@@ -20,14 +20,14 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # (module-scoped: the per-test workspace does not exist yet)
         mp.setenv("TRANSFER_STUDIO_HOME", str(root / "workspace"))
         data = make_dataset(root / "data", n_classes=3, n=8, size=48)
-        vision.finetune(cfg_for(str(data), strategy="full", epochs=2, image_size=48), root / "run")
-        return vision.load_model(root / "run"), sorted((root / "data").rglob("*.png"))
+        finetune.finetune(cfg_for(str(data), strategy="full", epochs=2, image_size=48), root / "run")
+        return inference.load_model(root / "run"), sorted((root / "data").rglob("*.png"))
 
 
 def by_hand(loaded, image, target: int) -> np.ndarray:
     """Grad-CAM from its definition: ReLU(sum_k mean(dy_c/dA_k) A_k), upsampled, divided by its max."""
     pp, model = loaded.preprocessing, loaded.model
-    x = vision.normalize(vision.crops([image], pp), pp)
+    x = preprocess.normalize(preprocess.crops([image], pp), pp)
     saved = {}
     layer = heatmaps.target_layer(model, pp.image_size)
     hook = layer.register_forward_hook(lambda m, i, o: saved.update(a=o))
@@ -55,7 +55,7 @@ def test_heatmap_is_grad_cam_for_the_asked_class(trained):
             assert np.allclose(h.heat, by_hand(loaded, im, want), atol=1e-4)
             if h.heat.max() > 0:
                 assert not np.array_equal(h.overlay, h.crop)  # the heat is drawn over the image
-    probs = vision.probabilities(loaded, images[:1])[0]
+    probs = inference.probabilities(loaded, images[:1])[0]
     assert heatmaps.explain(loaded, images[:1])[0].target == int(probs.argmax())  # default: the predicted class
 
 

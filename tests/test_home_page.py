@@ -2,13 +2,15 @@
 removes what is not the demo's and completes the demo, and the page reports it."""
 from __future__ import annotations
 
-import pytest
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 import pages  # noqa: F401 - see test_pages_vision
-from engine import demo, history, imagedata
+from engine import demo
+from engine.data import imagedata
+from engine.text import history
 from tests.imgs import png
 
 ROOT = Path(__file__).resolve().parents[1]

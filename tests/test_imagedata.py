@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import imagedata, workspace
-from engine.errors import UserError
+from engine.core import workspace
+from engine.core.errors import UserError
+from engine.data import imagedata
 from tests.imgs import class_folder, png, zip_bytes
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from engine import imagedata
+from engine.data import imagedata
 from tests.imgs import png
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "images.py")

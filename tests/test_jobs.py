@@ -1,6 +1,7 @@
 import time
 
-from engine import jobs, runs
+from engine import jobs
+from engine.core import runs
 
 
 def fake_runner(ctx):

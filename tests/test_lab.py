@@ -8,15 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import advisor, autoencoder, jobs, lab, loop, runs, vision
+from engine import jobs
 from engine.__main__ import main
-from engine.errors import UserError
+from engine.core import runs
+from engine.core.errors import UserError
+from engine.lab import advisor, autoencoder, experiments
+from engine.models import backbones
+from engine.train import loop
+from engine.vision import network
 from tests.helpers import LAB_COLORS as COLORS
 from tests.helpers import make_folder, tiny
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Like the lab's jobs (engine/lab.py CPU_THREADS): on a busy 2-core machine one thread is much faster."""
+    """Like the lab's jobs (engine/lab/experiments.py CPU_THREADS): on a busy 2-core machine one thread is much faster."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -30,14 +36,14 @@ def data(tmp_path) -> str:
 
 # ----------------------------------------------------------------------------- the three numbers
 def test_three_numbers_from_a_given_curve():
-    n = lab.three_numbers([0.25, 0.60, 0.70, 0.85, 0.95, 0.90])
+    n = experiments.three_numbers([0.25, 0.60, 0.70, 0.85, 0.95, 0.90])
     assert n["start"] == 0.60
     assert n["slope"] == pytest.approx((0.85 - 0.25) / 3)  # first 3 epochs, from the untrained network
     assert n["asymptote"] == 0.95
-    short = lab.three_numbers([0.5, 0.75])
+    short = experiments.three_numbers([0.5, 0.75])
     assert short == {"start": 0.75, "slope": pytest.approx(0.25), "asymptote": 0.75}
     with pytest.raises(ValueError):
-        lab.three_numbers([0.3])
+        experiments.three_numbers([0.3])
 
 
 def test_benefits_average_over_seeds_with_spread_and_readings():
@@ -46,7 +52,7 @@ def test_benefits_average_over_seeds_with_spread_and_readings():
 
     runs_ = [run("pretrained", 0, [0.25, 0.7, 0.8, 0.9]), run("pretrained", 1, [0.25, 0.8, 0.9, 0.9]),
              run("scratch", 0, [0.25, 0.3, 0.4, 0.5]), run("scratch", 1, [0.25, 0.4, 0.4, 0.6])]
-    b = lab.benefits(runs_)
+    b = experiments.benefits(runs_)
     p, s = b["groups"]["pretrained"], b["groups"]["scratch"]
     assert p["start"]["mean"] == pytest.approx(0.75) and p["start"]["std"] == pytest.approx(0.05) and p["start"]["n"] == 2
     assert s["asymptote"]["mean"] == pytest.approx(0.55)
@@ -54,7 +60,7 @@ def test_benefits_average_over_seeds_with_spread_and_readings():
     assert b["difference"]["start"] == pytest.approx(0.40)
     assert "75%" in b["readings"]["start"] and "35%" in b["readings"]["start"]
     assert "ends higher" in b["readings"]["asymptote"]
-    curve = lab.mean_curve([r for r in runs_ if r["group"] == "scratch"])
+    curve = experiments.mean_curve([r for r in runs_ if r["group"] == "scratch"])
     assert curve["epoch"] == [0, 1, 2, 3] and curve["mean"][1] == pytest.approx(0.35)
     assert curve["min"][3] == 0.5 and curve["max"][3] == 0.6
 
@@ -71,7 +77,7 @@ def test_benefits_average_over_seeds_with_spread_and_readings():
 def test_benefits_reading_is_honest_when_scratch_wins():
     runs_ = [{"group": "pretrained", "metrics": [{"val_acc": a} for a in (0.3, 0.4, 0.45)]},
              {"group": "scratch", "metrics": [{"val_acc": a} for a in (0.3, 0.5, 0.7)]}]
-    r = lab.benefits(runs_)["readings"]
+    r = experiments.benefits(runs_)["readings"]
     assert "no head start" in r["start"] and "from scratch ends higher" in r["asymptote"]
 
 
@@ -79,16 +85,16 @@ def test_benefits_reading_is_honest_when_scratch_wins():
 def test_subset_has_n_per_class():
     y = torch.tensor([0] * 5 + [1] * 8 + [2] * 3)
     for n in (1, 2, 3):
-        idx = lab.subset_per_class(y, n, seed=0)
+        idx = experiments.subset_per_class(y, n, seed=0)
         assert torch.bincount(y[idx]).tolist() == [n, n, n]
-    assert torch.bincount(y[lab.subset_per_class(y, 4, 0)]).tolist() == [4, 4, 3]  # a class with fewer keeps all
-    assert len(lab.subset_per_class(y, 0, 0)) == len(y)
-    assert lab.subset_per_class(y, 2, 5).tolist() == lab.subset_per_class(y, 2, 5).tolist()
+    assert torch.bincount(y[experiments.subset_per_class(y, 4, 0)]).tolist() == [4, 4, 3]  # a class with fewer keeps all
+    assert len(experiments.subset_per_class(y, 0, 0)) == len(y)
+    assert experiments.subset_per_class(y, 2, 5).tolist() == experiments.subset_per_class(y, 2, 5).tolist()
 
 
 def test_data_size_runs_train_on_n_per_class_and_test_on_the_same_images(data, tiny_weights, tmp_path):
-    lab.run_lab(tiny("data-size", data, tiny_weights, sizes=[1, 3, 0]), tmp_path / "run")
-    state = lab.read_result(tmp_path / "run")
+    experiments.run_lab(tiny("data-size", data, tiny_weights, sizes=[1, 3, 0]), tmp_path / "run")
+    state = experiments.read_result(tmp_path / "run")
     per_class_train = state["data"]["train_per_class"]
     assert {r["x"] for r in state["runs"]} == {1, 3, max(per_class_train)}
     for r in state["runs"]:
@@ -101,11 +107,11 @@ def test_data_size_runs_train_on_n_per_class_and_test_on_the_same_images(data, t
 def test_freeze_sweep_really_freezes_k_stages(data, tiny_weights, tmp_path):
     import torchvision
 
-    lab.run_lab(tiny("freeze", data, tiny_weights, ks=[5, 2, 0]), tmp_path / "run")
-    state = lab.read_result(tmp_path / "run")
+    experiments.run_lab(tiny("freeze", data, tiny_weights, ks=[5, 2, 0]), tmp_path / "run")
+    state = experiments.read_result(tmp_path / "run")
     ref = torchvision.models.resnet18(weights=None)
     ref.fc = torch.nn.Linear(512, len(COLORS))
-    st = vision.stages(ref)
+    st = backbones.stages(ref)
 
     def expected(k):
         return sum(p.numel() for s in st[k:] for p in s.parameters()) + sum(p.numel() for p in ref.fc.parameters())
@@ -115,26 +121,26 @@ def test_freeze_sweep_really_freezes_k_stages(data, tiny_weights, tmp_path):
     for (group, k), r in by_label.items():
         assert r["params"]["trainable"] == expected(k), (group, k)
     assert by_label[("one-lr", 5)]["params"]["trainable"] == 512 * 3 + 3  # linear probe: only the new head
-    assert by_label[("rule", 0)]["backbone_lr"] == lab.BACKBONE_LR and by_label[("one-lr", 0)]["backbone_lr"] == 1.0
+    assert by_label[("rule", 0)]["backbone_lr"] == experiments.BACKBONE_LR and by_label[("one-lr", 0)]["backbone_lr"] == 1.0
     assert "lr_rule" in state["result"] and [p["x"] for p in state["result"]["sweep"]["one-lr"]] == [0, 2, 5]
 
 
 def test_frozen_stages_do_not_change_and_the_rest_does(data, tiny_weights):
-    split = lab.load_split(data, tiny_weights, 32)
-    arm = lab.Arm("k=2", "one-lr", tiny_weights, frozen=2)
-    out = lab.train_arm(arm, split, epochs=1, batch_size=8, lr=0.05, steps_per_epoch=2, dev=torch.device("cpu"), keep_model=True)
-    from engine import sources
+    split = experiments.load_split(data, tiny_weights, 32)
+    arm = experiments.Arm("k=2", "one-lr", tiny_weights, frozen=2)
+    out = experiments.train_arm(arm, split, epochs=1, batch_size=8, lr=0.05, steps_per_epoch=2, dev=torch.device("cpu"), keep_model=True)
+    from engine.models import sources
 
-    before = vision.build_model(lab.ARCH, 3, sources.resolve_vision(lab.ARCH, tiny_weights))
+    before = network.build_model(experiments.ARCH, 3, sources.resolve_vision(experiments.ARCH, tiny_weights))
     after = out["model"]
-    for i, (a, b) in enumerate(zip(vision.stages(before), vision.stages(after))):
+    for i, (a, b) in enumerate(zip(backbones.stages(before), backbones.stages(after))):
         same = all(torch.equal(x, y.cpu()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
         assert same == (i < 2), f"stage {i}"
 
 
 def test_compare_writes_both_curves_and_the_numbers(data, tiny_weights, tmp_path):
-    summary = lab.run_lab(tiny("compare", data, tiny_weights, epochs=2, seeds=2), tmp_path / "run")
-    state = lab.read_result(tmp_path / "run")
+    summary = experiments.run_lab(tiny("compare", data, tiny_weights, epochs=2, seeds=2), tmp_path / "run")
+    state = experiments.read_result(tmp_path / "run")
     assert state["status"] == "done" and len(state["runs"]) == 4
     assert [r["group"] for r in state["runs"]] == ["pretrained", "scratch"] * 2  # seeds interleaved
     assert all([m["epoch"] for m in r["metrics"]] == [0, 1, 2] for r in state["runs"])
@@ -151,9 +157,9 @@ def test_bad_options_are_refused_before_anything_runs():
                       (dict(experiment="data-size", sizes=[]), "sizes"), (dict(experiment="compare", weights="none"), "pretrained"),
                       (dict(experiment="compare", lr=float("nan")), "learning rate")):
         with pytest.raises(UserError, match=words):
-            lab.LabConfig(**kw).resolved()
-    cfg = lab.LabConfig("compare").resolved()
-    assert cfg.epochs == lab.PRESETS["compare"]["quick"]["epochs"] and cfg.seeds >= 2
+            experiments.LabConfig(**kw).resolved()
+    cfg = experiments.LabConfig("compare").resolved()
+    assert cfg.epochs == experiments.PRESETS["compare"]["quick"]["epochs"] and cfg.seeds >= 2
 
 
 # ----------------------------------------------------------------------------- unsupervised pretraining
@@ -182,9 +188,9 @@ def test_autoencoder_learns_to_reconstruct_without_labels(tmp_path):
 
 
 def test_unsupervised_experiment_end_to_end(data, tmp_path):
-    lab.run_lab(lab.LabConfig("unsupervised", data=data, epochs=1, seeds=1, ae_epochs=2, labels_per_class=2, batch_size=8),
+    experiments.run_lab(experiments.LabConfig("unsupervised", data=data, epochs=1, seeds=1, ae_epochs=2, labels_per_class=2, batch_size=8),
                 tmp_path / "run")
-    state = lab.read_result(tmp_path / "run")
+    state = experiments.read_result(tmp_path / "run")
     assert state["status"] == "done" and len(state["ae"]["loss"]) == 2
     assert (tmp_path / "run" / "reconstructions.png").is_file()
     assert [r["train_images"] for r in state["runs"]] == [2 * len(COLORS)] * 2
@@ -246,11 +252,11 @@ def test_advisor_measures_a_dataset(data, tiny_weights):
 # ----------------------------------------------------------------------------- job and CLI
 def test_lab_job_runs_in_the_background_and_persists(data, tiny_weights):
     m = jobs.get_manager()
-    run_id = lab.submit(tiny("compare", data, tiny_weights), m)
+    run_id = experiments.submit(tiny("compare", data, tiny_weights), m)
     assert m.wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
     run = runs.get(run_id)
     assert run["kind"] == "lab" and "pretrained_asymptote" in run["summary"]
-    assert lab.read_result(run["dir"])["status"] == "done"
+    assert experiments.read_result(run["dir"])["status"] == "done"
 
 
 def test_cli_compare_prints_curves_and_numbers(data, tiny_weights, capsys):
@@ -293,24 +299,24 @@ def test_batches_cover_every_example_once_per_pass_and_never_leave_one_alone():
 
 # ----------------------------------------------------------------------------- demo tasks
 def test_demo_tasks_are_generated_deterministically_and_import_once():
-    from engine import demodata, imagedata
+    from engine.data import demo_tasks, imagedata
 
     for key in ("similar-small", "different-small", "clothing"):
-        a, b = demodata.demo_members(key), demodata.demo_members(key)
+        a, b = demo_tasks.demo_members(key), demo_tasks.demo_members(key)
         assert [m.data for m in a.members] == [m.data for m in b.members]  # same images every time
         counts = {}
         for m in a.members:
             counts[m.cls] = counts.get(m.cls, 0) + 1
-        assert len(counts) == 4 and set(counts.values()) == {demodata.DEMOS[key].per_class}
-    first = demodata.import_demo("different-small")
-    assert not first["existed"] and set(first["classes"]) == set(demodata.SHAPES)
-    assert demodata.import_demo("different-small")["existed"]  # idempotent
-    assert demodata.ensure_dataset("different-small") == demodata.DEMOS["different-small"].name
+        assert len(counts) == 4 and set(counts.values()) == {demo_tasks.DEMOS[key].per_class}
+    first = demo_tasks.import_demo("different-small")
+    assert not first["existed"] and set(first["classes"]) == set(demo_tasks.SHAPES)
+    assert demo_tasks.import_demo("different-small")["existed"]  # idempotent
+    assert demo_tasks.ensure_dataset("different-small") == demo_tasks.DEMOS["different-small"].name
     assert len(imagedata.list_datasets()) == 1
     with pytest.raises(UserError, match="unknown demo"):
-        demodata.import_demo("nope")
+        demo_tasks.import_demo("nope")
     # the two versions of a task differ only in size: small below the advisor's threshold, large above
-    assert demodata.DEMOS["similar-small"].per_class < advisor.SMALL_MAX_PER_CLASS <= demodata.DEMOS["similar-large"].per_class
+    assert demo_tasks.DEMOS["similar-small"].per_class < advisor.SMALL_MAX_PER_CLASS <= demo_tasks.DEMOS["similar-large"].per_class
 
 
 def test_the_tour_draws_the_lab_comparison_on_the_labs_own_epochs(data, tiny_weights):
@@ -320,9 +326,9 @@ def test_the_tour_draws_the_lab_comparison_on_the_labs_own_epochs(data, tiny_wei
     from tests.helpers import open_page
 
     m = jobs.get_manager()
-    run_id = lab.submit(tiny("compare", data, tiny_weights, epochs=2), m)
+    run_id = experiments.submit(tiny("compare", data, tiny_weights, epochs=2), m)
     assert m.wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
-    curves = lab.read_result(runs.get(run_id)["dir"])["result"]["curves"]
+    curves = experiments.read_result(runs.get(run_id)["dir"])["result"]["curves"]
     at = open_page("pages/tour.py", step="6")
     assert not at.exception
     drawn = {t["name"]: t for t in _json.loads(at.get("plotly_chart")[0].proto.spec)["data"]}

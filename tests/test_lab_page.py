@@ -11,7 +11,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import pages  # noqa: F401 - imported outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
-from engine import imagedata, jobs, lab, runs
+from engine import jobs
+from engine.core import runs
+from engine.data import imagedata
+from engine.lab import experiments
 from tests.helpers import make_folder, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +29,10 @@ def open_lab() -> AppTest:
     return at.run()
 
 
-def finished(cfg: lab.LabConfig) -> str:
+def finished(cfg: experiments.LabConfig) -> str:
     """A lab run recorded in the workspace and run to the end (what the job worker does)."""
-    run_id = runs.create("lab", f"Lab · {lab.EXPERIMENTS[cfg.experiment]} · tiny · quick", vars(cfg))
-    summary = lab.run_lab(cfg, runs.run_dir(run_id))
+    run_id = runs.create("lab", f"Lab · {experiments.EXPERIMENTS[cfg.experiment]} · tiny · quick", vars(cfg))
+    summary = experiments.run_lab(cfg, runs.run_dir(run_id))
     runs.set_status(run_id, "done", summary=summary)
     return run_id
 
@@ -39,7 +42,7 @@ def test_empty_workspace_offers_the_sample_and_demo_tasks():
     assert not at.exception
     assert at.info and "sample" in at.info[0].value
     assert at.button(key="lab_demo")
-    assert all(at.button(key=f"lab_start_{e}").disabled for e in lab.EXPERIMENTS)  # nothing to run on yet
+    assert all(at.button(key=f"lab_start_{e}").disabled for e in experiments.EXPERIMENTS)  # nothing to run on yet
 
 
 def test_finished_compare_is_reopened_with_curves_and_the_three_numbers(tmp_path, tiny_weights):  # noqa: F811
@@ -70,7 +73,7 @@ def test_start_button_queues_a_lab_job(tmp_path, tiny_weights):  # noqa: F811
 
 def test_advisor_result_starts_the_recommended_finetune_run(tmp_path, tiny_weights):  # noqa: F811
     imagedata.import_path(make_folder(tmp_path / "imgs"), "tiny")
-    finished(lab.LabConfig("advise", data="tiny", weights=tiny_weights, image_size=32, max_per_class=8))
+    finished(experiments.LabConfig("advise", data="tiny", weights=tiny_weights, image_size=32, max_per_class=8))
     at = open_lab()
     assert not at.exception and not at.error
     assert at.success and "small + " in at.success[0].value  # 8 images per class: a small dataset

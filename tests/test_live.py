@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import live, vision
+from engine.vision import finetune, inference, live
 from tests.helpers import cfg_for, make_dataset
 
 
@@ -13,8 +13,8 @@ def loaded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRANSFER_STUDIO_HOME", str(root / "workspace"))
         data = make_dataset(root / "data", n_classes=2, n=6)
-        vision.finetune(cfg_for(str(data), epochs=1), root / "run")
-        return vision.load_model(root / "run"), sorted((root / "data").rglob("*.png"))
+        finetune.finetune(cfg_for(str(data), epochs=1), root / "run")
+        return inference.load_model(root / "run"), sorted((root / "data").rglob("*.png"))
 
 
 def test_frames_pass_through_and_predictions_are_throttled(loaded):
@@ -25,7 +25,7 @@ def test_frames_pass_through_and_predictions_are_throttled(loaded):
         assert np.array_equal(clf.process(frame), frame)  # no heat asked for: the frame is shown as it came
     top, _ = clf.latest()
     assert clf.frames == 5 and clf.predictions == 1  # one prediction per every_s, not one per frame
-    assert top == vision.predict(model, [Image.fromarray(frame)], top_k=2)[0]
+    assert top == inference.predict(model, [Image.fromarray(frame)], top_k=2)[0]
 
 
 def test_heat_overlay_covers_the_centre_crop_only(loaded):

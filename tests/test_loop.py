@@ -1,12 +1,15 @@
-"""The one training loop (engine/loop.py) and the optimizer factory (engine/optimizers.py): what every
+"""The one training loop (engine/train/loop.py) and the optimizer factory (engine/train/optimizers.py): what every
 trainer relies on, and that every image-classifier trainer really goes through it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import autoencoder, lab, loop, optimizers, vision
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.lab import autoencoder, experiments
+from engine.train import loop, optimizers
+from engine.vision import finetune
+from engine.vision.config import FinetuneConfig
 from tests.helpers import make_folder
 
 
@@ -108,12 +111,12 @@ def test_every_classifier_trainer_goes_through_the_one_loop(tmp_path, tiny_weigh
 
     monkeypatch.setattr(loop, "train_one_epoch", counted)
     data = str(make_folder(tmp_path / "imgs"))
-    vision.finetune(vision.FinetuneConfig(data=data, strategy="full", weights=tiny_weights, epochs=2, batch_size=8,
+    finetune.finetune(FinetuneConfig(data=data, strategy="full", weights=tiny_weights, epochs=2, batch_size=8,
                                           image_size=32), tmp_path / "run")
     assert calls == [0, 1]
     calls.clear()
-    split = lab.load_split(data, tiny_weights, 32)
-    lab.train_arm(lab.Arm("full", "one-lr", tiny_weights, frozen=0), split, epochs=2, batch_size=8, lr=0.01,
+    split = experiments.load_split(data, tiny_weights, 32)
+    experiments.train_arm(experiments.Arm("full", "one-lr", tiny_weights, frozen=0), split, epochs=2, batch_size=8, lr=0.01,
                   steps_per_epoch=2, dev=torch.device("cpu"))
     assert calls == [0, 1]
     calls.clear()

@@ -13,9 +13,11 @@ import zipfile
 import pytest
 import torch
 
-from engine import backbones, models, sources, text, vision
 from engine.__main__ import main
-from engine.errors import Cancelled, UserError
+from engine.core.errors import Cancelled, UserError
+from engine.models import backbones, sources, store
+from engine.text import causal_lm
+from engine.vision import network
 from tests.weights_server import WeightsServer
 
 ARCH = "mobilenet_v3_large"  # the smallest torchvision checkpoint among the backbones (a random one: ~22 MB)
@@ -73,22 +75,22 @@ def no_leftovers(folder) -> bool:
 # ----------------------------------------------------------------------------- vision downloads
 def test_download_reports_progress_checks_the_hash_and_auto_then_uses_it(server, checkpoint, named_for):
     server.add_vision(named_for(checkpoint), checkpoint)
-    assert models.get(ARCH).status == "downloadable"
+    assert store.get(ARCH).status == "downloadable"
     source = sources.resolve_vision(ARCH, "auto")  # nothing cached, the network answers: the real weights, fetched first
     assert source.kind == "imagenet" and source.download == ARCH and "downloaded first" in source.reason
     seen = []
-    path = models.download(ARCH, report=lambda **p: seen.append(p))
+    path = store.download(ARCH, report=lambda **p: seen.append(p))
     assert path.read_bytes() == checkpoint and path == sources.imagenet_file(ARCH)
     sizes = [p["bytes"] for p in seen if "bytes" in p]
     assert sizes == sorted(sizes) and sizes[-1] == len(checkpoint) and seen[-1]["progress"] == 1.0
     assert all(p["phase"] == "downloading" and p["total"] == len(checkpoint) for p in seen if "bytes" in p)
-    assert models.get(ARCH).status == "cached"
+    assert store.get(ARCH).status == "cached"
     cached = sources.resolve_vision(ARCH, "auto")
     assert cached.kind == "imagenet" and cached.download is None
-    model = vision.build_model(ARCH, 3, cached)
+    model = network.build_model(ARCH, 3, cached)
     state = torch.load(io.BytesIO(checkpoint), weights_only=True)
     assert torch.equal(model.features[0][0].weight, state["features.0.0.weight"])
-    assert models.delete(ARCH).status == "downloadable" and not path.exists()
+    assert store.delete(ARCH).status == "downloadable" and not path.exists()
 
 
 def test_a_wrong_hash_or_a_dropped_connection_leaves_nothing_and_the_earlier_cache_intact(server, checkpoint, named_for, caches):
@@ -98,13 +100,13 @@ def test_a_wrong_hash_or_a_dropped_connection_leaves_nothing_and_the_earlier_cac
     earlier.write_bytes(b"earlier weights")
     server.add_vision(filename, checkpoint[:-10] + b"0123456789")  # same size, other bytes: the checksum catches it
     with pytest.raises(UserError, match="checksum"):
-        models.download(ARCH)
+        store.download(ARCH)
     server.add_vision(filename, checkpoint)
     server.truncate.add(f"/torchvision/{filename}")  # the network drops half-way
     with pytest.raises(UserError, match="stopped"):
-        models.download(ARCH)
+        store.download(ARCH)
     assert [p.name for p in earlier.parent.iterdir()] == [earlier.name] and earlier.read_bytes() == b"earlier weights"
-    assert models.get(ARCH).status == "downloadable"
+    assert store.get(ARCH).status == "downloadable"
 
 
 def test_cancel_stops_the_download_and_cleans_up(server, checkpoint, named_for, caches):
@@ -112,13 +114,13 @@ def test_cancel_stops_the_download_and_cleans_up(server, checkpoint, named_for, 
     server.delay = 0.01
     seen = []
     with pytest.raises(Cancelled):
-        models.download(ARCH, report=lambda **p: seen.append(p), cancelled=lambda: len(seen) >= 2)
+        store.download(ARCH, report=lambda **p: seen.append(p), cancelled=lambda: len(seen) >= 2)
     assert no_leftovers(caches / "torch")
-    assert models.get(ARCH).status == "downloadable"
+    assert store.get(ARCH).status == "downloadable"
 
 
 def test_a_download_job_runs_beside_training_and_can_be_cancelled(server, checkpoint, named_for, caches, fresh_manager):
-    from engine import runs
+    from engine.core import runs
     from pages.common import manager
 
     server.add_vision(named_for(checkpoint), checkpoint)
@@ -137,14 +139,14 @@ def test_a_download_job_runs_beside_training_and_can_be_cancelled(server, checkp
     server.delay = 0.0
     run_id = jobs.submit("download", {"name": ARCH}, "download", device="network")
     assert jobs.wait(run_id, timeout=60) == "done"
-    assert runs.get(run_id)["summary"]["model"] == ARCH and models.get(ARCH).status == "cached"
+    assert runs.get(run_id)["summary"]["model"] == ARCH and store.get(ARCH).status == "cached"
 
 
 def test_not_enough_disk_space_is_a_clear_message_and_writes_nothing(server, checkpoint, named_for, caches, monkeypatch):
     server.add_vision(named_for(checkpoint), checkpoint)
-    monkeypatch.setattr(models, "_free_bytes", lambda folder: 10 * 2**20)
+    monkeypatch.setattr(store, "_free_bytes", lambda folder: 10 * 2**20)
     with pytest.raises(UserError, match="not enough disk space"):
-        models.download(ARCH)
+        store.download(ARCH)
     assert no_leftovers(caches / "torch") and not server.requests
 
 
@@ -152,9 +154,9 @@ def test_offline_auto_picks_the_mini_and_says_why(monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_OFFLINE", "1")
     source = sources.resolve_vision("resnet18", "auto")
     assert source.kind == "mini" and "TRANSFER_STUDIO_OFFLINE" in source.reason and source.download is None
-    assert models.get("resnet18").status == "unavailable"
+    assert store.get("resnet18").status == "unavailable"
     with pytest.raises(UserError, match="no network"):
-        models.download("resnet18")
+        store.download("resnet18")
     assert sources.resolve_text("auto").kind == "mini"
     assert sources.available()["auto"]["vision"].endswith("(offline)")
 
@@ -177,7 +179,7 @@ def test_cli_finetune_downloads_first_with_a_progress_line(server, checkpoint, n
                  "--strategy", "linear", "--out", str(tmp_path / "run2"), "--json", "--offline"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["weights"]["kind"] == "none"
-    assert models.get(ARCH).status == "unavailable"
+    assert store.get(ARCH).status == "unavailable"
 
 
 # ----------------------------------------------------------------------------- hub downloads
@@ -186,11 +188,11 @@ def test_hub_download_through_the_hub_library_then_auto_generates_with_it(server
     source = sources.resolve_text("auto")
     assert source.kind == "hub" and source.download == "gpt2"
     seen = []
-    path = models.download("gpt2", report=lambda **p: seen.append(p))
+    path = store.download("gpt2", report=lambda **p: seen.append(p))
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     assert any(p.get("file") == "model.safetensors" for p in seen) and any(p.get("progress") == 1.0 for p in seen)
-    assert models.get("gpt2").status == "cached"
-    lm = text.load("auto")
+    assert store.get("gpt2").status == "cached"
+    lm = causal_lm.load("auto")
     assert lm.source.kind == "hub" and lm.source.download is None
     assert lm.tokenizer.decode(lm.tokenizer.encode("hello")) == "hello"
 
@@ -205,7 +207,7 @@ def test_cli_lm_finetune_with_auto_downloads_gpt2_first_with_a_progress_line(ser
                  "--out", str(tmp_path / "lm"), "--json"])
     assert code == 0
     out = capsys.readouterr()
-    assert "downloading gpt2" in out.err and models.get("gpt2").status == "cached"
+    assert "downloading gpt2" in out.err and store.get("gpt2").status == "cached"
     assert "ppl_after" in json.loads(out.out)  # it trained on the downloaded model
 
 
@@ -213,24 +215,24 @@ def test_hub_model_without_safetensors_is_refused(server, tiny_dir, caches):
     server.add_hub_folder("distilgpt2", tiny_dir)
     del server.files["/distilgpt2/resolve/main/model.safetensors"]
     with pytest.raises(UserError, match="safetensors"):
-        models.download("distilgpt2")
-    assert models.get("distilgpt2").status == "downloadable"
+        store.download("distilgpt2")
+    assert store.get("distilgpt2").status == "downloadable"
 
 
 # ----------------------------------------------------------------------------- offline import
 def test_import_a_torchvision_checkpoint_found_by_its_tensors(checkpoint, tmp_path):
     f = tmp_path / "weights.pth"
     f.write_bytes(checkpoint)
-    m = models.import_file(f)
+    m = store.import_file(f)
     assert m.name == ARCH and m.status == "cached"
     assert sources.resolve_vision(ARCH, "auto").kind == "imagenet"
     with pytest.raises(UserError, match="not resnet18"):  # named for another architecture: checked, refused
-        models.import_file(f, name="resnet18")
+        store.import_file(f, name="resnet18")
     assert not sources.imagenet_cached("resnet18")
 
 
 def test_import_refuses_pickles_and_strangers_and_keeps_the_earlier_file(checkpoint, tmp_path):
-    models.import_file(tmp_path / "w.pth", data=checkpoint)
+    store.import_file(tmp_path / "w.pth", data=checkpoint)
     before = sources.imagenet_file(ARCH).read_bytes()
 
     class Evil:
@@ -240,13 +242,13 @@ def test_import_refuses_pickles_and_strangers_and_keeps_the_earlier_file(checkpo
     buf = io.BytesIO()
     torch.save({"x": Evil()}, buf)
     with pytest.raises(UserError, match="weights-only"):
-        models.import_file(tmp_path / "evil.pth", data=buf.getvalue())
+        store.import_file(tmp_path / "evil.pth", data=buf.getvalue())
     buf = io.BytesIO()
     torch.save({"conv.weight": torch.zeros(3, 3)}, buf)
     with pytest.raises(UserError, match="fits none"):
-        models.import_file(tmp_path / "other.pth", data=buf.getvalue())
+        store.import_file(tmp_path / "other.pth", data=buf.getvalue())
     with pytest.raises(UserError, match=r"\.pth.*\.zip"):
-        models.import_file(tmp_path / "weights.bin", data=b"x")
+        store.import_file(tmp_path / "weights.bin", data=b"x")
     assert sources.imagenet_file(ARCH).read_bytes() == before
 
 
@@ -262,15 +264,15 @@ def zipped(folder, drop=(), add=None, top="my-model") -> bytes:
 
 
 def test_import_a_zipped_hub_folder_then_auto_finds_it(tiny_dir, tmp_path):
-    m = models.import_file(tmp_path / "gpt2.zip", data=zipped(tiny_dir))
+    m = store.import_file(tmp_path / "gpt2.zip", data=zipped(tiny_dir))
     assert m.name == "gpt2" and m.status == "cached"
     assert sources.resolve_text("auto").kind == "hub"
-    lm = text.load("gpt2")
+    lm = causal_lm.load("gpt2")
     assert lm.model.config.n_layer == 2
-    other = models.import_file(tmp_path / "x.zip", data=zipped(tiny_dir, top=None), name="someone/tiny")
-    assert other.status == "cached" and "someone/tiny" in [x.name for x in models.catalog()]
-    assert models.delete("someone/tiny").name == "someone/tiny"
-    assert "someone/tiny" not in [x.name for x in models.catalog()]
+    other = store.import_file(tmp_path / "x.zip", data=zipped(tiny_dir, top=None), name="someone/tiny")
+    assert other.status == "cached" and "someone/tiny" in [x.name for x in store.catalog()]
+    assert store.delete("someone/tiny").name == "someone/tiny"
+    assert "someone/tiny" not in [x.name for x in store.catalog()]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -282,12 +284,12 @@ def test_import_a_zipped_hub_folder_then_auto_finds_it(tiny_dir, tmp_path):
     (dict(drop=("model.safetensors",), add={"my-model/model.safetensors": b"not a safetensors file"}), "not a valid safetensors"),
 ])
 def test_bad_hub_zips_are_refused_and_the_earlier_import_stays(tiny_dir, tmp_path, bad, message):
-    models.import_file(tmp_path / "gpt2.zip", data=zipped(tiny_dir))
+    store.import_file(tmp_path / "gpt2.zip", data=zipped(tiny_dir))
     before = sorted(p.name for p in sources.hf_snapshot("gpt2").iterdir())
     with pytest.raises(UserError, match=message):
-        models.import_file(tmp_path / "gpt2.zip", data=zipped(tiny_dir, **bad))
+        store.import_file(tmp_path / "gpt2.zip", data=zipped(tiny_dir, **bad))
     assert sorted(p.name for p in sources.hf_snapshot("gpt2").iterdir()) == before
-    assert not list(models.hub_folder("gpt2").glob("snapshots/.*"))  # no half-written snapshot left behind
+    assert not list(sources.hf_folder("gpt2").glob("snapshots/.*"))  # no half-written snapshot left behind
 
 
 # ----------------------------------------------------------------------------- the CLI twin
@@ -313,7 +315,7 @@ def test_cli_models_list_download_delete_and_errors(server, checkpoint, named_fo
 def test_models_page_lists_everything_and_deletes_offline(checkpoint, tmp_path):
     from tests.helpers import open_page
 
-    models.import_file(tmp_path / "w.pth", data=checkpoint)
+    store.import_file(tmp_path / "w.pth", data=checkpoint)
     at = open_page("pages/models.py")
     assert not at.exception
     table = at.dataframe[0].value
@@ -343,4 +345,4 @@ def test_finetune_page_offers_the_download_in_one_line_and_downloads_in_the_back
     next(b for b in at.button if b.label.startswith("Download ")).click().run()
     run_id = at.session_state["downloading"]
     assert manager().wait(run_id, timeout=60) == "done"
-    assert models.get(ARCH).status == "cached"
+    assert store.get(ARCH).status == "cached"

@@ -19,21 +19,24 @@ import pytest
 from PIL import Image
 
 import pages  # noqa: F401 - imported here, outside a script run, so its legacy-URL redirect cannot hijack the first AppTest
-from engine import jobs, recipes, runs
+from engine import jobs
+from engine.core import runs
+from engine.train import recipes
 from tests.helpers import PAGE_COLORS as COLORS
+from tests.helpers import has_button
 from tests.helpers import make_page_dataset as make_dataset
 from tests.helpers import noisy_png as png
-from tests.helpers import has_button, open_page, widget
+from tests.helpers import open_page, widget
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # tests/conftest.py
 
 
 def train_tiny(tmp_path: Path, epochs: int = 1) -> str:
-    from engine import vision
+    from engine.vision.config import FinetuneConfig
 
     make_dataset(tmp_path / "imgs")
-    cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="linear", epochs=epochs, image_size=32)
+    cfg = FinetuneConfig(data="tiny", weights="none", strategy="linear", epochs=epochs, image_size=32)
     m = jobs.get_manager()
     run_id = m.submit("finetune", dataclasses.asdict(cfg), "tiny run", device="cpu")
     assert m.wait(run_id, timeout=300) == "done", runs.get(run_id)["error"]
@@ -54,22 +57,23 @@ def test_empty_workspace_shows_guidance(page, hint):
 
 # ----------------------------------------------------------------------------- fine-tune
 def test_finetune_form_explains_strategies_and_weights(tmp_path):
-    from engine import vision
+    from engine.vision import config, finetune
+    from engine.vision.config import FinetuneConfig
 
     make_dataset(tmp_path / "imgs")
     at = open_page("pages/finetune.py")
     assert not at.exception
     assert at.selectbox(key="ft_data").options == ["tiny · 2 classes · 16 images"]
     radio = at.radio(key="ft_strategy")
-    assert radio.options == list(vision.STRATEGIES) and radio.value == recipes.DEFAULT_STRATEGY
+    assert radio.options == list(config.STRATEGIES) and radio.value == recipes.DEFAULT_STRATEGY
     assert at.info and at.info[0].value.startswith("**Weights:**")  # which weights, and why, before training
     assert not at.get("slider") or all(s.key != "ft_freeze" for s in at.slider)
     # the training options start at the recipe's values for this strategy and dataset
-    full, _ = vision.plan_settings(vision.FinetuneConfig(data="tiny"))
+    full, _ = finetune.plan_settings(FinetuneConfig(data="tiny"))
     assert widget(at, "number_input", "Epochs").value == full.epochs and widget(at, "select_slider", "Learning rate (head)").value == full.lr
     radio.set_value("partial").run()
-    assert at.slider(key="ft_freeze").value == vision.FinetuneConfig(data="").freeze
-    partial, _ = vision.plan_settings(vision.FinetuneConfig(data="tiny", strategy="partial"))
+    assert at.slider(key="ft_freeze").value == FinetuneConfig(data="").freeze
+    partial, _ = finetune.plan_settings(FinetuneConfig(data="tiny", strategy="partial"))
     assert widget(at, "number_input", "Epochs").value == partial.epochs
     at.radio(key="ft_strategy").set_value("linear").run()  # the probe: L-BFGS, no learning rate to set
     assert widget(at, "radio", "Optimiser").value == "lbfgs" and not any(s.label == "Learning rate (head)" for s in at.select_slider)
@@ -128,10 +132,10 @@ def test_finetune_start_submits_job_and_shows_results(tmp_path):
 
 def test_finetune_progress_record_has_what_the_page_shows(tmp_path):
     """The fragment polls manager().progress(): check the worker fills the fields it reads."""
-    from engine import vision
+    from engine.vision.config import FinetuneConfig
 
     make_dataset(tmp_path / "imgs")
-    cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="full", epochs=2, image_size=32, batch_size=4)
+    cfg = FinetuneConfig(data="tiny", weights="none", strategy="full", epochs=2, image_size=32, batch_size=4)
     m = jobs.get_manager()
     run_id = m.submit("finetune", dataclasses.asdict(cfg), "progress", device="cpu")
     seen: dict = {}
@@ -144,10 +148,10 @@ def test_finetune_progress_record_has_what_the_page_shows(tmp_path):
 
 
 def test_finetune_cancel_button_stops_a_running_job(tmp_path):
-    from engine import vision
+    from engine.vision.config import FinetuneConfig
 
     make_dataset(tmp_path / "imgs")
-    cfg = vision.FinetuneConfig(data="tiny", weights="none", strategy="scratch", epochs=500, image_size=32, batch_size=2)
+    cfg = FinetuneConfig(data="tiny", weights="none", strategy="scratch", epochs=500, image_size=32, batch_size=2)
     m = jobs.get_manager()
     run_id = m.submit("finetune", dataclasses.asdict(cfg), "long", device="cpu")
     at = open_page("pages/finetune.py")  # another session, without the run in its URL: it is pointed at it
@@ -297,10 +301,11 @@ def test_runs_resume_interrupted(tmp_path):
 
 
 def test_runs_show_no_none_for_an_imported_model_and_time_trained_for_a_resumed_run(tmp_path):
-    from engine import vision, workspace
+    from engine.core import workspace
+    from engine.vision import export
 
     run_id = train_tiny(tmp_path)
-    imported = vision.import_model(vision.export_run(runs.run_dir(run_id), tmp_path / "m.zip", onnx=False))
+    imported = export.import_model(export.export_run(runs.run_dir(run_id), tmp_path / "m.zip", onnx=False))
     # a resumed run: started long before it finished (the gap between its sessions is not training)
     with workspace.db() as db:
         db.execute("UPDATE runs SET started = started - 1000 WHERE id = ?", (run_id,))

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import fractals, pretrain, sources, vision
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.data import fashion_mnist, fractals
+from engine.models import sources
+from engine.pretrain import mini_resnet
+from engine.vision import network, preprocess
 
 
 def write_idx(path, arr: np.ndarray) -> None:
@@ -55,39 +58,39 @@ def test_shapes_dataset(tmp_path):
 
 
 def test_idx_reader_and_missing_dataset(fake_fmnist, tmp_path):
-    x, y = pretrain.load_fashion_mnist("train", fake_fmnist)
+    x, y = fashion_mnist.load_fashion_mnist("train", fake_fmnist)
     assert x.shape == (64, 28, 28) and y.shape == (64,) and y[:3].tolist() == [0, 1, 2]
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
-        pretrain.load_fashion_mnist("train", tmp_path / "nowhere")
+        fashion_mnist.load_fashion_mnist("train", tmp_path / "nowhere")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + (99).to_bytes(4, "big") * 3))
     (bad / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (1).to_bytes(4, "big") + b"\x00"))
     with pytest.raises(UserError, match="header"):
-        pretrain.load_fashion_mnist("train", bad)
+        fashion_mnist.load_fashion_mnist("train", bad)
 
 
 def test_tiny_pretraining_is_reproducible_and_loadable(fake_fmnist, tmp_path):
     def go(name):
-        cfg = pretrain.VisionPretrainConfig(steps=3, seed=0, image_size=32, batch_size=8, out=str(tmp_path / name),
+        cfg = mini_resnet.VisionPretrainConfig(steps=3, seed=0, image_size=32, batch_size=8, out=str(tmp_path / name),
                                             probe=False, fmnist_dir=str(fake_fmnist), eval_fractals=16, stats_sample=32)
-        return pretrain.pretrain_vision(cfg)
+        return mini_resnet.pretrain_vision(cfg)
 
     card = go("a")
     go("b")
-    a = vision.safe_load_state(tmp_path / "a" / "model.safetensors")
-    b = vision.safe_load_state(tmp_path / "b" / "model.safetensors")
+    a = network.safe_load_state(tmp_path / "a" / "model.safetensors")
+    b = network.safe_load_state(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same bytes
-    assert a["conv1.weight"].dtype == torch.float16 and a["fc.weight"].shape == (74 + pretrain.HUE_BINS, 512)
+    assert a["conv1.weight"].dtype == torch.float16 and a["fc.weight"].shape == (74 + mini_resnet.HUE_BINS, 512)
     assert card["steps"] == 3 and card["seed"] == 0 and "--steps 3 --seed 0" in card["command"]
     assert card["preprocessing"]["image_size"] == 32 and len(card["preprocessing"]["mean"]) == 3
     assert 0 <= card["test_accuracy"]["fashion_mnist_test"] <= 1
     assert json.loads((tmp_path / "a" / "model_card.json").read_text()) == card
     # usable as starting weights: the preprocessing comes from its card
     src = sources.Source("mini", "mini", "test", tmp_path / "a" / "model.safetensors")
-    model = vision.build_model("resnet18", 3, src)
+    model = network.build_model("resnet18", 3, src)
     assert torch.equal(model.conv1.weight.data, a["conv1.weight"].float())
-    pp = vision.preprocessing_for(src, None)
+    pp = preprocess.preprocessing_for(src, None)
     assert pp.image_size == 32 and pp.mean == card["preprocessing"]["mean"]
 
 
@@ -104,7 +107,7 @@ def test_cli_pretrain_bad_options(capsys):
 def test_bundled_mini_backbone_loads_fast_and_has_a_card():
     t = time.time()
     src = sources.resolve_vision("resnet18", "mini")
-    model = vision.build_model("resnet18", 5, src)
+    model = network.build_model("resnet18", 5, src)
     assert time.time() - t < 5  # about a second on an idle machine; generous for a busy one
     card = json.loads((sources.MINI_VISION / "model_card.json").read_text())
     for key in ("data", "classes", "steps", "seed", "preprocessing", "test_accuracy", "command", "transfer"):

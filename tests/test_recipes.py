@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import linear_probe, lrfind, recipes, vision
 from engine.__main__ import main
+from engine.core.errors import UserError
+from engine.train import recipes
+from engine.vision import config, finetune, inference, linear_probe, lrfind, network, preprocess
+from engine.vision.config import FinetuneConfig
 from tests.helpers import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = list(vision.STRATEGIES)
+STRATEGIES = list(config.STRATEGIES)
 
 
 # ----------------------------------------------------------------------------- the pure function
@@ -25,7 +28,7 @@ def test_every_strategy_gets_complete_valid_settings(strategy):
     for n in (8, 128, 5_000, 50_000):
         rec = recipes.vision_recipe(strategy, n, 4)
         assert set(rec.settings()) == set(recipes.RECIPE_FIELDS)
-        cfg = vision.FinetuneConfig(data="x", strategy=strategy, **rec.settings())
+        cfg = FinetuneConfig(data="x", strategy=strategy, **rec.settings())
         cfg.validate()  # the recipe's own output always passes the config's checks
         assert rec.steps >= 1 and rec.epochs >= 1
         assert all(isinstance(v, str) and v for v in rec.why.values())
@@ -49,7 +52,7 @@ def test_looks_grey_tells_grey_from_colour_images_and_plan_settings_uses_it(tmp_
     import numpy as np
     from PIL import Image
 
-    from engine import imagedata
+    from engine.data import imagedata
 
     colour = make_dataset(tmp_path / "colour", n_classes=2, n=6)
     grey = tmp_path / "grey"
@@ -64,7 +67,7 @@ def test_looks_grey_tells_grey_from_colour_images_and_plan_settings_uses_it(tmp_
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), "L").convert("RGB").save(noisy, quality=80)
     assert imagedata.looks_grey([noisy])
     monkeypatch.setattr(recipes, "FULL_MIN_STEPS", 1)  # 10 images: the minimum of steps would bind either way
-    plans = {name: vision.plan_settings(vision.FinetuneConfig(data=str(root), strategy="full"))
+    plans = {name: finetune.plan_settings(FinetuneConfig(data=str(root), strategy="full"))
              for name, root in (("colour", colour), ("grey", grey))}
     assert plans["grey"][1]["grey"] and not plans["colour"][1]["grey"]
     assert plans["grey"][0].epochs > plans["colour"][0].epochs
@@ -109,7 +112,7 @@ def test_bad_inputs_are_refused():
 
 
 def test_user_settings_win_and_the_rest_is_recorded_as_from_the_recipe():
-    cfg = vision.FinetuneConfig(data="x", strategy="full", lr=0.05, augment=[])
+    cfg = FinetuneConfig(data="x", strategy="full", lr=0.05, augment=[])
     filled, info = cfg.filled(128, 4, "mini")
     assert filled.lr == 0.05 and filled.augment == []
     rec = recipes.vision_recipe("full", 128, 4, fixed_features=True)
@@ -123,7 +126,7 @@ def test_user_settings_win_and_the_rest_is_recorded_as_from_the_recipe():
 RECIPE_KW = set(recipes.RECIPE_FIELDS)
 # settings that are deliberately fixed: the speed benchmark compares the project's loop with a naive
 # loop on identical settings, so it names them itself
-ALLOWED = {"engine/bench.py"}
+ALLOWED = {"engine/bench/speed.py"}
 
 
 def test_no_caller_types_its_own_training_defaults():
@@ -178,12 +181,12 @@ def test_cli_takes_its_defaults_from_the_recipe(sentinel, data, tmp_path, capsys
 
 
 def test_advisor_demo_tour_and_probe_leave_the_settings_to_the_recipe(sentinel, data):
-    from engine import advisor
+    from engine.lab import advisor
 
     for per_class, sim in ((10, 0.9), (500, 0.9), (10, 0.0), (500, 0.0)):
         adv = advisor.advise(per_class, sim)
         cfg = advisor.recommended_config(str(data), adv, weights="none", image_size=32)
-        filled, info = vision.plan_settings(cfg)
+        filled, info = finetune.plan_settings(cfg)
         if filled.optimizer != "lbfgs":
             assert filled.lr == 0.0123 and "lr" in info["from_recipe"], adv.scenario
     from engine import demo
@@ -202,10 +205,10 @@ def test_cli_and_page_produce_the_same_settings_for_the_same_dataset(tmp_path):
     table = at.dataframe[0].value
     page = dict(zip(table["setting"], table["value"]))
     assert set(table["from"]) == {"recipe"}
-    filled, _ = vision.plan_settings(vision.FinetuneConfig(data="tiny"))  # what `engine finetune --data tiny` trains with
+    filled, _ = finetune.plan_settings(FinetuneConfig(data="tiny"))  # what `engine finetune --data tiny` trains with
     for name, label in (("epochs", "Epochs"), ("batch_size", "Batch size"), ("lr", "Learning rate (head)"),
                         ("optimizer", "Optimiser"), ("schedule", "Schedule"), ("augment", "Augmentation")):
-        assert page[label] == vision.show_setting(name, getattr(filled, name)), name
+        assert page[label] == finetune.show_setting(name, getattr(filled, name)), name
     # a change on the form is marked as the user's
     lr_slider = next(s for s in at.select_slider if s.label == "Learning rate (head)")
     lr_slider.set_value(1e-2).run()
@@ -248,8 +251,8 @@ def test_weight_decay_is_chosen_by_cross_validation():
 
 
 def test_linear_strategy_trains_with_lbfgs_and_draws_its_curve(data, tmp_path):
-    cfg = vision.FinetuneConfig(data=str(data), weights="none", image_size=32, strategy="linear")
-    summary = vision.finetune(cfg, tmp_path / "run")
+    cfg = FinetuneConfig(data=str(data), weights="none", image_size=32, strategy="linear")
+    summary = finetune.finetune(cfg, tmp_path / "run")
     assert summary["settings"]["optimizer"] == "lbfgs" and summary["epochs_done"] == recipes.LINEAR_CHUNKS
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics) == recipes.LINEAR_CHUNKS
@@ -258,32 +261,33 @@ def test_linear_strategy_trains_with_lbfgs_and_draws_its_curve(data, tmp_path):
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["recipe"]["weight_decay_chosen"] in linear_probe.WEIGHT_DECAYS
     # the fitted layer predicts through the ordinary model
-    loaded = vision.load_model(tmp_path / "run")
+    loaded = inference.load_model(tmp_path / "run")
     assert loaded.model.fc.weight.shape == (3, 512)
 
 
 def test_lbfgs_refuses_what_it_cannot_fit():
-    with pytest.raises(vision.UserError, match="linear strategy"):
-        vision.FinetuneConfig(data="x", strategy="full", optimizer="lbfgs").validate()
-    with pytest.raises(vision.UserError, match="augmentation"):
-        vision.FinetuneConfig(data="x", strategy="linear", optimizer="lbfgs", augment=["flip"]).validate()
+    with pytest.raises(UserError, match="linear strategy"):
+        FinetuneConfig(data="x", strategy="full", optimizer="lbfgs").validate()
+    with pytest.raises(UserError, match="augmentation"):
+        FinetuneConfig(data="x", strategy="linear", optimizer="lbfgs", augment=["flip"]).validate()
 
 
 def test_batchnorm_reestimation_changes_only_the_statistics(data):
-    from engine import imagedata, sources
+    from engine.data import imagedata
+    from engine.models import sources
 
     td = imagedata.training_data(str(data))
     src = sources.resolve_vision("resnet18", "none")
-    pp = vision.preprocessing_for(src, 32)
-    model = vision.build_model("resnet18", 3, src, seed=0)
+    pp = preprocess.preprocessing_for(src, 32)
+    model = network.build_model("resnet18", 3, src, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = vision.load_images([p for p, _ in td.train], pp.resize)
-    vision.adapt_batchnorm(model, 5, images, pp, torch.device("cpu"))
+    images = preprocess.load_images([p for p, _ in td.train], pp.resize)
+    network.adapt_batchnorm(model, 5, images, pp, torch.device("cpu"))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("running_" in k or "num_batches" in k for k in changed)
-    x = vision.normalize(vision.center_crop(images, pp.image_size), pp)
-    feats = vision.forward_until(model.eval(), x, 1)  # the stem's BatchNorm now normalises these images
+    x = preprocess.normalize(preprocess.center_crop(images, pp.image_size), pp)
+    feats = network.forward_until(model.eval(), x, 1)  # the stem's BatchNorm now normalises these images
     with torch.no_grad():
         assert abs(float(model.bn1.running_mean.mean()) - float(model.conv1(x).mean())) < 1e-3
     assert feats.shape[0] == len(images)
@@ -291,9 +295,9 @@ def test_batchnorm_reestimation_changes_only_the_statistics(data):
 
 # ----------------------------------------------------------------------------- the learning-rate finder
 def test_lr_finder_suggests_a_finite_rate_and_writes_nothing(data, workspace_home):
-    from engine import runs
+    from engine.core import runs
 
-    cfg = vision.FinetuneConfig(data=str(data), weights="none", image_size=32, strategy="full")
+    cfg = FinetuneConfig(data=str(data), weights="none", image_size=32, strategy="full")
     res = lrfind.find_lr(cfg, steps=20)
     assert res["steps"] >= 3 and len(res["lrs"]) == len(res["losses"])
     assert 1e-6 <= res["suggestion"] <= 1.0 and res["lrs"] == sorted(res["lrs"])
@@ -318,7 +322,7 @@ def test_lr_finder_cli_refuses_bad_input(data, capsys):
 
 
 def test_the_lab_trains_with_the_recipe_books_comparison_settings(monkeypatch):
-    from engine import lab
+    from engine.lab import experiments
 
     seen = {}
     real = recipes.comparison_recipe
@@ -328,7 +332,7 @@ def test_the_lab_trains_with_the_recipe_books_comparison_settings(monkeypatch):
         return real(n_train, n_classes)
 
     monkeypatch.setattr(recipes, "comparison_recipe", spy)
-    rec = lab.arm_recipe(lab.Arm("a", "pretrained", "none"), 40, 4)
+    rec = experiments.arm_recipe(experiments.Arm("a", "pretrained", "none"), 40, 4)
     assert seen["called"] == (40, 4) and rec.optimizer == "sgd" and rec.lr == 0.01
 
 

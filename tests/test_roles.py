@@ -1,9 +1,10 @@
 """Sharing the app with a room: the presenter password, what an audience member may do, fair limits."""
 import pytest
-
-from engine import access, imagedata, jobs, runs
 from streamlit.testing.v1 import AppTest
 
+from engine import jobs
+from engine.core import access, runs
+from engine.data import imagedata
 from tests.helpers import make_page_dataset, open_page
 
 PASSWORD = "s3cret presenter"

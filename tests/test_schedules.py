@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from engine import schedules
+from engine.train import schedules
 
 
 def test_shapes():

@@ -6,17 +6,17 @@ import threading
 
 import pytest
 
-from engine import history, text, textgen
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.text import causal_lm, generation, history, text_files
 
 
 @pytest.fixture
 def lm(tiny_dir):
-    return text.load(str(tiny_dir))
+    return causal_lm.load(str(tiny_dir))
 
 
-def cfg(**kw) -> textgen.GenerationConfig:
-    return textgen.GenerationConfig(**{"max_new_tokens": 20, "seed": 1, **kw})
+def cfg(**kw) -> generation.GenerationConfig:
+    return generation.GenerationConfig(**{"max_new_tokens": 20, "seed": 1, **kw})
 
 
 def ids(gen) -> list[list[int]]:
@@ -27,22 +27,22 @@ def test_load_pads_with_eos_and_runs_in_eval_mode(lm):
     assert lm.tokenizer.pad_token_id == lm.eos_id
     assert lm.model.generation_config.pad_token_id == lm.eos_id
     assert not lm.model.training and lm.context == 64
-    assert text.load(lm.spec) is lm  # loaded once per process
+    assert causal_lm.load(lm.spec) is lm  # loaded once per process
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(UserError, match="could not load|not a causal"):
-        text.load(str(tmp_path / "broken"))
+        causal_lm.load(str(tmp_path / "broken"))
     with pytest.raises(UserError, match="no network"):
-        text.load("gpt2-medium")
+        causal_lm.load("gpt2-medium")
 
 
 def test_same_seed_same_text_other_seed_other_text(lm):
-    a = textgen.generate(lm, "the cat", cfg(num_return_sequences=3, seed=42))
-    b = textgen.generate(lm, "the cat", cfg(num_return_sequences=3, seed=42))
-    c = textgen.generate(lm, "the cat", cfg(num_return_sequences=3, seed=43))
+    a = generation.generate(lm, "the cat", cfg(num_return_sequences=3, seed=42))
+    b = generation.generate(lm, "the cat", cfg(num_return_sequences=3, seed=42))
+    c = generation.generate(lm, "the cat", cfg(num_return_sequences=3, seed=43))
     assert [s.text for s in a.samples] == [s.text for s in b.samples]
     assert ids(a) != ids(c)
     assert len({tuple(x) for x in ids(a)}) > 1  # the samples of one call differ from each other
@@ -50,9 +50,9 @@ def test_same_seed_same_text_other_seed_other_text(lm):
 
 
 def test_no_seed_picks_one_and_reports_it(lm):
-    gen = textgen.generate(lm, "the cat", cfg(seed=None))
+    gen = generation.generate(lm, "the cat", cfg(seed=None))
     assert isinstance(gen.seed, int) and gen.settings["seed"] == gen.seed
-    again = textgen.generate(lm, "the cat", textgen.GenerationConfig.from_dict(gen.settings))
+    again = generation.generate(lm, "the cat", generation.GenerationConfig.from_dict(gen.settings))
     assert ids(again) == ids(gen)
 
 
@@ -60,16 +60,16 @@ def test_seed_is_private_to_the_generation(lm):
     """Someone else drawing from torch's global RNG (a training job) must not change the text."""
     import torch
 
-    a = textgen.generate(lm, "the dog", cfg(seed=5))
+    a = generation.generate(lm, "the dog", cfg(seed=5))
     torch.manual_seed(123)
     torch.rand(1000)
-    b = textgen.generate(lm, "the dog", cfg(seed=5))
+    b = generation.generate(lm, "the dog", cfg(seed=5))
     assert ids(a) == ids(b)
 
 
 def test_greedy_ignores_the_seed(lm):
-    a = textgen.generate(lm, "the cat", cfg(temperature=0.0, seed=1))
-    b = textgen.generate(lm, "the cat", cfg(temperature=0.0, seed=2))
+    a = generation.generate(lm, "the cat", cfg(temperature=0.0, seed=1))
+    b = generation.generate(lm, "the cat", cfg(temperature=0.0, seed=2))
     assert ids(a) == ids(b)
 
 
@@ -82,8 +82,8 @@ def test_stop_event_ends_generation_early(lm):
         if len(seen) == 3:
             stop.set()
 
-    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3), stop_event=stop, on_token=on_token)
-    full = textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3))
+    gen = generation.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3), stop_event=stop, on_token=on_token)
+    full = generation.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3))
     assert gen.samples[0].finish == "stopped"
     assert len(gen.samples[0].token_ids) == 3 < len(full.samples[0].token_ids)
     assert gen.samples[0].token_ids == full.samples[0].token_ids[:3]
@@ -92,7 +92,7 @@ def test_stop_event_ends_generation_early(lm):
 def test_lean_forward_gives_the_hf_models_logits(lm):
     import torch
 
-    from engine.leangpt2 import LeanGPT2
+    from engine.text.leangpt2 import LeanGPT2
 
     model = lm.model.float()
     assert LeanGPT2.supports(model)
@@ -116,27 +116,27 @@ def test_lean_forward_gives_the_hf_models_logits(lm):
 def test_lean_and_hf_forwards_generate_the_same_text(lm, settings):
     lm.model.float()
     c = cfg(max_new_tokens=25, **settings)
-    lean = textgen._decode(lm, lm.tokenizer("the dog")["input_ids"], c, c.seed or 0, None, None, lean=True)
-    hf = textgen._decode(lm, lm.tokenizer("the dog")["input_ids"], c, c.seed or 0, None, None, lean=False)
+    lean = generation.decode_samples(lm, lm.tokenizer("the dog")["input_ids"], c, c.seed or 0, None, None, lean=True)
+    hf = generation.decode_samples(lm, lm.tokenizer("the dog")["input_ids"], c, c.seed or 0, None, None, lean=False)
     assert [s.token_ids for s in lean] == [s.token_ids for s in hf] and [s.finish for s in lean] == [s.finish for s in hf]
 
 
 def test_generation_time_limit_cuts_it_short_and_says_so(lm, monkeypatch):
     clock = iter(range(0, 10_000, 10))  # every look at the clock is 10 s later
-    monkeypatch.setattr(textgen.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(textgen, "MAX_GENERATION_SECONDS", 25)
-    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3, num_return_sequences=2))
+    monkeypatch.setattr(generation.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(generation, "MAX_GENERATION_SECONDS", 25)
+    gen = generation.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3, num_return_sequences=2))
     assert [s.finish for s in gen.samples] == ["time limit"] * 2
     assert 1 <= len(gen.samples[0].token_ids) < 50  # the text made before the limit is kept
-    monkeypatch.setattr(textgen, "MAX_GENERATION_SECONDS", 0)
-    assert len(textgen.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3)).samples[0].token_ids) == 1  # never nothing
+    monkeypatch.setattr(generation, "MAX_GENERATION_SECONDS", 0)
+    assert len(generation.generate(lm, "the cat", cfg(max_new_tokens=50, seed=3)).samples[0].token_ids) == 1  # never nothing
 
 
 def test_stream_yields_text_and_leaving_early_stops_the_backend(lm):
-    s = textgen.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
+    s = generation.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
     chunks = list(s)
     assert "".join(chunks) == s.result.samples[0].completion
-    early = textgen.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
+    early = generation.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=4))
     for _ in early:
         break  # the page went away (Stop button, rerun)
     early.thread.join(timeout=10)
@@ -146,19 +146,19 @@ def test_stream_yields_text_and_leaving_early_stops_the_backend(lm):
 
 
 def test_stream_reports_a_failed_worker(lm):
-    s = textgen.Stream(lm, "the cat", cfg())
+    s = generation.Stream(lm, "the cat", cfg())
     s.lm = None  # the worker will crash on its first line
     with pytest.raises(AttributeError):
         list(s)
 
 
 def test_stop_string_ends_a_sample_and_is_cut(lm):
-    full = textgen.generate(lm, "the cat", cfg(max_new_tokens=40, seed=9))
+    full = generation.generate(lm, "the cat", cfg(max_new_tokens=40, seed=9))
     toks = full.samples[0].token_ids
     # a stop string made of one generated token's text, some way into the output
     k = next(i for i in range(5, len(toks)) if lm.tokenizer.decode([toks[i]]).strip().isalpha())
     stop = lm.tokenizer.decode([toks[k]]).strip()
-    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=40, seed=9, stop=[stop]))
+    gen = generation.generate(lm, "the cat", cfg(max_new_tokens=40, seed=9, stop=[stop]))
     s = gen.samples[0]
     assert s.finish == "stop string"
     assert toks[: len(s.token_ids)] == s.token_ids and len(s.token_ids) <= k + 1
@@ -166,15 +166,15 @@ def test_stop_string_ends_a_sample_and_is_cut(lm):
 
 
 def test_no_repeat_ngram(lm):
-    gen = textgen.generate(lm, "the", cfg(max_new_tokens=60, no_repeat_ngram_size=2, temperature=0.0, repetition_penalty=1.0))
+    gen = generation.generate(lm, "the", cfg(max_new_tokens=60, no_repeat_ngram_size=2, temperature=0.0, repetition_penalty=1.0))
     seq = gen.prompt_ids + gen.samples[0].token_ids
     bigrams = list(zip(seq, seq[1:]))
     assert len(bigrams) == len(set(bigrams))
 
 
 def test_token_view_probabilities_and_perplexity(lm):
-    gen = textgen.generate(lm, "the cat sat", cfg(max_new_tokens=15, seed=2))
-    scores, ppl = textgen.token_view(lm, gen)
+    gen = generation.generate(lm, "the cat sat", cfg(max_new_tokens=15, seed=2))
+    scores, ppl = generation.token_view(lm, gen)
     assert len(scores) == len(gen.samples[0].token_ids)
     for s in scores:
         assert 0 < s.prob <= 1
@@ -188,12 +188,12 @@ def test_token_view_probabilities_and_perplexity(lm):
 def test_empty_prompt_is_refused(lm):
     for p in ("", "   \n"):
         with pytest.raises(UserError, match="prompt is empty"):
-            textgen.generate(lm, p, cfg())
+            generation.generate(lm, p, cfg())
 
 
 def test_long_prompt_keeps_its_last_tokens(lm):
     prompt = " ".join(["the cat sat on the mat"] * 40)
-    gen = textgen.generate(lm, prompt, cfg(max_new_tokens=10))
+    gen = generation.generate(lm, prompt, cfg(max_new_tokens=10))
     assert gen.prompt_notice and "kept its last 54 tokens" in gen.prompt_notice
     assert len(gen.prompt_ids) == 54 and gen.prompt_ids == lm.tokenizer(prompt)["input_ids"][-54:]
     assert len(gen.prompt_ids) + len(gen.samples[0].token_ids) <= lm.context
@@ -202,7 +202,7 @@ def test_long_prompt_keeps_its_last_tokens(lm):
 
 def test_a_short_prompt_is_kept_and_the_new_tokens_bounded_by_the_context(lm):
     # asking for as many new tokens as the context holds used to throw the prompt away
-    gen = textgen.generate(lm, "the cat", cfg(max_new_tokens=64, stop=[]), ignore_eos=True)
+    gen = generation.generate(lm, "the cat", cfg(max_new_tokens=64, stop=[]), ignore_eos=True)
     n_prompt = len(lm.tokenizer("the cat")["input_ids"])
     assert gen.prompt == "the cat" and len(gen.prompt_ids) == n_prompt
     assert len(gen.samples[0].token_ids) == lm.context - n_prompt
@@ -216,40 +216,40 @@ def test_a_short_prompt_is_kept_and_the_new_tokens_bounded_by_the_context(lm):
 ])
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(UserError):
-        textgen.GenerationConfig(**bad).validate()
+        generation.GenerationConfig(**bad).validate()
 
 
 def test_presets_are_valid_and_distinct():
-    for values in textgen.PRESETS.values():
-        textgen.GenerationConfig(**values).validate()
-    temps = [v["temperature"] for v in textgen.PRESETS.values()]
+    for values in generation.PRESETS.values():
+        generation.GenerationConfig(**values).validate()
+    temps = [v["temperature"] for v in generation.PRESETS.values()]
     assert temps == sorted(temps) and len(set(temps)) == 3
 
 
 def test_history_roundtrip(lm):
-    gen = textgen.generate(lm, "the cat", cfg(num_return_sequences=2))
+    gen = generation.generate(lm, "the cat", cfg(num_return_sequences=2))
     gid = history.save_generation("tiny", gen)
     row = history.get(gid)
     assert row["prompt"] == "the cat" and row["model"] == "tiny"
     assert row["outputs"] == [s.completion for s in gen.samples]
     assert row["settings"]["seed"] == gen.seed and row["stats"]["new_tokens"] == gen.new_tokens
     assert history.recent(5)[0]["id"] == gid
-    rerun = textgen.generate(lm, row["prompt"], textgen.GenerationConfig.from_dict(row["settings"]))
+    rerun = generation.generate(lm, row["prompt"], generation.GenerationConfig.from_dict(row["settings"]))
     assert [s.completion for s in rerun.samples] == row["outputs"]
 
 
 def test_decode_text_explains_bad_input():
-    assert text.decode_text("héllo\r\nworld".encode()) == "héllo\nworld"
-    assert text.decode_text(b"\xef\xbb\xbfbom") == "bom"
+    assert text_files.decode_text("héllo\r\nworld".encode()) == "héllo\nworld"
+    assert text_files.decode_text(b"\xef\xbb\xbfbom") == "bom"
     with pytest.raises(UserError, match=r"byte offset 3") as err:
-        text.decode_text(b"abc\xff\xfedef", "notes.txt")
+        text_files.decode_text(b"abc\xff\xfedef", "notes.txt")
     assert "notes.txt" in str(err.value) and "ff fe" in str(err.value)
     with pytest.raises(UserError, match="UTF-16"):
-        text.decode_text("hi".encode("utf-16"))
+        text_files.decode_text("hi".encode("utf-16"))
     with pytest.raises(UserError, match="empty"):
-        text.decode_text(b"  \n ")
+        text_files.decode_text(b"  \n ")
     with pytest.raises(UserError, match="limit"):
-        text.decode_text(b"a" * (text.MAX_TEXT_BYTES + 1))
+        text_files.decode_text(b"a" * (text_files.MAX_TEXT_BYTES + 1))
 
 
 def test_small_models_decode_on_one_thread(lm):
@@ -257,7 +257,7 @@ def test_small_models_decode_on_one_thread(lm):
 
     assert lm.threads == 1
     before = torch.get_num_threads()
-    textgen.generate(lm, "the cat", cfg(max_new_tokens=3))
+    generation.generate(lm, "the cat", cfg(max_new_tokens=3))
     assert torch.get_num_threads() == before  # restored for the caller
 
 
@@ -276,8 +276,8 @@ def test_ignore_eos_never_leaves_nothing_to_sample(lm):
             logits[..., 7] = 5.0
             return types.SimpleNamespace(logits=logits, cache=None)
 
-    fake = text.LM(EosLoves(), lm.tokenizer, "fake", "fake", lm.source, lm.device, torch.float32, "", lm.context, 1)
-    samples = textgen._decode(fake, [5, 6], cfg(max_new_tokens=4, top_p=0.05), 0, None, None, ignore_eos=True)
+    fake = causal_lm.LM(EosLoves(), lm.tokenizer, "fake", "fake", lm.source, lm.device, torch.float32, "", lm.context, 1)
+    samples = generation.decode_samples(fake, [5, 6], cfg(max_new_tokens=4, top_p=0.05), 0, None, None, ignore_eos=True)
     assert samples[0].token_ids == [7, 7, 7, 7]
-    ended = textgen._decode(fake, [5, 6], cfg(max_new_tokens=4, top_p=0.05), 0, None, None)
+    ended = generation.decode_samples(fake, [5, 6], cfg(max_new_tokens=4, top_p=0.05), 0, None, None)
     assert ended[0].token_ids == [] and ended[0].finish == "end of text"

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import jobs, lmtrain, runs, text
-from engine.errors import UserError
+from engine import jobs
+from engine.core import runs
+from engine.core.errors import UserError
+from engine.text import causal_lm, lm_finetune, text_files
 from tests.text_helpers import corpus
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "text_finetune.py")
@@ -27,31 +29,31 @@ def corpus_file(tmp_path):
     return path
 
 
-def config(tiny_dir, corpus_file, **kw) -> lmtrain.LMFinetuneConfig:
-    return lmtrain.LMFinetuneConfig(**{"texts": [str(corpus_file)], "model": str(tiny_dir), "epochs": 2, "lr": 3e-3,
+def config(tiny_dir, corpus_file, **kw) -> lm_finetune.LMFinetuneConfig:
+    return lm_finetune.LMFinetuneConfig(**{"texts": [str(corpus_file)], "model": str(tiny_dir), "epochs": 2, "lr": 3e-3,
                                        "block_size": 32, "batch_size": 8, "sample_tokens": 10, **kw})
 
 
 def test_finetune_lowers_perplexity_and_writes_a_loadable_model(tiny_dir, corpus_file, tmp_path):
-    out = lmtrain.finetune(config(tiny_dir, corpus_file), tmp_path / "run")
+    out = lm_finetune.finetune(config(tiny_dir, corpus_file), tmp_path / "run")
     assert math.isfinite(out["ppl_before"]) and math.isfinite(out["ppl_after"])
     assert out["ppl_after"] < out["ppl_before"] * 0.8
-    tuned = text.load(out["model_dir"])
+    tuned = causal_lm.load(out["model_dir"])
     assert tuned.name.startswith("tiny-lm") and "fine-tuned" in tuned.name
     # the held-out perplexity is reproducible from the saved model
     ids = tuned.tokenizer(corpus_file.read_text())["input_ids"]
-    _, val, block = lmtrain.split_tokens(ids, 0.1, 32)
-    assert text.perplexity(tuned.model, val, block) == pytest.approx(out["ppl_after"], rel=1e-3)
+    _, val, block = lm_finetune.split_tokens(ids, 0.1, 32)
+    assert causal_lm.perplexity(tuned.model, val, block) == pytest.approx(out["ppl_after"], rel=1e-3)
     assert out["sample_base"].startswith(out["sample_prompt"]) and out["sample_finetuned"].startswith(out["sample_prompt"])
-    z = lmtrain.export_zip(Path(out["model_dir"]))
+    z = lm_finetune.export_zip(Path(out["model_dir"]))
     names = {Path(n).name for n in zipfile.ZipFile(z).namelist()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "model_card.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
 
 
 def test_job_cancel_then_resume_matches_an_uninterrupted_run(tiny_dir, corpus_file, monkeypatch, tmp_path):
-    straight = lmtrain.finetune(config(tiny_dir, corpus_file, epochs=4), tmp_path / "straight")
-    monkeypatch.setattr(lmtrain, "CHECKPOINT_EVERY_S", 0.0)  # checkpoint every step
+    straight = lm_finetune.finetune(config(tiny_dir, corpus_file, epochs=4), tmp_path / "straight")
+    monkeypatch.setattr(lm_finetune, "CHECKPOINT_EVERY_S", 0.0)  # checkpoint every step
     m = jobs.get_manager()
     run_id = m.submit("lm-finetune", config(tiny_dir, corpus_file, epochs=4).__dict__, "cancel me", device="cpu")
     while (m.progress(run_id) or {}).get("step", 0) < 2:
@@ -65,21 +67,21 @@ def test_job_cancel_then_resume_matches_an_uninterrupted_run(tiny_dir, corpus_fi
     resumed = runs.get(run_id)["summary"]
     assert resumed["steps"] == straight["steps"]
     assert resumed["ppl_after"] == pytest.approx(straight["ppl_after"], rel=1e-4)
-    assert str(runs.run_dir(run_id) / "model") in text.model_choices()
+    assert str(runs.run_dir(run_id) / "model") in causal_lm.model_choices()
 
 
 def test_text_input_is_validated(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="byte offset 2"):
-        lmtrain.save_corpus(b"ok\xc3\x28 broken", "bad.txt")
+        lm_finetune.save_corpus(b"ok\xc3\x28 broken", "bad.txt")
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(UserError, match="at least 32 tokens"):
-        lmtrain.finetune(lmtrain.LMFinetuneConfig(texts=[str(short)], model=str(tiny_dir)), tmp_path / "r")
+        lm_finetune.finetune(lm_finetune.LMFinetuneConfig(texts=[str(short)], model=str(tiny_dir)), tmp_path / "r")
     with pytest.raises(UserError, match="epochs"):
-        lmtrain.LMFinetuneConfig(texts=["x"], epochs=0).validate()
+        lm_finetune.LMFinetuneConfig(texts=["x"], epochs=0).validate()
     with pytest.raises(UserError, match="no text"):
-        lmtrain.LMFinetuneConfig().validate()
-    p = lmtrain.save_corpus("héllo wörld".encode(), "good.txt")
+        lm_finetune.LMFinetuneConfig().validate()
+    p = lm_finetune.save_corpus("héllo wörld".encode(), "good.txt")
     assert p.read_text() == "héllo wörld" and p.parent.name == "text"
 
 
@@ -108,7 +110,7 @@ def test_page_trains_and_shows_before_after(tiny_as_mini):
 def test_the_uploader_enforces_the_limit_its_label_states(tiny_as_mini):
     at = AppTest.from_file(PAGE, default_timeout=60).run()
     up = at.get("file_uploader")[0]
-    mb = text.MAX_TEXT_BYTES // 2**20
+    mb = text_files.MAX_TEXT_BYTES // 2**20
     assert f"up to {mb} MB each" in up.proto.label
     assert up.proto.max_upload_size_mb == mb  # the browser refuses larger files with the same number
 

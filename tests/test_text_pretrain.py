@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import pretrain, text, textgen
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.pretrain import mini_gpt2
+from engine.text import causal_lm, generation
 from tests.text_helpers import corpus
 
 
@@ -22,31 +23,31 @@ def fake_fortunes(folder):
     return folder
 
 
-def tiny_cfg(tmp_path, **kw) -> pretrain.TextPretrainConfig:
-    return pretrain.TextPretrainConfig(**{
+def tiny_cfg(tmp_path, **kw) -> mini_gpt2.TextPretrainConfig:
+    return mini_gpt2.TextPretrainConfig(**{
         "out": tmp_path / "mini", "data_dir": tmp_path / "fortunes", "state_dir": tmp_path / "state", "steps": 6,
         "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 300, "block_size": 48, "batch_size": 4,
         "warmup": 2, "eval_every": 3, "val_fraction": 0.1, **kw})
 
 
 def test_clean_fortune():
-    assert pretrain.clean_fortune("Hello\n  wrapped\tline.\n\n\t\t-- Mark Twain\n") == "Hello wrapped line.\n-- Mark Twain"
-    assert pretrain.clean_fortune("_\bb_\bo_\bl_\bd text here") == "bold text here"
-    assert pretrain.clean_fortune("  /\\_/\\  \n ( o.o ) \n  > ^ <") is None  # a picture
-    assert pretrain.clean_fortune("hi") is None
+    assert mini_gpt2.clean_fortune("Hello\n  wrapped\tline.\n\n\t\t-- Mark Twain\n") == "Hello wrapped line.\n-- Mark Twain"
+    assert mini_gpt2.clean_fortune("_\bb_\bo_\bl_\bd text here") == "bold text here"
+    assert mini_gpt2.clean_fortune("  /\\_/\\  \n ( o.o ) \n  > ^ <") is None  # a picture
+    assert mini_gpt2.clean_fortune("hi") is None
 
 
 def test_missing_fortunes_says_how_to_install(tmp_path):
     with pytest.raises(UserError, match="apt-get install fortunes"):
-        pretrain.load_fortunes(tmp_path / "nope")
+        mini_gpt2.load_fortunes(tmp_path / "nope")
 
 
 def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_path):
     fake_fortunes(tmp_path / "fortunes")
-    fortunes, files = pretrain.load_fortunes(tmp_path / "fortunes")
+    fortunes, files = mini_gpt2.load_fortunes(tmp_path / "fortunes")
     assert files == ["people", "wisdom"] and len(fortunes) == 301  # no .dat, no ascii-art, no picture
 
-    card = pretrain.pretrain_text(tiny_cfg(tmp_path))
+    card = mini_gpt2.pretrain_text(tiny_cfg(tmp_path))
     out = tmp_path / "mini"
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "model_card.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "model_card.json").read_text()) == card
@@ -54,18 +55,18 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
     assert card["command"] == "python -m engine pretrain text --steps 6 --seed 1337"
     assert card["metrics"]["val_perplexity"] > 1 and card["sample"]["text"].startswith("The meaning of life is")
     assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
-    lm = text.load(str(out))
+    lm = causal_lm.load(str(out))
     assert lm.eos_id == 0 and lm.context == 48
-    assert textgen.generate(lm, "the cat", textgen.GenerationConfig(max_new_tokens=5, seed=0)).samples
+    assert generation.generate(lm, "the cat", generation.GenerationConfig(max_new_tokens=5, seed=0)).samples
 
     # 3 steps, then --resume to 6: the same weights as 6 steps straight
     straight = load_file(str(out / "model.safetensors"))
     cfg = tiny_cfg(tmp_path, out=tmp_path / "mini2", state_dir=tmp_path / "state2", steps=3)
-    pretrain.pretrain_text(cfg)
+    mini_gpt2.pretrain_text(cfg)
     state = json.loads((tmp_path / "state2" / "state.json").read_text())
     state["max_steps"] = 6  # as if the 6-step run had been interrupted at step 3
     (tmp_path / "state2" / "state.json").write_text(json.dumps(state))
-    resumed_card = pretrain.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "mini2", state_dir=tmp_path / "state2", steps=None), resume=True)
+    resumed_card = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "mini2", state_dir=tmp_path / "state2", steps=None), resume=True)
     assert resumed_card["training"]["steps"] == 6
     resumed = load_file(str(tmp_path / "mini2" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

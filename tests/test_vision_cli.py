@@ -8,8 +8,9 @@ import zipfile
 
 import pytest
 
-from engine import vision
 from engine.__main__ import main
+from engine.models import sources
+from engine.vision import config
 from tests.helpers import make_dataset
 
 
@@ -34,9 +35,9 @@ def test_cli_choices_match_the_engine():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
     choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
-    assert choices["strategy"] == tuple(vision.STRATEGIES)
-    assert choices["optimizer"] == vision.OPTIMIZERS and choices["schedule"] == vision.SCHEDULES
-    assert choices["model"] == vision.sources.VISION_ARCHS
+    assert choices["strategy"] == tuple(config.STRATEGIES)
+    assert choices["optimizer"] == config.OPTIMIZERS and choices["schedule"] == config.SCHEDULES
+    assert choices["model"] == sources.VISION_ARCHS
 
 
 def test_finetune_predict_export_import(data, tmp_path, capsys):
@@ -143,7 +144,7 @@ def test_bench_finetune_smoke(capsys, workspace_home):
 
 def test_cli_options_come_from_the_config_fields_and_load_no_torch():
     from engine.__main__ import RUN_FIELDS, TRAIN_FIELDS, build_parser
-    from engine.finetune_config import FinetuneConfig
+    from engine.vision.config import FinetuneConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
     by_dest = {a.dest: a for a in sub._actions}

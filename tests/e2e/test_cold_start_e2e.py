@@ -21,7 +21,7 @@ new MutationObserver(() => {
   });
 }).observe(document, {subtree: true, childList: true, characterData: true});
 """
-SEED = ("from engine import imagedata; from tests.imgs import png; imagedata.create_dataset('Colours'); "
+SEED = ("from engine.data import imagedata; from tests.imgs import png; imagedata.create_dataset('Colours'); "
         "imagedata.add_images('Colours', 'red', [('a.png', png((200, 20, 20), (48, 48), seed=9))])")
 
 

@@ -8,12 +8,15 @@ from tests.e2e.conftest import fresh_page, screenshot, streamlit_server, tall_sc
 
 
 def test_map_heatmap_and_filters(browser, workspace_home, tmp_path):
-    from engine import sample, sources, vision
+    from engine.data import sample
+    from engine.models import sources
+    from engine.vision import export, finetune
+    from engine.vision.config import FinetuneConfig
 
     workspace_home.mkdir(parents=True, exist_ok=True)
     dataset = sample.load_sample()["dataset"]
-    vision.finetune(vision.FinetuneConfig(data=dataset, strategy="linear"), tmp_path / "run")
-    vision.import_model(vision.export_run(tmp_path / "run", tmp_path / "model.zip", onnx=False))  # a model for Predict
+    finetune.finetune(FinetuneConfig(data=dataset, strategy="linear"), tmp_path / "run")
+    export.import_model(export.export_run(tmp_path / "run", tmp_path / "model.zip", onnx=False))  # a model for Predict
     photo = sorted((sources.ASSETS / "sample" / "apple").iterdir())[0]
     with streamlit_server(workspace_home, "explain-server.log") as url:
         with fresh_page(browser) as page:

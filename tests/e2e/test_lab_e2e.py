@@ -4,9 +4,8 @@ import re
 from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
 
 
-
 def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch):
-    from engine import sample
+    from engine.data import sample
 
     monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(app_workspace))  # the server's workspace
     sample.load_sample()

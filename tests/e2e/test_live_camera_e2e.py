@@ -9,12 +9,15 @@ from tests.e2e.fake_camera import write_y4m
 
 
 def test_live_predictions_follow_the_camera(browser, workspace_home, tmp_path):
-    from engine import sample, sources, vision
+    from engine.data import sample
+    from engine.models import sources
+    from engine.vision import export, finetune
+    from engine.vision.config import FinetuneConfig
 
     workspace_home.mkdir(parents=True, exist_ok=True)
     dataset = sample.load_sample()["dataset"]
-    vision.finetune(vision.FinetuneConfig(data=dataset, strategy="linear"), tmp_path / "run")
-    vision.import_model(vision.export_run(tmp_path / "run", tmp_path / "model.zip", onnx=False))
+    finetune.finetune(FinetuneConfig(data=dataset, strategy="linear"), tmp_path / "run")
+    export.import_model(export.export_run(tmp_path / "run", tmp_path / "model.zip", onnx=False))
     video = write_y4m([sorted((sources.ASSETS / "sample" / c).iterdir())[0] for c in ("apple", "banana")], tmp_path / "camera.y4m")
     camera = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={video}",
               "--disable-features=WebRtcHideLocalIpsWithMdns"]  # (host candidates by address: nothing to resolve offline)

@@ -1,7 +1,9 @@
 """The shareable report opens from disk in Chromium with the network off, and its charts render."""
 import json
 
-from engine import report, vision
+from engine import report
+from engine.vision import finetune
+from engine.vision.config import FinetuneConfig
 from tests.e2e.conftest import ARTIFACTS
 from tests.imgs import class_folder
 
@@ -9,7 +11,7 @@ from tests.imgs import class_folder
 def test_report_renders_offline_with_the_runs_numbers(browser, tmp_path):
     data = class_folder(tmp_path / "data", n=6)
     run_dir = tmp_path / "run"
-    vision.finetune(vision.FinetuneConfig(data=str(data), weights="none", epochs=2, image_size=32), run_dir)
+    finetune.finetune(FinetuneConfig(data=str(data), weights="none", epochs=2, image_size=32), run_dir)
     out = report.write_report(run_dir, tmp_path / "report.html")
     text = out.read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,6 +1,9 @@
 """Presentation mode: every step of the guided tour renders, fits a 1280x720 projector without
 scrolling (with a finished run and a Lab comparison to show), and the mode survives navigation."""
-from engine import demo, jobs, lab, runs, sample
+from engine import demo, jobs
+from engine.core import runs
+from engine.data import sample
+from engine.lab import experiments
 from pages.tour import STEPS
 from tests.e2e.conftest import screenshot, streamlit_server, wait_for_idle
 
@@ -17,7 +20,7 @@ def _seed(workspace, monkeypatch) -> None:
     """What the tour shows: the sample, a short fine-tuning run and a short pretrained-vs-scratch comparison."""
     monkeypatch.setenv("TRANSFER_STUDIO_HOME", str(workspace))
     demo.prepare(epochs=3, generations=False, lab=False)
-    run_id = lab.submit(lab.LabConfig("compare", data=sample.SAMPLE_NAME, epochs=3, seeds=1), jobs.get_manager())
+    run_id = experiments.submit(experiments.LabConfig("compare", data=sample.SAMPLE_NAME, epochs=3, seeds=1), jobs.get_manager())
     assert jobs.get_manager().wait(run_id, timeout=600) == "done", runs.get(run_id)["error"]
 
 

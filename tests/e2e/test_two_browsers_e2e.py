@@ -7,7 +7,8 @@ from urllib.parse import parse_qs, urlparse
 
 from playwright.sync_api import expect
 
-from engine import recipes, runs
+from engine.core import runs
+from engine.train import recipes
 from tests.e2e.conftest import open_generate, screenshot, wait_for_idle
 from tests.imgs import png, zip_bytes
 

@@ -3,7 +3,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from engine import recipes
+from engine.train import recipes
 from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
 
 ROOT = Path(__file__).resolve().parents[2]

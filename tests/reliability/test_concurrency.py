@@ -4,7 +4,9 @@ import threading
 import time
 from pathlib import Path
 
-from engine import jobs, runs, text, textgen
+from engine import jobs
+from engine.core import runs
+from engine.text import causal_lm, generation
 from tests.imgs import class_folder
 
 
@@ -28,9 +30,9 @@ def test_two_sessions_train_and_generate_at_once(tmp_path, tiny_dir):  # noqa: F
     assert not errors and len(ids) == 2
 
     # generation answers while the worker trains (it does not go through the job queue)
-    lm = text.load(str(tiny_dir))
+    lm = causal_lm.load(str(tiny_dir))
     t0 = time.time()
-    gen = textgen.generate(lm, "the cat", textgen.GenerationConfig(max_new_tokens=8, seed=1))
+    gen = generation.generate(lm, "the cat", generation.GenerationConfig(max_new_tokens=8, seed=1))
     assert gen.samples[0].token_ids and time.time() - t0 < 60
     assert any(runs.get(i)["status"] in ("queued", "running") for i in ids.values()), "generation ran during training"
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import imagedata
 from engine.__main__ import build_parser
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.data import imagedata
 from tests.imgs import png, zip_bytes
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import lmtrain, text, textgen
-from engine.errors import UserError
+from engine.core.errors import UserError
+from engine.text import causal_lm, generation, lm_finetune, text_files
 from tests.text_helpers import make_tiny_lm
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -19,7 +19,7 @@ SAMPLE = "The cat sat on the mat.\r\nCafé, naïve — 日本語 🐈\n".encode(
 
 def _decoded_or_reason(data: bytes, name: str = "text") -> str | None:
     try:
-        out = text.decode_text(data, name)
+        out = text_files.decode_text(data, name)
     except UserError as err:
         assert str(err).strip()
         return None
@@ -49,29 +49,29 @@ def test_mutated_and_foreign_encodings_are_text_or_a_reason(edits, cut, encoding
 @given(st.text(max_size=300), st.text(max_size=80))
 def test_any_text_and_any_name_is_stored_inside_the_workspace(workspace_home, body, name):
     try:
-        path = lmtrain.save_corpus(body.encode("utf-8", errors="surrogatepass"), name)
+        path = lm_finetune.save_corpus(body.encode("utf-8", errors="surrogatepass"), name)
     except UserError as err:
         assert str(err).strip()
         return
     assert path.resolve().parent == (workspace_home / "text").resolve() and len(path.stem) == 16
-    assert text.decode_text(path.read_bytes()) == path.read_bytes().decode()
+    assert text_files.decode_text(path.read_bytes()) == path.read_bytes().decode()
 
 
 def test_the_size_limit_is_checked_before_decoding():
     with pytest.raises(UserError, match="the limit is 5 MB"):
-        text.decode_text(b"\xff" * (text.MAX_TEXT_BYTES + 1), "big.txt")
+        text_files.decode_text(b"\xff" * (text_files.MAX_TEXT_BYTES + 1), "big.txt")
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    return text.load(str(make_tiny_lm(tmp_path_factory.mktemp("lm"))))
+    return causal_lm.load(str(make_tiny_lm(tmp_path_factory.mktemp("lm"))))
 
 
 @FUZZ
 @given(st.text(max_size=400), st.integers(1, 80))
 def test_any_prompt_is_encoded_to_fit_or_refused_with_a_reason(tiny_lm, prompt, max_new):
     try:
-        p = text.encode_prompt(tiny_lm, prompt, max_new)
+        p = causal_lm.encode_prompt(tiny_lm, prompt, max_new)
     except UserError as err:
         assert str(err).strip()
         return
@@ -91,11 +91,11 @@ GEN_KEYS = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penal
 def test_generation_settings_from_anywhere_validate_or_say_why(d):
     # settings come from widgets, the CLI and the history table (JSON): any type may arrive
     try:
-        cfg = textgen.GenerationConfig.from_dict(d).validate()
+        cfg = generation.GenerationConfig.from_dict(d).validate()
     except UserError as err:
         assert str(err).strip()
         return
-    assert 1 <= cfg.max_new_tokens <= textgen.MAX_NEW_TOKENS and 0 <= cfg.temperature <= 5 and math.isfinite(cfg.top_p)
+    assert 1 <= cfg.max_new_tokens <= generation.MAX_NEW_TOKENS and 0 <= cfg.temperature <= 5 and math.isfinite(cfg.top_p)
 
 
 LM_KEYS = ["epochs", "lr", "block_size", "batch_size", "val_fraction", "model", "seed", "texts", "sample_tokens", "sample_prompt"]
@@ -105,7 +105,7 @@ LM_KEYS = ["epochs", "lr", "block_size", "batch_size", "val_fraction", "model", 
 @given(st.dictionaries(st.sampled_from(LM_KEYS), JSONISH, max_size=5))
 def test_text_finetune_settings_validate_or_say_why(d):
     try:
-        cfg = lmtrain.LMFinetuneConfig.from_dict({"texts": ["x.txt"], **d}).validate()
+        cfg = lm_finetune.LMFinetuneConfig.from_dict({"texts": ["x.txt"], **d}).validate()
     except UserError as err:
         assert str(err).strip()
         return

@@ -8,8 +8,10 @@ import zipfile
 import pytest
 from PIL import Image
 
-from engine import imagedata, vision, workspace
-from engine.errors import UserError
+from engine.core import workspace
+from engine.core.errors import UserError
+from engine.data import imagedata
+from engine.vision import export, network
 from tests.imgs import png
 
 MARKER = "hostile-payload-ran"
@@ -35,10 +37,10 @@ def test_pickle_checkpoint_never_runs(tmp_path, suffix):
     marker = tmp_path / MARKER
     f = _pickle_file(tmp_path / f"model{suffix}", marker)
     with pytest.raises(UserError):
-        vision.safe_load_state(f) if suffix != ".zip" else vision.import_model(f)
+        network.safe_load_state(f) if suffix != ".zip" else export.import_model(f)
     if suffix != ".zip":
         with pytest.raises(UserError):
-            vision.import_model(f)
+            export.import_model(f)
     assert not marker.exists()
 
 
@@ -60,7 +62,7 @@ def test_lying_safetensors_headers_are_refused(tmp_path, blob):
     f = tmp_path / "w.safetensors"
     f.write_bytes(blob)
     with pytest.raises(UserError):
-        vision.safe_load_state(f)
+        network.safe_load_state(f)
 
 
 def test_polyglot_image_is_stored_re_encoded(workspace_home):

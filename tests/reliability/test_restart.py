@@ -8,15 +8,18 @@ import sys
 import textwrap
 import time
 
-from engine import imagedata, jobs, runs, workspace
+from engine import jobs
+from engine.core import runs, workspace
+from engine.data import imagedata
 from tests.imgs import class_folder
 
 EPOCHS = 8
 
 CHILD = textwrap.dedent(f"""
     import sys, time
-    from engine import jobs, vision
-    vision.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch: tiny epochs would otherwise all finish before the first
+    from engine import jobs
+    from engine.vision import finetune
+    finetune.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch: tiny epochs would otherwise all finish before the first
     cfg = dict(data=sys.argv[1], weights="none", strategy="full", epochs={EPOCHS}, batch_size=8, image_size=32, lr=0.01)
     run_id = jobs.get_manager().submit("finetune", cfg, "killed mid-run", device="cpu")
     print(run_id, flush=True)

@@ -1,0 +1,1 @@
+"""Benchmarks: ratios measured in one run (speed, recipes, browser load), written to BENCHMARKS.md."""

@@ -1,0 +1,247 @@
+"""`python -m engine bench load`: many real browser sessions at once against one running app.
+
+N Playwright contexts in one headless Chromium (each its own Streamlit session, as N phones would
+be) loop for S seconds through: open the Generate page -> generate 40 tokens with the bundled mini
+model -> open Predict -> upload a sample image -> see its prediction. Timed from the click (or the
+upload) to the result on screen. Meanwhile a fine-tuning job runs on the same machine, and the
+server's resident memory is sampled; the whole load runs twice on the same server, so growth from
+the first to the second shows up.
+
+The server is started here with its own workspace (the sample dataset and one quick linear run, so
+Predict has a model), offline, with no presenter password (visitor limits are the roles' business,
+measured without them here).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from engine.bench import speed
+from engine.core import workspace
+
+ROOT = workspace.PROJECT
+TOKENS = 40
+HEAD = "## Load: many browser sessions on one server"
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB (Linux /proc)."""
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+class MemoryWatch:
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, _rss_mb(self.pid))
+            time.sleep(0.5)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+async def _visitor(browser, url: str, images: list[Path], seconds: float, record: dict) -> None:
+    context = await browser.new_context(viewport={"width": 1200, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(60_000)
+    i = 0
+    try:
+        try:
+            await page.goto(f"{url}/generate", timeout=180_000)
+            await _idle(page, 180_000)
+            await page.get_by_text("Sampling controls").click(timeout=180_000)  # the expander holding the slider
+            slider = page.get_by_role("slider", name="Max new tokens")
+            await slider.wait_for()
+            await slider.focus()
+            await slider.press("Home")  # the slider by keyboard, as a person with a keyboard would: 1, then up to TOKENS
+            for _ in range(TOKENS - 1):
+                await slider.press("ArrowRight")
+            await _idle(page)
+        except Exception as err:  # noqa: BLE001 - a visitor who never got the page is an error, not a crash
+            record["errors"].append(f"open: {type(err).__name__}")
+            return
+        until = time.monotonic() + seconds  # the visitor's clock starts once the page is ready
+        while time.monotonic() < until:
+            # generate: click -> a new result caption (every generation draws a fresh seed)
+            try:
+                result = page.get_by_text(re.compile(r"tokens/s · \d+ new tokens"))
+                old = await result.inner_text() if await result.count() else ""
+                t = time.perf_counter()
+                await page.get_by_role("button", name="Generate", exact=True).click()
+                await page.wait_for_function(
+                    "old => [...document.querySelectorAll('[data-testid=stCaptionContainer]')]"
+                    ".some(e => e.innerText.includes('new tokens') && e.innerText !== old)", arg=old, timeout=60_000)
+                record["generate"].append(time.perf_counter() - t)
+            except Exception as err:  # noqa: BLE001 - every failure is counted, the visitor carries on
+                record["errors"].append(f"generate: {type(err).__name__}")
+            # predict: open the page, upload an image -> its top class on screen
+            try:
+                await page.goto(f"{url}/predict")
+                await _idle(page)
+                image = images[i % len(images)]
+                i += 1
+                t = time.perf_counter()
+                await page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(image))
+                await page.get_by_text(image.name).first.wait_for(timeout=60_000)
+                await page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=60_000)
+                record["predict"].append(time.perf_counter() - t)
+                if await page.get_by_text("Something went wrong").count():
+                    record["errors"].append("predict: the page reported an error")
+            except Exception as err:  # noqa: BLE001
+                record["errors"].append(f"predict: {type(err).__name__}")
+            await page.goto(f"{url}/generate")
+            await _idle(page)
+    finally:
+        await context.close()
+
+
+async def _idle(page, timeout: float = 60_000) -> None:
+    await page.wait_for_selector("[data-testid='stApp']", timeout=timeout)
+    await page.wait_for_function(
+        "() => !document.querySelector(\"[data-testid='stStatusWidget']\")"
+        " || !document.querySelector(\"[data-testid='stStatusWidget']\").innerText.includes('Running')", timeout=timeout)
+
+
+async def _load(url: str, sessions: int, seconds: float, images: list[Path], chromium: str, warm_up: bool) -> dict:
+    from playwright.async_api import async_playwright
+
+    record = {"generate": [], "predict": [], "errors": []}
+    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        if warm_up:  # the server's first visitor imports torch and loads the models: not what the load measures
+            await _visitor(browser, url, images, 0.1, {"generate": [], "predict": [], "errors": []})
+
+        async def arrive(n: int) -> None:  # a room does not join in the same millisecond: one visitor every 0.5 s
+            await asyncio.sleep(0.5 * n)
+            await _visitor(browser, url, images, seconds, record)
+
+        await asyncio.gather(*[arrive(n) for n in range(sessions)])
+        await browser.close()
+    return record
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    return round(statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1], 2) if len(xs) > 1 else round(xs[0], 2)
+
+
+def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train: bool = True) -> dict:
+    chromium = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TRANSFER_STUDIO_HOME": str(Path(tmp) / "ws"), "TRANSFER_STUDIO_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+        env.pop("TRANSFER_STUDIO_PRESENTER_PASSWORD", None)
+        run = lambda *a: subprocess.run([sys.executable, "-m", "engine", *a], env=env, check=True, capture_output=True)  # noqa: E731
+        run("demo", "--no-lab")  # the sample dataset, a finished run for Predict, a few generations
+        images = sorted(p for p in (ROOT / "assets" / "sample").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[::7]
+        port = speed.free_port()
+        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                                   "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        results = []
+        try:
+            for _ in range(120):
+                try:
+                    urllib.request.urlopen(url + "/_stcore/health", timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            trainer, t_train = None, time.perf_counter()
+            if train:  # a fine-tuning job on the same machine all along (the full strategy on the sample)
+                trainer = subprocess.Popen([sys.executable, "-m", "engine", "finetune", "--data", "Fruit (sample)", "--strategy", "full",
+                                            "--out", str(Path(tmp) / "train")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for r in range(rounds):
+                with MemoryWatch(server.pid) as mem:
+                    t = time.perf_counter()
+                    rec = asyncio.run(_load(url, sessions, seconds, images, chromium, warm_up=r == 0))
+                    wall = time.perf_counter() - t
+                results.append({"round": r + 1, "sessions": sessions, "seconds": round(wall, 1),
+                                "generations": len(rec["generate"]), "predictions": len(rec["predict"]),
+                                "errors": len(rec["errors"]), "error_kinds": sorted(set(rec["errors"])),
+                                "generate_p50_s": _pct(rec["generate"], 50), "generate_p95_s": _pct(rec["generate"], 95),
+                                "predict_p50_s": _pct(rec["predict"], 50), "predict_p95_s": _pct(rec["predict"], 95),
+                                "server_peak_mb": round(mem.peak, 1)})
+            training = None
+            if trainer is not None:
+                code = trainer.wait(timeout=1800)
+                training = {"exit_code": code, "seconds": round(time.perf_counter() - t_train, 1),
+                            "error": trainer.stderr.read().decode()[-300:] if code else ""}
+        finally:
+            server.terminate()
+            server.wait(10)
+    return {"sessions": sessions, "seconds": seconds, "tokens": TOKENS, "rounds": results, "training_job": training,
+            "memory_growth_mb": round(results[-1]["server_peak_mb"] - results[0]["server_peak_mb"], 1) if len(results) > 1 else None}
+
+
+def format_load(r: dict) -> str:
+    lines = [f"{r['sessions']} browser sessions for {r['seconds']:.0f} s, generate {r['tokens']} tokens + predict, per round:"]
+    for x in r["rounds"]:
+        lines.append(f"  round {x['round']}: {x['generations']} generations, {x['predictions']} predictions, {x['errors']} errors "
+                     f"{x['error_kinds'] or ''}; generate p50 {x['generate_p50_s']} s p95 {x['generate_p95_s']} s; "
+                     f"predict p50 {x['predict_p50_s']} s p95 {x['predict_p95_s']} s; server peak {x['server_peak_mb']} MB")
+    if r["memory_growth_mb"] is not None:
+        lines.append(f"  server memory, round 2 vs round 1 peak: {r['memory_growth_mb']:+.1f} MB")
+    if r["training_job"]:
+        t = r["training_job"]
+        lines.append(f"  training job meanwhile: {'finished' if t['exit_code'] == 0 else 'FAILED ' + t['error']} in {t['seconds']} s")
+    return "\n".join(lines)
+
+
+def write_markdown(r: dict, path: Path | None = None) -> Path:
+    """Replace (or add) the load section of BENCHMARKS.md."""
+
+    rows = ["| round | sessions | generations | predictions | errors | generate p50 / p95 | predict p50 / p95 | server peak memory |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {x['round']} | {x['sessions']} | {x['generations']} | {x['predictions']} | {x['errors']} | "
+             f"{x['generate_p50_s']} / {x['generate_p95_s']} s | {x['predict_p50_s']} / {x['predict_p95_s']} s | {x['server_peak_mb']} MB |"
+             for x in r["rounds"]]
+    last = r["rounds"][-1]
+    t = r["training_job"]
+    goals = [("10 sessions for 60 s, 0 errors", f"{r['sessions']} sessions, {r['seconds']:.0f} s, {sum(x['errors'] for x in r['rounds'])} errors",
+              r["sessions"] >= 10 and r["seconds"] >= 60 and all(x["errors"] == 0 for x in r["rounds"])),
+             (f"generation of {r['tokens']} tokens p95 < 5 s", f"{last['generate_p95_s']} s", (last["generate_p95_s"] or 99) < 5),
+             ("memory bounded (no growth in a second round)", f"{r['memory_growth_mb']:+.1f} MB" if r["memory_growth_mb"] is not None else "-",
+              r["memory_growth_mb"] is not None and r["memory_growth_mb"] < 100),
+             ("a training job meanwhile finishes", (f"finished in {t['seconds']} s" if t and t["exit_code"] == 0 else "no") if t else "not run",
+              bool(t and t["exit_code"] == 0))]
+    body = "\n".join([HEAD, "", f"`python -m engine bench load --sessions {r['sessions']} --seconds {r['seconds']:.0f}`: real Chromium "
+                      f"sessions (Playwright contexts) on one `streamlit run` server, each looping open Generate -> generate "
+                      f"{r['tokens']} tokens (bundled mini GPT-2) -> open Predict -> upload a sample image -> its prediction; times "
+                      "from the click or upload to the result on screen. A fine-tuning job (`full` on the sample) runs on the same "
+                      "machine meanwhile. The load runs twice on the same server.", "", *rows, "",
+                      "| goal | measured | met |", "|---|---|---|", *[f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in goals]])
+    return speed.replace_section(path or ROOT / "BENCHMARKS.md", HEAD, body)

@@ -1,0 +1,1 @@
+"""The Transfer Lab: experiments that show what pretraining buys, the strategy advisor, unsupervised pretraining."""

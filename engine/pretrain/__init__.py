@@ -1,0 +1,1 @@
+"""Reproducible pretraining of the bundled mini models in assets/."""

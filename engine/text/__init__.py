@@ -1,0 +1,1 @@
+"""Language models: loading, lean GPT-2 decoding, generation, the user's text, fine-tuning, history."""

@@ -143,7 +143,8 @@ def test_bench_finetune_smoke(capsys, workspace_home):
 
 
 def test_cli_options_come_from_the_config_fields_and_load_no_torch():
-    from engine.__main__ import RUN_FIELDS, TRAIN_FIELDS, build_parser
+    from engine.__main__ import build_parser
+    from engine.cli.vision import RUN_FIELDS, TRAIN_FIELDS
     from engine.vision.config import FinetuneConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]

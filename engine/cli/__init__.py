@@ -1,1 +1,1 @@
-"""The command line's helpers: options made from the config dataclasses, `engine info`."""
+"""The command line, one file per command group; options made from the config dataclasses; `engine info`."""

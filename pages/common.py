@@ -6,6 +6,7 @@ once per process with st.cache_resource. Nothing per-user goes in a shared cache
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import streamlit as st
 
@@ -131,18 +132,6 @@ def friendly_errors(context: str):
 
 
 # ----------------------------------------------------------------------------- vision runs
-def read_json(path, default=None):
-    """A run file (run.json, metrics.json, eval.json), or `default` when it is missing or half-written."""
-    import json
-    from pathlib import Path
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
-
-
-@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def loaded_model(run_dir: str, stamp: float = 0.0):
     """A trained model for read-only inference, shared by every session.
 
@@ -153,6 +142,11 @@ def loaded_model(run_dir: str, stamp: float = 0.0):
     from engine.vision import inference
 
     return inference.load_model(Path(run_dir))
+
+
+def model_for(run: dict):
+    """A run's trained model, loaded again only when its weights file changes."""
+    return loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
 
 
 def curves(series: dict[str, list[dict]]):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from engine.models import backbones, sources
 from engine.train import distributed
 from engine.vision import config, finetune, heatmaps, preprocess, strategies
 from engine.vision.config import FinetuneConfig
-from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager, read_json
+from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager
 from pages.downloads import offer_download
 from pages.finetune_options import training_options
 
@@ -36,10 +35,7 @@ def saved_upload(up) -> str | None:
     except UserError as err:
         st.error(f"{up.name}: {err}")
         return None
-    path = workspace.subdir("weights") / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
-    if not path.exists():
-        workspace.atomic_write_bytes(path, data)
-    return str(path)
+    return str(workspace.save_upload(data, "weights", suffix=".safetensors"))
 
 
 def start_form(datasets: list[dict]) -> None:
@@ -122,7 +118,7 @@ def live_view(run_id: str, drawn_active: bool) -> None:
     if drawn_active and run["status"] not in runs.ACTIVE:
         st.rerun()  # it just finished: redraw the whole page once, with results and without polling
     # the status line lives here, in the part that refreshes itself (queued -> running while the page stays)
-    src = read_json(Path(run["dir"]) / "run.json", {}).get("weights")
+    src = runs.read(run, "run.json", {}).get("weights")
     src = src if isinstance(src, dict) else {}
     st.caption(f"Run `{run_id}` · {run['status']}" + (f" · weights: {src.get('name')}" if src.get("name") else "")
                + (f" · {run['device']}" if run.get("device") else ""))
@@ -147,7 +143,7 @@ def live_view(run_id: str, drawn_active: bool) -> None:
         m[3].metric("ETA", f"{prog['eta_s']:.0f} s" if prog.get("eta_s") is not None else "–")
         if m[4].button("Cancel", icon=":material/stop:", key="ft_cancel", **locked(help="Stops within one step and keeps what was learned.")) and allowed():
             manager().cancel(run_id)
-    metrics = read_json(Path(run["dir"]) / "metrics.json", [])
+    metrics = runs.read(run, "metrics.json", [])
     if metrics:
         loss, acc = curves({run["title"]: metrics})
         a, b = st.columns(2)
@@ -159,10 +155,10 @@ def live_view(run_id: str, drawn_active: bool) -> None:
 
 def results(run: dict) -> None:
     """After the run: confusion matrix, per-class scores and the misclassified validation images."""
-    ev = read_json(Path(run["dir"]) / "eval.json")
+    ev = runs.read(run, "eval.json")
     if not ev:
         return
-    classes = ev.get("classes") or read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
+    classes = ev.get("classes") or runs.read(run, "run.json", {}).get("classes", [])
     a, b = st.columns(2, gap="large")
     cm = ev.get("confusion") or ev.get("confusion_matrix")
     if cm:

@@ -10,7 +10,7 @@ from engine.core import runs
 from engine.data import imagedata
 from engine.models import sources
 from engine.vision import filters, network, preprocess
-from pages.common import friendly_errors, loaded_model
+from pages.common import friendly_errors, model_for
 from pages.datamap_view import dataset_map_view
 
 ARCH = "resnet18"
@@ -47,7 +47,7 @@ def show(data: str | None) -> None:
         if tuned:
             pick = cols[2].selectbox("Fine-tuned run", list(tuned), format_func=tuned.get, key="lab_inside_run")
             run = runs.get(pick)
-            model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime).model
+            model = model_for(run).model
             cols[2].image(filters.filter_grid(model), caption=f"fine-tuned ({pick})", width="stretch")
         else:
             cols[2].info("Fine-tune a resnet18 to see its filters here.")

@@ -1,13 +1,8 @@
 """Predict with a trained model: images or camera -> top-k, a ZIP -> CSV; export and import models."""
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import re
-import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -17,7 +12,7 @@ from engine.core import access, runs, workspace
 from engine.core.errors import UserError
 from engine.data import imagedata
 from engine.vision import export, heatmaps, inference, live
-from pages.common import allowed, audience_wait, friendly_errors, loaded_model, locked, read_json, upload_fits
+from pages.common import allowed, audience_wait, friendly_errors, locked, model_for, upload_fits
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 BATCH = 32
@@ -35,11 +30,6 @@ def usable_runs() -> list[dict]:
 def label(run: dict) -> str:
     acc = (run.get("summary") or {}).get("best_val_acc")
     return run["title"] + (f" · {acc:.0%} val" if isinstance(acc, float) and math.isfinite(acc) else "") + f" · {run['id']}"
-
-
-def model_for(run: dict):
-    weights = Path(run["dir"]) / "model.safetensors"
-    return loaded_model(run["dir"], weights.stat().st_mtime)
 
 
 def decode_all(files: list[tuple[str, bytes]]) -> tuple[list[str], list, list[dict]]:
@@ -134,30 +124,6 @@ def live_camera(model, run_id: str, top_k: int, heat: bool) -> None:
             st.caption("Press START to classify the camera continuously.")
 
 
-def zip_members(data: bytes, limits: imagedata.Limits) -> Iterator[tuple[str, bytes | None, str]]:
-    """(name, bytes, "") or (name, None, reason) per file of an untrusted ZIP: read in memory with caps, never extracted."""
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise UserError(f"not a valid ZIP file ({err})") from None
-    total = 0
-    with zf:
-        infos = [i for i in zf.infolist() if not i.is_dir() and not any(p.startswith(".") or p == "__MACOSX" for p in i.filename.split("/"))]
-        if len(infos) > limits.zip_max_members:
-            raise UserError(f"ZIP has {len(infos):,} files; the limit is {limits.zip_max_members:,}")
-        for info in infos:
-            try:
-                with zf.open(info) as f:
-                    blob = f.read(limits.max_file_bytes + 1)  # directory sizes can lie: cap the read itself
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as err:
-                yield info.filename, None, f"unreadable ZIP member ({err})"
-                continue
-            total += len(blob)
-            if total > limits.zip_max_bytes:
-                raise UserError(f"ZIP expands beyond {limits.zip_max_bytes // 2**20} MB; split it into smaller ZIPs")
-            yield info.filename, blob, ""
-
-
 def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
     """One row per file, in ZIP order; images are decoded and predicted a batch at a time (bounded memory)."""
     rows: list[dict] = []
@@ -170,7 +136,7 @@ def zip_to_csv(model, data: bytes, top_k: int) -> pd.DataFrame:
                 rows[i] |= {f"top{k}": lbl, f"top{k}_probability": round(p, 4)}
         batch.clear()
 
-    for name, blob, why in zip_members(data, imagedata.Limits()):
+    for name, blob, why in imagedata.zip_files(data):
         rows.append({"file": name, "error": why})
         if blob is not None:
             try:
@@ -213,11 +179,7 @@ def import_tab() -> None:
         with friendly_errors("predict: import"):
             data = up.getvalue()
             suffix = ".zip" if up.name.lower().endswith(".zip") else ".safetensors"
-            # the upload's name is only a label: reduced to safe characters, inside a folder named by the content hash
-            stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(up.name).stem)[:60] or "model"
-            path = workspace.subdir("uploads") / hashlib.sha256(data).hexdigest()[:16] / f"{stem}{suffix}"
-            workspace.atomic_write_bytes(path, data)
-            run_id = export.import_model(path)
+            run_id = export.import_model(workspace.save_upload(data, "uploads", up.name, suffix))
             st.session_state["pr_run"] = st.query_params["run"] = run_id
             st.toast(f"Imported as {run_id}; it is now the selected model.", icon=":material/check_circle:")
             st.rerun()
@@ -236,7 +198,7 @@ def fresh(upload_key) -> bool:
 
 def predict_tabs(run: dict, top_k_slot) -> None:
     model = model_for(run)
-    classes = read_json(Path(run["dir"]) / "run.json", {}).get("classes", [])
+    classes = runs.read(run, "run.json", {}).get("classes", [])
     top_k = top_k_slot.slider("Top-k", 1, max(2, min(10, len(classes) or 5)), min(3, len(classes) or 3), key="pr_topk")
     on, which = st.columns([1, 2], vertical_alignment="center")
     explain = on.toggle("Show where the model looked", key="pr_explain",

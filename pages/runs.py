@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.core import runs
-from pages.common import allowed, curves, friendly_errors, locked, manager, read_json
+from pages.common import allowed, curves, friendly_errors, locked, manager
 
 st.title("Runs")
 NAN = float("nan")
@@ -16,8 +16,8 @@ NAN = float("nan")
 
 def row(run: dict) -> dict:
     cfg, summary = run["config"], run.get("summary") or {}
-    info = read_json(Path(run["dir"]) / "run.json", {})
-    metrics = read_json(Path(run["dir"]) / "metrics.json", [])
+    info = runs.read(run, "run.json", {})
+    metrics = runs.read(run, "metrics.json", [])
     src = info.get("weights") if isinstance(info.get("weights"), dict) else {}
     accs = [m["val_acc"] for m in metrics if m.get("val_acc") is not None]
     # images per second only where epochs trained on images: on cached features a head trains at
@@ -63,7 +63,7 @@ def compare(all_runs: list[dict]) -> None:
     picked = st.multiselect("Runs to overlay", list(with_curves), default=list(with_curves)[:3], key="rn_compare",
                             format_func=lambda i: f"{with_curves[i]['title']} · {i}")
     if picked:
-        series = {f"{with_curves[i]['title']} ({i[-6:]})": read_json(Path(with_curves[i]["dir"]) / "metrics.json", []) for i in picked}
+        series = {f"{with_curves[i]['title']} ({i[-6:]})": runs.read(with_curves[i], "metrics.json", []) for i in picked}
         loss, acc = curves(series)
         a, b = st.columns(2)
         a.plotly_chart(loss, key="rn_loss")

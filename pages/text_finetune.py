@@ -10,7 +10,7 @@ import streamlit as st
 from engine.core import runs
 from engine.core.errors import UserError
 from engine.text import causal_lm, generation, lm_finetune, text_files
-from pages.common import allowed, friendly_errors, generation_slot, language_model, locked, manager, md_escape, read_json
+from pages.common import allowed, friendly_errors, generation_slot, language_model, locked, manager, md_escape
 
 D = lm_finetune.LMFinetuneConfig()  # the engine's defaults are the form's defaults
 ss = st.session_state
@@ -142,7 +142,7 @@ if run["status"] in runs.ACTIVE or manager().progress(run_id) is not None:
 elif run["status"] == "done":
     results(run)
 else:
-    ckpt = read_json(Path(run["dir"]) / "checkpoint" / "checkpoint.json", {})
+    ckpt = runs.read(run, "checkpoint/checkpoint.json", {})
     st.warning(f"This run is **{run['status']}**" + (f": {run['error']}" if run.get("error") else "")
                + (f" — it stopped at step {ckpt['step']}; resume continues from there." if ckpt else "."))
     if st.button("Resume", icon=":material/play_arrow:", **locked()) and allowed():

@@ -12,7 +12,7 @@ from engine.models import sources
 from engine.text import causal_lm
 from engine.vision import filters, heatmaps, inference
 from pages import lab_inside
-from pages.common import allowed, audience, curves, friendly_errors, loaded_model, locked, manager, md_escape, read_json
+from pages.common import allowed, audience, curves, friendly_errors, locked, manager, md_escape, model_for
 from pages.datamap_view import dataset_map
 
 STEPS = [
@@ -113,9 +113,9 @@ elif step == 3:
         run = runs.get(run_id)
         p = manager().progress(run_id) or {}
         st.caption(f"{run['title']} · {p.get('phase', run['status'])}" + (f" · epoch {p['epoch']}/{p['epochs']}" if p.get("epoch") else ""))
-        metrics = read_json(Path(run["dir"]) / "metrics.json", [])
+        metrics = runs.read(run, "metrics.json", [])
         if metrics:
-            st.markdown(learning_sentence(metrics, len(read_json(Path(run["dir"]) / "run.json", {}).get("classes") or [1])))
+            st.markdown(learning_sentence(metrics, len(runs.read(run, "run.json", {}).get("classes") or [1])))
             _, acc = curves({"run": metrics})
             acc.update_layout(height=330)  # the whole step fits a 1280x720 projector
             st.plotly_chart(acc, width="stretch")
@@ -123,7 +123,7 @@ elif step == 3:
 
 elif step == 4:
     run = latest_run("done")
-    ev = read_json(Path(run["dir"]) / "eval.json", {}) if run else {}
+    ev = runs.read(run, "eval.json", {}) if run else {}
     if not ev:
         st.info("Finish a run first (step 2).")
     else:
@@ -134,7 +134,7 @@ elif step == 4:
         heats = [None] * len(shown)
         if looked and shown:
             with friendly_errors("tour heatmaps"):
-                model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
+                model = model_for(run)
                 heats = heatmaps.explain_files(model, [m["file"] for m in shown], [m["pred"] for m in shown])
         grid = right.columns(3)  # two rows of three: the step fits a projector without scrolling
         for i, (m, heat) in enumerate(zip(shown, heats)):
@@ -151,7 +151,7 @@ elif step == 5:
         if photo:
             with friendly_errors("tour predict"):
                 img = imagedata.decode_image(photo.getvalue(), photo.name)
-                model = loaded_model(run["dir"], (Path(run["dir"]) / "model.safetensors").stat().st_mtime)
+                model = model_for(run)
                 top = inference.predict(model, [img], top_k=3)[0]
                 heat = heatmaps.explain(model, [img])[0]
                 c1, c0, c2 = st.columns([1, 1, 2])

@@ -155,6 +155,32 @@ def test_zip_ignores_macos_and_dotfiles_and_explains_layout():
     assert [r["file"] for r in col.rejected] == ["loose.png"]
 
 
+def test_a_zip_to_predict_is_read_flat_with_the_same_rules():
+    """Predict's ZIP -> CSV reads any layout (loose files too) through the dataset reader's guards."""
+    data = zip_bytes(_entries() | {"loose.png": png(), "red/inner.zip": zip_bytes({"a.png": png()}), "__MACOSX/._x.png": b"junk"},
+                     symlinks={"red/link.png": "/etc/passwd"})
+    got = {name: (blob, why) for name, blob, why in imagedata.zip_files(data)}
+    assert set(got) == set(_entries()) | {"loose.png", "red/inner.zip", "red/link.png"}  # ZIP order, macOS junk skipped
+    assert got["loose.png"][0] == png() and not got["loose.png"][1]
+    assert got["red/inner.zip"][0] is None and "nested archive" in got["red/inner.zip"][1]
+    assert got["red/link.png"][0] is None and "symbolic link" in got["red/link.png"][1]
+    for bad in ("../evil.png", "/etc/evil.png"):
+        with pytest.raises(UserError, match="unsafe path"):
+            list(imagedata.zip_files(zip_bytes(_entries() | {bad: png()})))
+    with pytest.raises(UserError, match="zip bomb"):
+        list(imagedata.zip_files(zip_bytes({"a.png": b"\0" * (20 * 2**20)})))
+    with pytest.raises(UserError, match="not a valid ZIP"):
+        list(imagedata.zip_files(b"PK\x03\x04garbage"))
+
+
+def test_uploads_are_kept_under_their_content_hash(workspace_home):
+    a = workspace.save_upload(b"weights", "weights", suffix=".safetensors")
+    assert a.read_bytes() == b"weights" and a.parent.name == "weights" and a.suffix == ".safetensors"
+    assert workspace.save_upload(b"weights", "weights", suffix=".safetensors") == a  # the same bytes: stored once
+    b = workspace.save_upload(b"zip", "uploads", "../../etc/my model!.zip", ".zip")
+    assert b.name == "my_model_.zip" and b.parent.parent == workspace.subdir("uploads")  # the name is only a label
+
+
 def test_not_a_zip():
     with pytest.raises(UserError, match="not a valid ZIP"):
         imagedata.read_zip(b"PK\x03\x04garbage")

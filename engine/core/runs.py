@@ -91,3 +91,13 @@ def delete(run_id: str) -> None:
     with conn:
         conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
     shutil.rmtree(run_dir(run_id), ignore_errors=True)
+
+
+def read(run: dict | str, name: str, default=None):
+    """One of a run's JSON files (run.json, metrics.json, eval.json, lab.json, checkpoint/checkpoint.json)
+    from the run's row or id, or `default` when it is missing or half-written (a run still training)."""
+    folder = Path(run["dir"]) if isinstance(run, dict) else run_dir(run)
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return default

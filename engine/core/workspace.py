@@ -13,9 +13,11 @@ the same folder + os.replace) so a crash never leaves half a file behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -153,6 +155,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+
+def save_upload(data: bytes, folder: str, name: str = "", suffix: str = "") -> Path:
+    """Keep uploaded bytes under their content hash: <folder>/<hash><suffix>, or with a name
+    <folder>/<hash>/<name><suffix>, the name only a label (safe characters, never a path). The same
+    bytes uploaded twice are stored once."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    if name:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name).stem)[:60] or "upload"
+        path = subdir(folder) / digest / f"{stem}{suffix}"
+    else:
+        path = subdir(folder) / f"{digest}{suffix}"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return path
 
 
 def read_json(path: Path, default=None):

@@ -21,6 +21,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,31 +216,68 @@ def _class_layout(paths: list[list[str]]) -> int:
     return 0
 
 
+def _open_zip(data: bytes | Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as err:
+        raise UserError(f"not a valid ZIP file ({err})") from None
+
+
+def _zip_entries(zf: zipfile.ZipFile, limits: Limits) -> list[tuple[zipfile.ZipInfo, list[str]]]:
+    """The files of an untrusted ZIP worth reading, as (info, path parts). An unsafe ZIP raises UserError
+    before anything is read: too many members, too big when expanded, absolute or '..' paths, a zip bomb."""
+    infos = zf.infolist()
+    if len(infos) > limits.zip_max_members:
+        raise UserError(f"ZIP has {len(infos):,} entries; the limit is {limits.zip_max_members:,}")
+    declared = sum(i.file_size for i in infos)
+    if declared > limits.zip_max_bytes:
+        raise UserError(f"ZIP would expand to {declared / 2**20:.0f} MB; the limit is {limits.zip_max_bytes // 2**20} MB")
+    entries = []
+    for info in infos:
+        raw = info.filename.replace("\\", "/")
+        if raw.startswith("/") or _DRIVE.match(raw) or ".." in raw.split("/"):
+            raise UserError(f"unsafe path in ZIP: {info.filename!r} (absolute or '..'); nothing was imported")
+        if info.compress_size and info.file_size / info.compress_size > limits.zip_max_ratio and info.file_size > 2**20:
+            raise UserError(f"ZIP member {info.filename!r} expands {info.file_size // info.compress_size}x (zip bomb guard); nothing was imported")
+        parts = [p for p in raw.split("/") if p]
+        if info.is_dir() or not parts or _ignored(parts):
+            continue
+        entries.append((info, parts))
+    return entries
+
+
+def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, display: str, limits: Limits) -> tuple[bytes | None, str]:
+    """One member's bytes, or (None, why): links, nested archives, files over the limit, unreadable members."""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return None, "symbolic link ignored"
+    if display.lower().endswith(ARCHIVE_SUFFIXES):
+        return None, "nested archive not supported; unpack it first"
+    if info.file_size > limits.max_file_bytes:
+        return None, f"file too large ({info.file_size / 2**20:.1f} MB)"
+    try:
+        with zf.open(info) as f:
+            blob = f.read(limits.max_file_bytes + 1)  # sizes in the directory can lie: cap the read
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError, zlib.error) as err:
+        return None, f"unreadable ZIP member ({err})"
+    if len(blob) > limits.max_file_bytes:
+        return None, "file larger than its declared size or the limit"
+    if blob[:4] == b"PK\x03\x04":
+        return None, "nested archive not supported; unpack it first"
+    return blob, ""
+
+
+def _count_expanded(total: int, blob: bytes | None, limits: Limits) -> int:
+    total += len(blob or b"")
+    if total > limits.zip_max_bytes:
+        raise UserError("ZIP expands beyond the size limit (sizes in the ZIP directory are wrong); nothing was imported")
+    return total
+
+
 def read_zip(data: bytes | Path, limits: Limits | None = None) -> Collected:
     """Read an untrusted ZIP of class folders without extracting it. Unsafe ZIPs raise UserError."""
     limits = limits or Limits()
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as err:
-        raise UserError(f"not a valid ZIP file ({err})") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > limits.zip_max_members:
-            raise UserError(f"ZIP has {len(infos):,} entries; the limit is {limits.zip_max_members:,}")
-        declared = sum(i.file_size for i in infos)
-        if declared > limits.zip_max_bytes:
-            raise UserError(f"ZIP would expand to {declared / 2**20:.0f} MB; the limit is {limits.zip_max_bytes // 2**20} MB")
-        entries = []
-        for info in infos:
-            raw = info.filename.replace("\\", "/")
-            if raw.startswith("/") or _DRIVE.match(raw) or ".." in raw.split("/"):
-                raise UserError(f"unsafe path in ZIP: {info.filename!r} (absolute or '..'); nothing was imported")
-            if info.compress_size and info.file_size / info.compress_size > limits.zip_max_ratio and info.file_size > 2**20:
-                raise UserError(f"ZIP member {info.filename!r} expands {info.file_size // info.compress_size}x (zip bomb guard); nothing was imported")
-            parts = [p for p in raw.split("/") if p]
-            if info.is_dir() or not parts or _ignored(parts):
-                continue
-            entries.append((info, parts))
+    with _open_zip(data) as zf:
+        entries = _zip_entries(zf, limits)
         strip = _class_layout([p for _, p in entries])
         out, total = Collected(), 0
         classes_seen: dict[str, int] = {}
@@ -251,35 +289,28 @@ def read_zip(data: bytes | Path, limits: Limits | None = None) -> Collected:
                 continue
             cls = parts[0]
             classes_seen.setdefault(cls, 0)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                out.rejected.append({"file": display, "reason": "symbolic link ignored"})
-                continue
-            if display.lower().endswith(ARCHIVE_SUFFIXES):
-                out.rejected.append({"file": display, "reason": "nested archive not supported; unpack it first"})
-                continue
-            if info.file_size > limits.max_file_bytes:
-                out.rejected.append({"file": display, "reason": f"file too large ({info.file_size / 2**20:.1f} MB)"})
-                continue
-            try:
-                with zf.open(info) as f:
-                    blob = f.read(limits.max_file_bytes + 1)  # sizes in the directory can lie: cap the read
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError, zlib.error) as err:
-                out.rejected.append({"file": display, "reason": f"unreadable ZIP member ({err})"})
-                continue
-            if len(blob) > limits.max_file_bytes:
-                out.rejected.append({"file": display, "reason": "file larger than its declared size or the limit"})
-                continue
-            total += len(blob)
-            if total > limits.zip_max_bytes:
-                raise UserError("ZIP expands beyond the size limit (sizes in the ZIP directory are wrong); nothing was imported")
-            if blob[:4] == b"PK\x03\x04":
-                out.rejected.append({"file": display, "reason": "nested archive not supported; unpack it first"})
+            blob, why = _zip_member(zf, info, display, limits)
+            total = _count_expanded(total, blob, limits)
+            if blob is None:
+                out.rejected.append({"file": display, "reason": why})
                 continue
             out.members.append(Member(cls, display, blob))
             classes_seen[cls] += 1
     out.empty_classes = [c for c, n in classes_seen.items() if n == 0]
     return out
+
+
+def zip_files(data: bytes | Path, limits: Limits | None = None) -> Iterator[tuple[str, bytes | None, str]]:
+    """(name, bytes, "") or (name, None, why) for every file of an untrusted ZIP in any layout (a batch to
+    predict), in ZIP order, read in memory with read_zip's rules and never extracted."""
+    limits = limits or Limits()
+    with _open_zip(data) as zf:
+        total = 0
+        for info, parts in _zip_entries(zf, limits):
+            display = "/".join(parts)
+            blob, why = _zip_member(zf, info, display, limits)
+            total = _count_expanded(total, blob, limits)
+            yield display, blob, why
 
 
 def read_folder(root: Path, limits: Limits | None = None) -> Collected:

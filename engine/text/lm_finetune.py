@@ -12,7 +12,6 @@ can select it, plus base-vs-fine-tuned samples for the same prompt and seed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -81,12 +80,7 @@ class LMFinetuneConfig:
 
 def save_corpus(data: bytes, name: str = "text") -> Path:
     """Validate uploaded / pasted bytes as UTF-8 text and store them content-addressed in workspace/text/."""
-    body = text_files.decode_text(data, name)
-    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-    path = workspace.subdir("text") / f"{digest}.txt"
-    if not path.exists():
-        workspace.atomic_write_bytes(path, body.encode())
-    return path
+    return workspace.save_upload(text_files.decode_text(data, name).encode(), "text", suffix=".txt")
 
 
 # ----------------------------------------------------------------------------- data

@@ -25,14 +25,14 @@ st.caption("Continue training the language model on a text of yours: its style a
 
 
 def corpora() -> list[Path]:
-    """Validated UTF-8 texts from the uploads and the paste box, stored in the workspace."""
-    paths = []
+    """Validated UTF-8 texts from the uploads and the paste box, stored in the workspace (and the example)."""
+    paths = [text_files.EXAMPLE_TEXT] if ss.get("tf_example") else []
     for up in ss.get("tf_files") or []:
         paths.append(lm_finetune.save_corpus(up.getvalue(), up.name))
     if (ss.get("tf_paste") or "").strip():
         paths.append(lm_finetune.save_corpus(ss.tf_paste.encode(), "the pasted text"))
     if not paths:
-        raise UserError("upload a .txt file or paste some text first")
+        raise UserError("upload a .txt file or paste some text first (or tick the example text)")
     return paths
 
 
@@ -42,6 +42,8 @@ with st.container(border=True):
     st.file_uploader(f"Upload .txt files (UTF-8, up to {limit} MB each)", type=["txt"], accept_multiple_files=True,
                      key="tf_files", max_upload_size=limit)
     st.text_area("…or paste text", key="tf_paste", height=120, placeholder="A few paragraphs in the style you want…")
+    st.checkbox(f"Add the example text: {text_files.EXAMPLE_TITLE}, {text_files.EXAMPLE_TEXT.stat().st_size // 1000} kB",
+                key="tf_example", help="A style anyone recognises: after a minute of fine-tuning the mini model writes in it.")
 
 with st.container(border=True):
     st.subheader("2 · Settings")
@@ -49,7 +51,10 @@ with st.container(border=True):
     a, b, c = st.columns(3)
     model = a.selectbox("Base model", list(choices), format_func=choices.get, key="tf_model",
                         index=list(choices).index("mini") if "mini" in choices else 0)
-    epochs = b.slider("Epochs", 1, 20, D.epochs, key="tf_epochs", help="Passes over your text.")
+    epochs = b.slider("Epochs (0 = from the text's size)", 0, 20, 0, key="tf_epochs",
+                      help=f"Passes over your text. 0: about {lm_finetune.TARGET_STEPS['small']} optimizer steps' worth "
+                           f"({lm_finetune.TARGET_STEPS['large']} for models over 30M parameters), at most "
+                           f"{lm_finetune.MAX_AUTO_EPOCHS} passes.")
     lr = c.select_slider("Learning rate", LRS, value=D.lr, key="tf_lr", format_func=lambda v: f"{v:g}")
     a, b, c = st.columns(3)
     block = a.select_slider("Block size (tokens)", [16, 32, 64, 128, 256, 512], value=D.block_size, key="tf_block",
@@ -58,11 +63,19 @@ with st.container(border=True):
     seed = c.number_input("Seed", 0, 2**31 - 1, D.seed, key="tf_seed")
     prompt = st.text_input("Prompt for the before/after samples", key="tf_prompt",
                            placeholder="default: the first words of the held-out text")
-    if st.button("Start fine-tuning", type="primary", icon=":material/model_training:", **locked()) and allowed():
+    go, example = st.columns([1, 2])
+    start = go.button("Start fine-tuning", type="primary", icon=":material/model_training:", **locked())
+    try_example = example.button(f"Try it on {text_files.EXAMPLE_TITLE}", icon=":material/auto_stories:", **locked(),
+                                 help="One click: the example text alone, the settings above, the prompt "
+                                      f"“{text_files.EXAMPLE_PROMPT}” for the before/after samples.")
+    if (start or try_example) and allowed():
         with friendly_errors("start lm fine-tune"):
-            cfg = lm_finetune.LMFinetuneConfig(texts=[str(p) for p in corpora()], model=model, epochs=epochs, lr=lr,
-                                           block_size=block, batch_size=batch, seed=int(seed), sample_prompt=prompt).validate()
-            title = f"{choices[model].split(' (')[0]} on {', '.join(u.name for u in ss.get('tf_files') or []) or 'pasted text'}"
+            texts = [text_files.EXAMPLE_TEXT] if try_example else corpora()
+            cfg = lm_finetune.LMFinetuneConfig(texts=[str(p) for p in texts], model=model, epochs=epochs or None, lr=lr,
+                                               block_size=block, batch_size=batch, seed=int(seed),
+                                               sample_prompt=(prompt or text_files.EXAMPLE_PROMPT) if try_example else prompt).validate()
+            names = [text_files.EXAMPLE_TITLE] if try_example else [u.name for u in ss.get("tf_files") or []]
+            title = f"{choices[model].split(' (')[0]} on {', '.join(names) or 'pasted text'}"
             ss.tf_run = manager().submit("lm-finetune", dataclasses.asdict(cfg), title)
             ss.tf_pick = ss.tf_run  # show the new run (the Run selector below would keep the previous one)
             st.query_params["run"] = ss.tf_run  # a browser refresh finds the run again
@@ -94,7 +107,7 @@ def results(run: dict) -> None:
     a, b, c = st.columns(3)
     a.metric("Perplexity before", f"{s['ppl_before']:.1f}")
     b.metric("Perplexity after", f"{s['ppl_after']:.1f}", delta=f"{s['ppl_after'] - s['ppl_before']:+.1f}", delta_color="inverse")
-    c.metric("Training", f"{s['steps']} steps", help=f"{s['epochs']} epochs · {s['seconds']:.0f} s · {s['train_tokens']} training tokens")
+    c.metric("Training", f"{s['steps']} steps", help=f"{s['epochs']} epochs (chosen by {s.get('epochs_from', 'you')}) · {s['seconds']:.0f} s · {s['train_tokens']} training tokens")
     st.caption(f"Perplexity measured on {s['val_tokens']} held-out tokens (the last part of your text, never trained on).")
     if s["val_tokens"] < MIN_EVAL_TOKENS:
         st.warning(f"Only {s['val_tokens']} held-out tokens: too few for the perplexity to mean much "
@@ -135,7 +148,10 @@ wanted = ss.get("tf_run") or st.query_params.get("run")
 run_id = st.selectbox("Run", ids, index=ids.index(wanted) if wanted in ids else 0, key="tf_pick",
                       format_func=lambda i: next(f"{r['title']} · {i}" for r in all_runs if r["id"] == i))
 run = runs.get(run_id)
-st.caption(f"Status: **{run['status']}** · base model `{run['config'].get('model')}` · {run['config'].get('epochs')} epochs · "
+run_epochs = run["config"].get("epochs") or (run.get("summary") or {}).get("epochs")
+st.caption(f"Status: **{run['status']}** · base model `{run['config'].get('model')}` · "
+           f"{f'{run_epochs} epochs' if run_epochs else 'epochs from the text size'}"
+           f"{'' if run['config'].get('epochs') or not run_epochs else ' (from the text size)'} · "
            f"lr {run['config'].get('lr'):g} · block {run['config'].get('block_size')} tokens")
 if run["status"] in runs.ACTIVE or manager().progress(run_id) is not None:
     live(run_id)

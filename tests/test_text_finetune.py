@@ -129,3 +129,43 @@ def test_a_second_run_is_shown_when_it_starts(tiny_as_mini):
     second = at.session_state.tf_run
     assert second != first and at.selectbox(key="tf_pick").value == second
     jobs.get_manager().wait(second, 120)
+
+
+# ----------------------------------------------------------------------------- defaults that show an effect
+def test_epochs_from_the_text_size_give_a_step_budget_not_a_fixed_pass_count():
+    small, large = 2_600_000, 124_000_000
+    assert lm_finetune.plan_epochs(3, 8, small) == lm_finetune.MAX_AUTO_EPOCHS  # a paste: many passes, capped
+    e = lm_finetune.plan_epochs(428, 8, small)  # a book: 54 steps a pass
+    assert e * 54 >= lm_finetune.TARGET_STEPS["small"] > (e - 1) * 54
+    assert lm_finetune.plan_epochs(428, 8, large) * 54 < lm_finetune.plan_epochs(428, 8, small) * 54  # big models: fewer
+    assert lm_finetune.plan_epochs(100_000, 8, small) == 1
+
+
+def test_a_run_without_epochs_takes_them_from_the_text(tiny_dir, corpus_file, tmp_path):
+    out = lm_finetune.finetune(config(tiny_dir, corpus_file, epochs=None), tmp_path / "run")
+    ids = causal_lm.load(str(tiny_dir)).tokenizer(corpus_file.read_text())["input_ids"]
+    train, _, block = lm_finetune.split_tokens(ids, 0.1, 32)
+    n_blocks = len(lm_finetune._blocks(train, block)[0])
+    assert out["epochs_from"] == "the text's size" and out["epochs"] == lm_finetune.plan_epochs(n_blocks, 8, 10**6)
+    assert out["steps"] == out["epochs"] * math.ceil(n_blocks / 8) >= 2 * math.ceil(n_blocks / 8)  # more than the old 2 passes
+
+
+@pytest.mark.slow
+def test_the_bundled_example_text_changes_the_bundled_model_visibly(tmp_path):
+    """One pass of the mini GPT-2 over Genesis (KJV): the held-out perplexity falls by more than half."""
+    text = text_files.EXAMPLE_TEXT.read_text()
+    assert text.startswith("In the beginning God created") and len(text) > 150_000
+    out = lm_finetune.finetune(lm_finetune.LMFinetuneConfig(texts=[str(text_files.EXAMPLE_TEXT)], model="mini", epochs=1,
+                                                            sample_prompt=text_files.EXAMPLE_PROMPT, sample_tokens=12), tmp_path / "run")
+    assert out["ppl_after"] < 0.5 * out["ppl_before"]
+    assert out["sample_base"].startswith("And the LORD said") and out["sample_finetuned"] != out["sample_base"]
+
+
+def test_try_the_example_starts_a_run_on_it_in_one_click(tiny_as_mini):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    next(b for b in at.button if b.label.startswith("Try it on")).click().run()
+    run = runs.get(at.session_state.tf_run)
+    assert run["config"]["texts"] == [str(text_files.EXAMPLE_TEXT)] and run["config"]["epochs"] is None
+    assert run["config"]["sample_prompt"] == text_files.EXAMPLE_PROMPT and text_files.EXAMPLE_TITLE in run["title"]
+    jobs.get_manager().cancel(run["id"])
+    jobs.get_manager().wait(run["id"], 60)

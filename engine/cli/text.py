@@ -7,6 +7,7 @@ from pathlib import Path
 
 from engine.cli.common import ProgressLine, emit
 from engine.jobs import JobContext, ctrl_c_cancels
+from engine.text import text_files
 
 
 def cmd_generate(args) -> int:
@@ -36,7 +37,8 @@ def cmd_generate(args) -> int:
 def cmd_lm_finetune(args) -> int:
     from engine.text import lm_finetune  # deferred: imports torch
 
-    cfg = lm_finetune.LMFinetuneConfig(texts=args.text, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,
+    texts = [str(text_files.EXAMPLE_TEXT) if t == "example" else t for t in args.text]
+    cfg = lm_finetune.LMFinetuneConfig(texts=texts, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,
                                    batch_size=args.batch_size, seed=args.seed, sample_prompt=args.prompt or "").validate()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,9 +86,10 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("lm-finetune", help="fine-tune the language model on your own .txt files")
-    s.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 .txt files")
+    s.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                   help="UTF-8 .txt files; `example` is the bundled Genesis (King James Version)")
     s.add_argument("--model", default="auto", help="auto | mini | gpt2 | hub id | PATH")
-    s.add_argument("--epochs", type=int, default=2)
+    s.add_argument("--epochs", type=int, default=None, help="passes over the text (default: about 300 steps' worth, from its size)")
     s.add_argument("--lr", type=float, default=5e-4)
     s.add_argument("--block-size", type=int, default=128)
     s.add_argument("--batch-size", type=int, default=8)

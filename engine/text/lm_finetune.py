@@ -35,13 +35,18 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_S = 60.0
 MIN_TOKENS = 32
+# The step budget when epochs are left to the text's size: measured on Genesis (KJV, 55k tokens) with the
+# mini GPT-2, held-out perplexity 270 before, 84 after 54 steps, 53 after 162, 44 after 324 (45 s here).
+# Larger models learn more per step and cost ~50x more per step on a CPU: a third of the steps.
+TARGET_STEPS = {"small": 300, "large": 100}
+MAX_AUTO_EPOCHS = 20  # a short paste gets many passes, not hundreds (it would learn the text by heart)
 
 
 @dataclass
 class LMFinetuneConfig:
     texts: list[str] = field(default_factory=list)  # .txt files (validated UTF-8), joined with blank lines
     model: str = "auto"
-    epochs: int = 2
+    epochs: int | None = None     # None: from the text's size (plan_epochs)
     lr: float = 5e-4
     block_size: int = 128
     batch_size: int = 8
@@ -56,7 +61,7 @@ class LMFinetuneConfig:
             raise UserError("no text to fine-tune on; upload or paste some text (or pass --text FILE)")
         if not (isinstance(self.texts, (list, tuple)) and all(isinstance(t, str) for t in self.texts)):
             raise UserError("texts must be a list of text file paths")
-        if not number_in(self.epochs, 1, 50, integer=True):
+        if self.epochs is not None and not number_in(self.epochs, 1, 50, integer=True):
             raise UserError(f"epochs must be 1..50 (got {self.epochs})")
         if not number_in(self.lr, 1e-6, 1e-2):
             raise UserError(f"learning rate must be between 1e-6 and 1e-2 (got {self.lr})")
@@ -81,6 +86,14 @@ class LMFinetuneConfig:
 def save_corpus(data: bytes, name: str = "text") -> Path:
     """Validate uploaded / pasted bytes as UTF-8 text and store them content-addressed in workspace/text/."""
     return workspace.save_upload(text_files.decode_text(data, name).encode(), "text", suffix=".txt")
+
+
+def plan_epochs(n_blocks: int, batch_size: int, n_params: int) -> int:
+    """Passes over the text that give about TARGET_STEPS optimizer steps (at most MAX_AUTO_EPOCHS): the
+    same budget for a page of text and a book, where a fixed epoch count gave a paste 2 steps."""
+    steps_per_epoch = max(1, math.ceil(n_blocks / batch_size))
+    target = TARGET_STEPS["small" if n_params < causal_lm.SMALL_MODEL_PARAMS else "large"]
+    return max(1, min(MAX_AUTO_EPOCHS, math.ceil(target / steps_per_epoch)))
 
 
 # ----------------------------------------------------------------------------- data
@@ -134,7 +147,8 @@ def run_job(ctx) -> dict:
     train, val, block = split_tokens(ids, cfg.val_fraction, min(cfg.block_size, base.context))
     xs, ys = _blocks(train, block)
     steps_per_epoch = math.ceil(len(xs) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    epochs = cfg.epochs or plan_epochs(len(xs), cfg.batch_size, sum(p.numel() for p in base.model.parameters()))
+    total_steps = steps_per_epoch * epochs
 
     # Train a private fp32 copy: the loaded model is shared (and maybe bf16) for generation.
     device = base.device
@@ -175,7 +189,7 @@ def run_job(ctx) -> dict:
         state["losses"].append(round(loss.item(), 4))
         elapsed = time.time() - t0
         tok_s = tokens_done / elapsed if elapsed > 0 else 0.0
-        ctx.report(phase="training", epoch=epoch + 1, epochs=cfg.epochs, step=step, steps=total_steps, loss=loss.item(),
+        ctx.report(phase="training", epoch=epoch + 1, epochs=epochs, step=step, steps=total_steps, loss=loss.item(),
                    tokens_s=tok_s, eta_s=(total_steps - step) * elapsed / (step - start))
         if step % steps_per_epoch == 0 or time.time() - last_ckpt > CHECKPOINT_EVERY_S:
             _save_checkpoint(ckpt_dir, model, optimizer, {**state, "step": step, "seconds": seconds_before + elapsed})
@@ -193,7 +207,8 @@ def run_job(ctx) -> dict:
     out_dir = run_dir / "model"
     name = cfg.title or f"{base.name} fine-tuned ({run_dir.name})"
     card = {"name": name, "base_model": base.name, "base_spec": cfg.model, "texts": [Path(t).name for t in cfg.texts],
-            "train_tokens": len(train), "val_tokens": len(val), "block_size": block, "epochs": cfg.epochs, "steps": total_steps,
+            "train_tokens": len(train), "val_tokens": len(val), "block_size": block, "epochs": epochs,
+            "epochs_from": "you" if cfg.epochs else "the text's size", "steps": total_steps,
             "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "seconds": round(seconds, 1),
             "ppl_before": round(state["ppl_before"], 3), "ppl_after": round(ppl_after, 3)}
     _write_model(model, base.tokenizer, out_dir, card)

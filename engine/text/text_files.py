@@ -4,12 +4,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from engine.core import workspace
 from engine.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 MAX_TEXT_BYTES = 5 * 2**20  # per uploaded / pasted text for fine-tuning
+# A text in a style anyone recognises, bundled so fine-tuning can be shown in one click: the Book of
+# Genesis in the King James Version (public domain; Debian's bible-kjv, verse numbers removed).
+EXAMPLE_TEXT = workspace.ASSETS / "texts" / "genesis-kjv.txt"
+EXAMPLE_TITLE = "Genesis (King James Version)"
+EXAMPLE_PROMPT = "And the LORD said"
 
 
 # ----------------------------------------------------------------------------- text input

@@ -130,7 +130,11 @@ def _load_checkpoint(folder: Path, model, optimizer) -> dict:
 
 # ----------------------------------------------------------------------------- the job
 def run_job(ctx) -> dict:
-    """The lm-finetune runner (engine.jobs.RUNNERS): train, report, honour cancel, resume, write the model."""
+    """The lm-finetune runner (engine.jobs.RUNNERS): train, report, honour cancel, resume, write the model.
+
+    Long because it is a run's whole life in order, like minGPT's Trainer.run: load, resume, the loop
+    with its checkpoints, evaluation, the model written, the before/after samples.
+    """
     from engine.core.device import seed_everything  # deferred: imports torch
 
     cfg = LMFinetuneConfig.from_dict(ctx.config).validate()

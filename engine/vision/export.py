@@ -266,8 +266,8 @@ def import_model(file: str | Path, labels: list[str] | None = None, title: str |
     """An exported ZIP, or a bare .safetensors (labels from its metadata or `labels`) -> a new run id.
 
     The run (kind "imported") has run.json + model.safetensors, so load_model/predict/export work on it.
+    Long because every check of an untrusted file is here, in order, before anything is written.
     """
-
     from engine.vision import inference, preprocess  # deferred: imports torch
 
     file = Path(file)

@@ -65,9 +65,9 @@ with st.container(border=True):
                            placeholder="default: the first words of the held-out text")
     go, example = st.columns([1, 2])
     start = go.button("Start fine-tuning", type="primary", icon=":material/model_training:", **locked())
-    try_example = example.button(f"Try it on {text_files.EXAMPLE_TITLE}", icon=":material/auto_stories:", **locked(),
-                                 help="One click: the example text alone, the settings above, the prompt "
-                                      f"“{text_files.EXAMPLE_PROMPT}” for the before/after samples.")
+    try_example = example.button(f"Try it on {text_files.EXAMPLE_TITLE}", icon=":material/auto_stories:",
+                                 **locked(help="One click: the example text alone, the settings above, the prompt "
+                                               f"“{text_files.EXAMPLE_PROMPT}” for the before/after samples."))
     if (start or try_example) and allowed():
         with friendly_errors("start lm fine-tune"):
             texts = [text_files.EXAMPLE_TEXT] if try_example else corpora()

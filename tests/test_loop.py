@@ -125,3 +125,16 @@ def test_every_classifier_trainer_goes_through_the_one_loop(tmp_path, tiny_weigh
     y = torch.arange(12) % 3
     metrics, stopped = autoencoder.fit_classifier(model, x, y, x, y, epochs=2, steps_per_epoch=2, batch_size=4, lr=0.01, seed=0)
     assert calls == [0, 1] and not stopped and [m["epoch"] for m in metrics] == [0, 1, 2]
+
+
+def test_step_clips_the_gradient_norm_before_the_update():
+    """clip_norm (the language models' 1.0): the update is the clipped gradient's, not the raw one's."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    x, y = torch.randn(8, 4) * 100, torch.randint(0, 3, (8,))
+    opt = torch.optim.SGD([w], lr=1.0)
+    loop.step(lambda v: v @ w.T, opt, x, y, clip_norm=0.5)
+    assert float(w.detach().norm()) == pytest.approx(0.5, rel=1e-4)  # one SGD step at lr 1 moves w by the clipped gradient
+    w2 = torch.nn.Parameter(torch.zeros(3, 4))
+    loop.step(lambda v: v @ w2.T, torch.optim.SGD([w2], lr=1.0), x, y)
+    assert float(w2.detach().norm()) > 5  # unclipped, the same batch moves it far more

@@ -238,6 +238,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from engine.text.causal_lm import quiet_transformers  # deferred: imports torch
+    from engine.train import loop  # deferred: imports torch
 
     quiet_transformers()
     torch.set_num_threads(cfg.threads)
@@ -346,12 +347,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
             group["lr"] = lr
         x, y = _batch(train_data, step, cfg)
         # y is x shifted by one token; the loss is computed here (HF's `labels=` would shift again).
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss, _ = loop.step(lambda ids: model(input_ids=ids).logits.flatten(0, 1), optimizer, x, y.flatten(), clip_norm=1.0)
         step += 1
         if max_steps is None and step == start + timing_steps:
             # Turn the wall-time budget into a fixed number of steps (leave ~8% for evaluation and saving).

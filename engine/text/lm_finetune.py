@@ -29,7 +29,7 @@ from engine.core.errors import UserError, number_in
 from engine.jobs import JobContext
 from engine.models import sources, store
 from engine.text import causal_lm, text_files
-from engine.train import checkpoints, optimizers, schedules
+from engine.train import checkpoints, loop, optimizers, schedules
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,7 @@ def run_job(ctx) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, total_steps, cfg.lr)
         x, y = xs[idx].to(device), ys[idx].to(device)
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss, _ = loop.step(lambda ids: model(input_ids=ids).logits.flatten(0, 1), optimizer, x, y.flatten(), clip_norm=1.0)
         step += 1
         tokens_done += x.numel()
         state["losses"].append(round(loss.item(), 4))

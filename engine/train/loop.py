@@ -86,9 +86,12 @@ def no_progress(step: int, steps: int, n: int, seconds: float, stats: EpochStats
     """The on_step protocol: step (0-based) of steps, n images in it, its seconds, the epoch's sums so far."""
 
 def step(forward: Callable, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
-         scaler=None, dev: torch.device | None = None, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         scaler=None, dev: torch.device | None = None, amp: torch.dtype | None = None,
+         clip_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on one batch: forward (under autocast when `amp`), cross-entropy in fp32,
-    backward (scaled by `scaler` for fp16), update. Returns (loss, logits), both detached.
+    backward (scaled by `scaler` for fp16), gradients clipped to `clip_norm` (the language models:
+    nanoGPT's 1.0), update. Returns (loss, logits), both detached. A language model's forward returns
+    (batch * positions, vocab) logits and y its flattened next tokens.
     A loss that is not a number is returned without stepping: the caller decides what it means."""
     with devices.autocast(dev or x.device, amp):
         logits = forward(x)
@@ -96,12 +99,18 @@ def step(forward: Callable, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     if not math.isfinite(loss.item()):
         return loss.detach(), logits.detach()
     opt.zero_grad(set_to_none=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.scale(loss).backward()
+        if clip_norm is not None:
+            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         scaler.step(opt)
         scaler.update()
     else:
         loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
     return loss.detach(), logits.detach()
 

@@ -132,14 +132,13 @@ def friendly_errors(context: str):
 
 
 # ----------------------------------------------------------------------------- vision runs
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def loaded_model(run_dir: str, stamp: float = 0.0):
     """A trained model for read-only inference, shared by every session.
 
     Keyed by the run folder and `stamp` (the weights file's mtime) so a resumed run is reloaded.
     """
-    from pathlib import Path
-
-    from engine.vision import inference
+    from engine.vision import inference  # deferred: imports torch
 
     return inference.load_model(Path(run_dir))
 

@@ -325,3 +325,17 @@ def test_runs_show_image_speed_only_where_images_were_trained_on(tmp_path):
     row = at.dataframe[0].value.set_index("id").loc[run_id]
     assert row["img/s"] is None or row["img/s"] != row["img/s"]  # empty (None / NaN)
     assert list(at.dataframe[0].value.columns).index("status") < list(at.dataframe[0].value.columns).index("img/s")
+
+
+def test_a_runs_model_is_loaded_once_and_again_when_its_weights_change(tmp_path):
+    """Every session shares one loaded model per run; a resumed run's new weights load afresh."""
+    import os
+
+    from pages.common import model_for
+
+    run = runs.get(train_tiny(tmp_path))
+    first = model_for(run)
+    assert model_for(run) is first
+    weights = Path(run["dir"]) / "model.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))
+    assert model_for(run) is not first

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from engine.bench import browser_load, recipe_bench, speed, suite
 from engine.cli import options
 from engine.cli.common import Parser, emit
 from engine.core import workspace
@@ -12,18 +11,24 @@ from engine.core.errors import UserError
 
 
 def cmd_bench_finetune(args) -> int:
+    from engine.bench import speed  # deferred: off the CLI's start-up
+
     result = speed.bench_finetune(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs, threads=args.threads)
     emit(args, result, speed.format_finetune(result))
     return 0
 
 
 def cmd_bench_seed_loop(args) -> int:
+    from engine.bench import speed  # deferred: off the CLI's start-up
+
     result = speed.seed_loop_process(args.list, args.image_size, args.epochs)
     emit(args, result, f"seed loop: best val acc {result['best_val_acc']:.3f} in {result['seconds']:.1f} s")
     return 0
 
 
 def cmd_bench_process(args) -> int:
+    from engine.bench import speed  # deferred: off the CLI's start-up
+
     r = speed.bench_process(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs)
 
     path = speed.write_process_markdown(r, Path(args.out) if args.out else workspace.PROJECT / "BENCHMARKS.md")
@@ -35,6 +40,8 @@ def cmd_bench_process(args) -> int:
 
 
 def cmd_bench_load(args) -> int:
+    from engine.bench import browser_load  # deferred: off the CLI's start-up
+
     r = browser_load.bench_load(sessions=args.sessions, seconds=args.seconds, rounds=args.rounds, train=not args.no_train)
     path = browser_load.write_markdown(r, Path(args.out) if args.out else None)
     emit(args, r, browser_load.format_load(r) + f"\nwrote {path}")
@@ -42,6 +49,8 @@ def cmd_bench_load(args) -> int:
 
 
 def cmd_bench_all(args) -> int:
+    from engine.bench import suite  # deferred: off the CLI's start-up
+
     result = suite.run_all(n_per_class=args.per_class, image_size=args.image_size, epochs=args.epochs,
                               train_steps=args.train_steps, tokens=args.tokens, cold_start=not args.no_cold_start,
                               threads=args.threads, process_per_class=args.process_per_class,
@@ -52,6 +61,8 @@ def cmd_bench_all(args) -> int:
 
 
 def cmd_bench_recipes(args) -> int:
+    from engine.bench import recipe_bench  # deferred: off the CLI's start-up
+
     datasets, strategies = options.csv(args.datasets), options.csv(args.strategies)
     bad = [d for d in datasets if d not in recipe_bench.DATASETS] + [s for s in strategies if s not in recipe_bench.STRATEGIES]
     if bad or not datasets or not strategies:
@@ -68,6 +79,8 @@ def cmd_bench_recipes(args) -> int:
 
 
 def cmd_bench_generate(args) -> int:
+    from engine.bench import speed  # deferred: off the CLI's start-up
+
     result = speed.bench_generate(new_tokens=args.tokens, repeats=args.repeats, threads=args.threads,
                                   models=tuple(args.models) if args.models else ("gpt2-124m-random", "mini"))
     emit(args, result, speed.format_generate(result))

@@ -5,11 +5,11 @@ import json
 
 from engine.cli.common import Parser, command, emit
 from engine.core.errors import UserError
-from engine.data import imagedata, sample
-from engine.vision import label_issues
 
 
 def cmd_data_check(args) -> int:
+    from engine.data import imagedata  # deferred: off the CLI's start-up
+
     report = imagedata.check_path(args.path)
     obj = {"classes": report.classes, "rejected": report.rejected, "usable": report.usable}
     if args.json:
@@ -25,6 +25,8 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_issues(args) -> int:
+    from engine.vision import label_issues  # deferred: off the CLI's start-up
+
     found = label_issues.find(args.name, weights=args.weights, arch=args.model)
     lines = [f"{len(found['issues'])} of {found['images']} labels look wrong (out-of-fold accuracy "
              f"{found['out_of_fold_accuracy']:.1%} with {found['weights']} features):"]
@@ -45,18 +47,24 @@ def cmd_data_map(args) -> int:
 
 
 def cmd_data_import(args) -> int:
+    from engine.data import imagedata  # deferred: off the CLI's start-up
+
     summary = imagedata.import_path(args.path, args.name)
     emit(args, summary, imagedata.format_import(summary))
     return 0
 
 
 def cmd_data_list(args) -> int:
+    from engine.data import imagedata  # deferred: off the CLI's start-up
+
     rows = imagedata.list_datasets()
     emit(args, {"datasets": rows}, "\n".join(f"{r['name']}: {r['images']} images in {r['classes']} classes" for r in rows) or "no datasets")
     return 0
 
 
 def cmd_data_sample(args) -> int:
+    from engine.data import sample  # deferred: off the CLI's start-up
+
     summary = sample.load_sample(args.name)
     note = "already in the workspace" if summary["existed"] else "imported"
     emit(args, summary, f"{summary['dataset']!r} {note}: " + ", ".join(f"{c} {n}" for c, n in summary["classes"].items()))
@@ -64,6 +72,8 @@ def cmd_data_sample(args) -> int:
 
 
 def cmd_data_make_sample(args) -> int:
+    from engine.data import sample  # deferred: off the CLI's start-up
+
     sample.make_sample()
     print(f"wrote {sample.SAMPLE_DIR}")
     return 0

@@ -8,9 +8,6 @@ from pathlib import Path
 from engine.cli.common import Parser, emit
 from engine.core import runs
 from engine.core.errors import UserError
-from engine.data import demo_tasks
-from engine.jobs import JobContext, ctrl_c_cancels
-from engine.pretrain import mini_resnet
 
 
 def cmd_pretrain_text(args) -> int:
@@ -41,6 +38,7 @@ def _ints(value: str | None, what: str) -> list[int] | None:
 
 
 def cmd_lab(args) -> int:
+    from engine.jobs import JobContext, ctrl_c_cancels  # deferred: off the CLI's start-up
     from engine.lab import experiments  # deferred: imports torch
 
     cfg = experiments.LabConfig(
@@ -77,6 +75,8 @@ def cmd_lab(args) -> int:
 
 
 def cmd_lab_demo_data(args) -> int:
+    from engine.data import demo_tasks  # deferred: off the CLI's start-up
+
     keys = args.keys or list(demo_tasks.DEMOS)
     done = [demo_tasks.import_demo(k) for k in keys]
     emit(args, {"datasets": done}, "\n".join(f"{d['dataset']!r}: " + ", ".join(f"{c} {n}" for c, n in d["classes"].items())
@@ -85,6 +85,8 @@ def cmd_lab_demo_data(args) -> int:
 
 
 def cmd_pretrain_vision(args) -> int:
+    from engine.pretrain import mini_resnet  # deferred: off the CLI's start-up
+
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
     if args.probe_only:
         card = mini_resnet.probe_vision(args.out or None)

@@ -1,13 +1,12 @@
 """`engine models list|download|delete|import`: the model manager, with a progress line for downloads."""
 from __future__ import annotations
 
-
 from engine.cli.common import Parser, ProgressLine, command, emit
-from engine.jobs import JobContext, ctrl_c_cancels
-from engine.models import sources, store
 
 
 def cmd_models_list(args) -> int:
+    from engine.models import sources, store  # deferred: off the CLI's start-up
+
     found = store.catalog()
     net = "online" if sources.online() else f"offline: {sources.offline_reason()}"
     emit(args, {"models": [m.to_dict() for m in found], "online": sources.online()}, store.format_table(found) + f"\n({net})")
@@ -15,6 +14,9 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_download(args) -> int:
+    from engine.jobs import JobContext, ctrl_c_cancels  # deferred: off the CLI's start-up
+    from engine.models import store  # deferred: off the CLI's start-up
+
     ctx = JobContext(run_id="download", config={"name": args.name}, run_dir=None)
     with ctrl_c_cancels(ctx):  # Ctrl-C stops the download cleanly
         path = store.download(args.name, report=ProgressLine(), cancelled=ctx.cancelled)
@@ -24,12 +26,16 @@ def cmd_models_download(args) -> int:
 
 
 def cmd_models_delete(args) -> int:
+    from engine.models import store  # deferred: off the CLI's start-up
+
     m = store.delete(args.name)
     emit(args, m.to_dict(), f"deleted {args.name} (now {m.status})")
     return 0
 
 
 def cmd_models_import(args) -> int:
+    from engine.models import store  # deferred: off the CLI's start-up
+
     m = store.import_file(args.file, name=args.name)
     emit(args, m.to_dict(), f"imported {m.name}: {m.status}, {m.size_mb:.0f} MB at {m.path}")
     return 0

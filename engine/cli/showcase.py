@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 
-from engine import demo, report
 from engine.cli.common import emit
 
 
 def cmd_report(args) -> int:
+    from engine import report  # deferred: off the CLI's start-up
     from engine.vision.inference import resolve_run  # deferred: imports torch
 
     out = report.write_report(resolve_run(args.run), args.out)
@@ -16,6 +16,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from engine import demo  # deferred: off the CLI's start-up
+
     if args.workspace:
         os.environ["TRANSFER_STUDIO_HOME"] = args.workspace
 

@@ -6,8 +6,6 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import ProgressLine, emit
-from engine.jobs import JobContext, ctrl_c_cancels
-from engine.text import text_files
 
 
 def cmd_generate(args) -> int:
@@ -35,7 +33,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_lm_finetune(args) -> int:
+    from engine.jobs import JobContext, ctrl_c_cancels  # deferred: off the CLI's start-up
     from engine.text import lm_finetune  # deferred: imports torch
+    from engine.text import text_files  # deferred: off the CLI's start-up
 
     texts = [str(text_files.EXAMPLE_TEXT) if t == "example" else t for t in args.text]
     cfg = lm_finetune.LMFinetuneConfig(texts=texts, model=args.model, epochs=args.epochs, lr=args.lr, block_size=args.block_size,

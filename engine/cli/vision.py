@@ -8,9 +8,6 @@ from pathlib import Path
 from engine.cli import options
 from engine.cli.common import ProgressLine, emit
 from engine.core.errors import UserError
-from engine.data import imagedata
-from engine.jobs import JobContext, ctrl_c_cancels
-from engine.vision import export
 from engine.vision.config import FinetuneConfig
 
 # FinetuneConfig's fields on the command line: what picks the model a run starts from (also lr-find's), then training
@@ -20,6 +17,7 @@ TRAIN_FIELDS = ["epochs", "lr", "schedule", "weight_decay", "label_smoothing", "
 
 
 def cmd_finetune(args) -> int:
+    from engine.jobs import JobContext, ctrl_c_cancels  # deferred: off the CLI's start-up
     from engine.vision import finetune  # deferred: imports torch
 
     cfg = FinetuneConfig(**options.values(args, RUN_FIELDS + TRAIN_FIELDS)).validate()
@@ -69,6 +67,7 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from engine.data import imagedata  # deferred: off the CLI's start-up
     from engine.vision import inference  # deferred: imports torch
 
     if args.top_k < 1:
@@ -104,6 +103,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from engine.vision import export  # deferred: off the CLI's start-up
+
     pass  # import removed
 
     path = export.export_run(args.run, args.out, onnx=args.onnx, half=args.fp16)
@@ -116,6 +117,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_model(args) -> int:
+    from engine.vision import export  # deferred: off the CLI's start-up
+
     run_id = export.import_model(args.file, labels=options.csv(args.labels) or None)
     emit(args, {"run_id": run_id}, f"imported as run {run_id}")
     return 0

@@ -93,10 +93,10 @@ def delete(run_id: str) -> None:
     shutil.rmtree(run_dir(run_id), ignore_errors=True)
 
 
-def read(run: dict | str, name: str, default=None):
+def read(run: dict | str | Path, name: str, default=None):
     """One of a run's JSON files (run.json, metrics.json, eval.json, lab.json, checkpoint/checkpoint.json)
-    from the run's row or id, or `default` when it is missing or half-written (a run still training)."""
-    folder = Path(run["dir"]) if isinstance(run, dict) else run_dir(run)
+    from the run's row or its folder, or `default` when it is missing or half-written (a run still training)."""
+    folder = Path(run["dir"] if isinstance(run, dict) else run)
     try:
         return json.loads((folder / name).read_text())
     except (OSError, ValueError):

@@ -23,7 +23,6 @@ BatchNorm rule for frozen stages, the cosine schedule, preprocessing) so it trai
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from engine import jobs
-from engine.core import workspace
+from engine.core import runs, workspace
 from engine.core.errors import UserError, number_in
 from engine.data import demo_tasks, imagedata
 from engine.models import backbones, sources
@@ -457,11 +456,7 @@ def write_result(out_dir: Path, state: dict) -> None:
 
 def read_result(run_dir: str | Path) -> dict | None:
     """The lab.json of a run folder, or None when it is missing or half-written."""
-
-    try:
-        return json.loads((Path(run_dir) / "lab.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return runs.read(run_dir, "lab.json")
 
 
 def run_lab(cfg: LabConfig, out_dir: Path, ctx=None) -> dict:

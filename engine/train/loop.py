@@ -85,6 +85,10 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
 def no_progress(step: int, steps: int, n: int, seconds: float, stats: EpochStats) -> None:
     """The on_step protocol: step (0-based) of steps, n images in it, its seconds, the epoch's sums so far."""
 
+def _clip(opt: torch.optim.Optimizer, max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
+
+
 def step(forward: Callable, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
          scaler=None, dev: torch.device | None = None, amp: torch.dtype | None = None,
          clip_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,18 +103,17 @@ def step(forward: Callable, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     if not math.isfinite(loss.item()):
         return loss.detach(), logits.detach()
     opt.zero_grad(set_to_none=True)
-    params = [p for g in opt.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.scale(loss).backward()
         if clip_norm is not None:
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            _clip(opt, clip_norm)
         scaler.step(opt)
         scaler.update()
     else:
         loss.backward()
         if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            _clip(opt, clip_norm)
         opt.step()
     return loss.detach(), logits.detach()
 

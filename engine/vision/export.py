@@ -205,8 +205,7 @@ def export_run(run_dir: str | Path, out_zip: Path, onnx: bool = True, half: bool
     run_dir = inference.resolve_run(run_dir)
     loaded = inference.load_model(run_dir)
     info = loaded.info
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
-    ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
+    metrics, ev = runs.read(run_dir, "metrics.json", []), runs.read(run_dir, "eval.json")
     pp = loaded.preprocessing.to_dict() | {
         "arch": loaded.arch,
         "steps": ["resize shorter side to `resize` (bilinear)", "centre-crop `image_size`", "RGB to [0,1]", "(x - mean) / std"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.core.errors import UserError
-from engine.data import fashion_mnist, fractals
+from engine.data import fashion_mnist, fractals, textures
 from engine.models import sources
 from engine.pretrain import mini_resnet
 from engine.vision import network, preprocess
@@ -81,7 +81,7 @@ def test_tiny_pretraining_is_reproducible_and_loadable(fake_fmnist, tmp_path):
     a = network.safe_load_state(tmp_path / "a" / "model.safetensors")
     b = network.safe_load_state(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same bytes
-    assert a["conv1.weight"].dtype == torch.float16 and a["fc.weight"].shape == (74 + mini_resnet.HUE_BINS, 512)
+    assert a["conv1.weight"].dtype == torch.float16 and a["fc.weight"].shape == (10 + mini_resnet.N_FRACTAL_CLASSES + mini_resnet.N_TEXTURES + mini_resnet.HUE_BINS, 512)
     assert card["steps"] == 3 and card["seed"] == 0 and "--steps 3 --seed 0" in card["command"]
     assert card["preprocessing"]["image_size"] == 32 and len(card["preprocessing"]["mean"]) == 3
     assert 0 <= card["test_accuracy"]["fashion_mnist_test"] <= 1
@@ -92,6 +92,36 @@ def test_tiny_pretraining_is_reproducible_and_loadable(fake_fmnist, tmp_path):
     assert torch.equal(model.conv1.weight.data, a["conv1.weight"].float())
     pp = preprocess.preprocessing_for(src, None)
     assert pp.image_size == 32 and pp.mean == card["preprocessing"]["mean"]
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(fake_fmnist, tmp_path):
+    def go(name, resume=False):
+        cfg = mini_resnet.VisionPretrainConfig(steps=4, seed=0, image_size=32, batch_size=9, out=str(tmp_path / name), probe=False,
+                                               fmnist_dir=str(fake_fmnist), eval_fractals=16, stats_sample=32,
+                                               checkpoint_every=2, state_dir=str(tmp_path / "state"))
+        return mini_resnet.pretrain_vision(cfg, resume=resume)
+
+    with pytest.raises(UserError, match="nothing to resume"):
+        go("x", resume=True)
+    whole = go("whole")  # leaves its training state at step 2, as a run stopped after step 2 would
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["step"] == 2
+    resumed = go("resumed", resume=True)
+    a = network.safe_load_state(tmp_path / "whole" / "model.safetensors")
+    b = network.safe_load_state(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # steps 3-4 saw the same batches from the same state
+    assert resumed["final_train_loss"] == whole["final_train_loss"] and resumed["images_seen"] == 4 * 9
+
+
+def test_texture_families_are_deterministic_and_distinct():
+    x1, y1, h1 = textures.texture_batch(64, 32, np.random.default_rng(5), 8)
+    x2, y2, h2 = textures.texture_batch(64, 32, np.random.default_rng(5), 8)
+    assert x1.shape == (64, 32, 32, 3) and x1.dtype == np.uint8 and np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert set(y1.tolist()) == set(range(len(textures.FAMILIES))) and h1.max() < 8
+    # the families differ in their spectra: mean high-frequency energy per family is not all the same
+    gray = x1.mean(-1)
+    hf = np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
+    per_family = [hf[y1 == f].mean() for f in range(len(textures.FAMILIES))]
+    assert max(per_family) > 3 * min(per_family)
 
 
 def test_cli_pretrain_bad_options(capsys):

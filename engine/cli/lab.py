@@ -97,7 +97,7 @@ def cmd_pretrain_vision(args) -> int:
             raise UserError("--minutes must be > 0 (or give --steps)")
         if cfg.steps is not None and cfg.steps < 1:
             raise UserError("--steps must be >= 1")
-        card = mini_resnet.pretrain_vision(cfg)
+        card = mini_resnet.pretrain_vision(cfg, resume=args.resume)
     emit(args, card)
     return 0
 
@@ -150,6 +150,7 @@ def add_commands(sub) -> None:
     s.add_argument("--out", default="", help="output folder (default assets/mini-resnet18)")
     s.add_argument("--no-probe", action="store_true", help="skip the linear-probe transfer measurement")
     s.add_argument("--probe-only", action="store_true", help="only re-measure the transfer numbers of an existing backbone")
+    s.add_argument("--resume", action="store_true", help="continue the last run from its saved training state")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pretrain_vision)
     # (pretrain text parser: pre.add_parser("text", ...))

@@ -1,6 +1,7 @@
 """Reproducible pretraining of the bundled mini ResNet-18 (`python -m engine pretrain vision` -> assets/mini-resnet18/).
 
-Supervised on formula-generated colour fractals and Debian's Fashion-MNIST (no download), then
+Supervised on formula-generated colour fractals, procedural textures and Debian's Fashion-MNIST
+(no download), resumable (`--resume`), then
 measured by the app's own linear probe on generated shapes and the bundled sample; the numbers go
 in the model card.
 """
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.core import workspace
+from engine.core.errors import UserError
 from engine.core.workspace import temporary_workspace
-from engine.data import fractals
+from engine.data import fractals, textures
 from engine.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
 from engine.models import sources
 from engine.train import schedules
@@ -27,7 +29,8 @@ from engine.vision.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
-N_FRACTAL_CLASSES = 64
+N_FRACTAL_CLASSES = 256  # FractalDB's finding: more classes (distinct shapes) transfer better
+N_TEXTURES = len(textures.FAMILIES)
 HUE_BINS = 8
 
 
@@ -37,7 +40,7 @@ class VisionPretrainConfig:
     steps: int | None = None       # exact step count (reproducible); overrides minutes
     seed: int = 0
     image_size: int = 64
-    batch_size: int = 64           # half Fashion-MNIST, half fractals
+    batch_size: int = 64           # a third each: Fashion-MNIST scenes, fractals, textures
     lr: float = 0.05               # SGD nesterov, warmup then cosine to 0
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -47,6 +50,8 @@ class VisionPretrainConfig:
     fmnist_dir: str = ""           # default FMNIST_DIR
     eval_fractals: int = 1024      # fresh fractal renders for the fractal accuracy
     stats_sample: int = 512        # images of each source used for the normalisation mean/std
+    checkpoint_every: int = 200    # steps between resumable training states
+    state_dir: str = ""            # default: workspace/cache/pretrain-vision
 
 
 def _fmnist_batch(images: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator, train: bool = True):
@@ -115,37 +120,42 @@ def _fmnist_scenes(gray28: np.ndarray, size: int, rng: np.random.Generator, plai
     return (np.clip(out, 0, 1) * 255).astype(np.uint8), hue_label
 
 
-def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
+def pretrain_vision(cfg: VisionPretrainConfig, resume: bool = False) -> dict:
     """Train, evaluate and write assets/mini-resnet18/{model.safetensors, model_card.json}. Returns the card.
 
     One flat script on purpose, like nanoGPT's train.py (data, model, optimizer, loop, evaluation,
     card read top to bottom): it runs once per release, and its steps share one set of locals.
+    `resume` continues from the last training state in cfg.state_dir; every batch is generated from
+    (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
     """
     import torch
     import torch.nn.functional as F
     import torchvision
     from safetensors.torch import save_file
 
+    from engine.train import checkpoints  # deferred: imports torch
 
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else sources.MINI_VISION
     tr_x, tr_y = load_fashion_mnist("train", cfg.fmnist_dir or None)
     te_x, te_y = load_fashion_mnist("test", cfg.fmnist_dir or None)
     systems = fractals.make_systems(N_FRACTAL_CLASSES, cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 2024])
     torch.manual_seed(cfg.seed)
-    size, half = cfg.image_size, cfg.batch_size // 2
+    size = cfg.image_size
+    n_fm = n_fr = cfg.batch_size // 3
+    n_tx = cfg.batch_size - n_fm - n_fr
 
     # normalisation statistics of the training mix, from a fixed sample
     srng = np.random.default_rng([cfg.seed, 5])
     g, _ = _fmnist_batch(tr_x, tr_y, cfg.stats_sample, srng, train=False)
     g, _ = _fmnist_scenes(g, size, srng)
     f, _, _ = fractals.pretrain_fractals(systems, cfg.stats_sample, size, srng, HUE_BINS)
-    sample = _to_tensor(None, np.concatenate([g, f]), size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    t, _, _ = textures.texture_batch(cfg.stats_sample, size, srng, HUE_BINS)
+    sample = _to_tensor(None, np.concatenate([g, f, t]), size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     mean = [round(v, 3) for v in sample.mean(dim=(0, 2, 3)).tolist()]
     std = [round(v, 3) for v in sample.std(dim=(0, 2, 3)).tolist()]
 
-    n_main = 10 + N_FRACTAL_CLASSES
+    n_main = 10 + N_FRACTAL_CLASSES + N_TEXTURES  # one softmax over every class of the three sources
     model = torchvision.models.resnet18(num_classes=n_main + HUE_BINS)  # fc: class logits, then hue logits
     model = model.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on this CPU
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -153,13 +163,15 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=0.9, nesterov=True)
 
-    def batch():
-        gx, gy = _fmnist_batch(tr_x, tr_y, half, rng)
+    def batch(step: int):
+        rng = np.random.default_rng([cfg.seed, 2024, step])
+        gx, gy = _fmnist_batch(tr_x, tr_y, n_fm, rng)
         gx, gh = _fmnist_scenes(gx, size, rng)
-        fx, fy, fh = fractals.pretrain_fractals(systems, cfg.batch_size - half, size, rng, HUE_BINS)
-        x = _to_tensor(None, np.concatenate([gx, fx]), size, mean, std)
-        y = torch.from_numpy(np.concatenate([gy, fy + 10]))
-        hue = torch.from_numpy(np.concatenate([gh, fh]))
+        fx, fy, fh = fractals.pretrain_fractals(systems, n_fr, size, rng, HUE_BINS)
+        tx, ty, th = textures.texture_batch(n_tx, size, rng, HUE_BINS)
+        x = _to_tensor(None, np.concatenate([gx, fx, tx]), size, mean, std)
+        y = torch.from_numpy(np.concatenate([gy, fy + 10, ty + 10 + N_FRACTAL_CLASSES]))
+        hue = torch.from_numpy(np.concatenate([gh, fh, th]))
         return x, y, hue
 
     def lr_at(step: int, total: int) -> float:
@@ -171,9 +183,11 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
     batches: queue.Queue = queue.Queue(maxsize=3)
     stop = threading.Event()
 
-    def producer():
+    def producer(first: int):
+        step = first
         while not stop.is_set():
-            item = batch()
+            item = batch(step)
+            step += 1
             while not stop.is_set():
                 try:
                     batches.put(item, timeout=0.5)
@@ -181,7 +195,6 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
                 except queue.Full:
                     pass
 
-    threading.Thread(target=producer, daemon=True, name="pretrain-data").start()
 
     def train_step(step: int, total: int) -> float:
         for gr in opt.param_groups:
@@ -195,9 +208,20 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         opt.step()
         return loss.item()
 
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else workspace.subdir("cache") / "pretrain-vision"
+    start, total, seconds_before, losses = 0, cfg.steps, 0.0, []
+    if resume:
+        if not (state_dir / "state.json").is_file():
+            raise UserError(f"nothing to resume in {state_dir}; start without --resume")
+        meta = checkpoints.load_training_state(state_dir / "state", model, opt)
+        if meta["mean"] != mean or meta["std"] != std or meta["seed"] != cfg.seed:
+            raise UserError(f"the training state in {state_dir} is from another configuration; start without --resume")
+        start, total, seconds_before, losses = meta["step"], meta["total"], meta["seconds"], meta["losses"]
+        log.info("resuming at step %d of %d", start, total)
+    threading.Thread(target=producer, args=(start,), daemon=True, name="pretrain-data").start()
+
     model.train()
     t0 = time.time()
-    total = cfg.steps
     if total is None:
         # time a few steps at a nominal schedule length, then fix the step count for the budget.
         # The reproducible command recorded in the card is `--steps <total>`.
@@ -215,13 +239,16 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         # restart from scratch so the run equals `--steps total` exactly
         return pretrain_vision(VisionPretrainConfig(**{**asdict(cfg), "steps": total, "minutes": None}))
 
-    losses = []
-    for step in range(total):
-        losses.append(train_step(step, total))
+    for step in range(start, total):
+        losses = (losses + [train_step(step, total)])[-50:]
         if step % 50 == 0 or step == total - 1:
-            log.info("step %d/%d loss %.3f lr %.4f %.0fs", step, total, float(np.mean(losses[-50:])), lr_at(step, total), time.time() - t0)
+            log.info("step %d/%d loss %.3f lr %.4f %.0fs", step, total, float(np.mean(losses)), lr_at(step, total), time.time() - t0)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            checkpoints.save_training_state(state_dir / "state", model, opt, {
+                "step": step + 1, "total": total, "seconds": seconds_before + time.time() - t0, "losses": losses,
+                "mean": mean, "std": std, "seed": cfg.seed})
     stop.set()
-    train_seconds = time.time() - t0
+    train_seconds = seconds_before + time.time() - t0
 
     # ---- evaluation: Fashion-MNIST test split (10-way, first 10 logits) and fresh fractal renders
     model.eval()
@@ -236,11 +263,14 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         for i in range(0, cfg.eval_fractals, 256):
             fx, fy, fh = fractals.pretrain_fractals(systems, min(256, cfg.eval_fractals - i), size, erng, HUE_BINS)
             out_f = model(_to_tensor(None, fx, size, mean, std))
-            fc += int((out_f[:, 10:n_main].argmax(1).numpy() == fy).sum())
+            fc += int((out_f[:, 10:10 + N_FRACTAL_CLASSES].argmax(1).numpy() == fy).sum())
             hc += int((out_f[:, n_main:].argmax(1).numpy() == fh).sum())
+        tx, ty, _ = textures.texture_batch(512, size, erng, HUE_BINS)
+        tc = int((model(_to_tensor(None, tx, size, mean, std))[:, 10 + N_FRACTAL_CLASSES:n_main].argmax(1).numpy() == ty).sum())
     fmnist_acc = correct / len(te_x)
     fractal_acc = fc / max(1, cfg.eval_fractals)
     hue_acc = hc / max(1, cfg.eval_fractals)
+    texture_acc = tc / 512
 
     # ---- write fp16 weights + card (atomically)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -256,10 +286,13 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
                              "of the frame, random position, tinted near a random hue on a cluttered background), 25% plain grey full frame",
             "fractals": f"{N_FRACTAL_CLASSES} colour IFS fractal classes generated from the seed (engine/data/fractals.py), rendered on the fly "
                         "at 35-95% of the frame, random position, coloured near a random hue on a cluttered background",
-            "mix": "half of every batch from each",
+            "textures": f"{N_TEXTURES} procedural texture families (engine/data/textures.py: {', '.join(textures.FAMILIES)}), "
+                        "random parameters, two colours near a random hue",
+            "mix": f"every batch of {cfg.batch_size}: {n_fm} Fashion-MNIST, {n_fr} fractals, {n_tx} textures, generated from (seed, step)",
         },
-        "classes": FMNIST_CLASSES + [f"fractal_{i:02d}" for i in range(N_FRACTAL_CLASSES)] + [f"hue_{i}" for i in range(HUE_BINS)],
-        "head": f"fc: {n_main + HUE_BINS} outputs: one softmax over 10 Fashion-MNIST + {N_FRACTAL_CLASSES} fractal classes, "
+        "classes": (FMNIST_CLASSES + [f"fractal_{i:03d}" for i in range(N_FRACTAL_CLASSES)] + [f"texture: {f}" for f in textures.FAMILIES]
+                    + [f"hue_{i}" for i in range(HUE_BINS)]),
+        "head": f"fc: {n_main + HUE_BINS} outputs: one softmax over 10 Fashion-MNIST + {N_FRACTAL_CLASSES} fractal + {N_TEXTURES} texture classes, "
                 f"one over {HUE_BINS} hue bins (auxiliary, weight 0.5); replaced by a new head when fine-tuning",
         "steps": total,
         "batch_size": cfg.batch_size,
@@ -268,10 +301,10 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         "seed": cfg.seed,
         "threads": cfg.threads,
         "train_seconds": round(train_seconds, 1),
-        "final_train_loss": round(float(np.mean(losses[-50:])), 4),
+        "final_train_loss": round(float(np.mean(losses)), 4),
         "preprocessing": {"image_size": size, "resize": size, "mean": mean, "std": std},
         "test_accuracy": {"fashion_mnist_test": round(fmnist_acc, 4), "fractals_fresh_renders": round(fractal_acc, 4),
-                          "fractal_hue_bin": round(hue_acc, 4)},
+                          "fractal_hue_bin": round(hue_acc, 4), "texture_family": round(texture_acc, 4)},
         "dtype": "float16",
         "command": f"python -m engine pretrain vision --steps {total} --seed {cfg.seed} --threads {cfg.threads}",
         "torch": torch.__version__,

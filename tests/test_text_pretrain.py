@@ -1,6 +1,7 @@
 """Mini GPT-2 pretraining on a small fake fortunes folder: cleaning, output folder, model card, exact resume."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -23,9 +24,39 @@ def fake_fortunes(folder):
     return folder
 
 
+def dictd_number(n: int) -> str:
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    out = ""
+    while True:
+        out = digits[n % 64] + out
+        n //= 64
+        if not n:
+            return out
+
+
+def fake_jargon(folder, entries: dict[str, str]):
+    """A dictd database like dict-jargon's: gzip text plus an index of base-64 offsets."""
+    folder.mkdir(exist_ok=True)
+    text, index = b"", []
+    for head, body in {"00-database-short": "The Jargon File\n", **entries}.items():
+        chunk = body.encode()
+        index.append(f"{head}\t{dictd_number(len(text))}\t{dictd_number(len(chunk))}")
+        text += chunk
+    (folder / "jargon.dict.dz").write_bytes(gzip.compress(text))
+    (folder / "jargon.index").write_text("\n".join(index) + "\n")
+    return folder / "jargon.dict.dz"
+
+
+JARGON = {
+    "kluge": "kluge\n /klooj/, n.\n\n    [from the German klug] A clever programming trick intended to solve a\n    particular nasty case in an expedient, if not clear, manner. See {hack}.\n\n",
+    "hack": "hack\n /hak/\n\n    1. n. Originally, a quick job that produces what is needed, but not well.\n\n    2. n. An incredibly good, and perhaps very time-consuming, piece of work.\n\n",
+}
+
+
 def tiny_cfg(tmp_path, **kw) -> mini_gpt2.TextPretrainConfig:
     return mini_gpt2.TextPretrainConfig(**{
         "out": tmp_path / "mini", "data_dir": tmp_path / "fortunes", "state_dir": tmp_path / "state", "steps": 6,
+        "jargon_file": fake_jargon(tmp_path / "dictd", JARGON),
         "n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 300, "block_size": 48, "batch_size": 4,
         "warmup": 2, "eval_every": 3, "val_fraction": 0.1, **kw})
 
@@ -40,6 +71,23 @@ def test_clean_fortune():
 def test_missing_fortunes_says_how_to_install(tmp_path):
     with pytest.raises(UserError, match="apt-get install fortunes"):
         mini_gpt2.load_fortunes(tmp_path / "nope")
+    with pytest.raises(UserError, match="apt-get install dict-jargon"):
+        mini_gpt2.load_jargon(tmp_path / "jargon.dict.dz")
+
+
+def test_jargon_entries_read_from_the_dictd_index_as_prose(tmp_path):
+    entries = mini_gpt2.load_jargon(fake_jargon(tmp_path, JARGON))
+    assert entries[0] == ("kluge: [from the German klug] A clever programming trick intended to solve a particular nasty case "
+                          "in an expedient, if not clear, manner. See hack.")  # no headword line, pronunciation or braces
+    assert entries[1].startswith("hack: 1. n. Originally, a quick job") and "\n2. n. An incredibly good" in entries[1]
+    assert len(entries) == 2  # the database's own 00-database entries are not text
+
+
+def test_dictionary_word_share(tmp_path):
+    words = tmp_path / "words"
+    words.write_text("the\ncat\nsat\nCat's\ndon't\n")
+    assert mini_gpt2.dictionary_words(["The cat sat, don't blorf."], words) == 0.8
+    assert mini_gpt2.dictionary_words(["cats' zzz"], tmp_path / "none") is None
 
 
 def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_path):
@@ -54,6 +102,10 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
     assert card["training"]["steps"] == 6 and not card["partial"]
     assert card["command"] == "python -m engine pretrain text --steps 6 --seed 1337"
     assert card["metrics"]["val_perplexity"] > 1 and card["sample"]["text"].startswith("The meaning of life is")
+    assert card["data"]["jargon_entries"] == 2 and "dict-jargon" in card["data"]["source"]
+    assert [x["seed"] for x in card["samples"]] == list(range(10))
+    assert all(x["text"].startswith(x["prompt"]) for x in card["samples"]) and card["metrics"]["generation_tokens_per_s"] > 0
+    assert "(seed 9)" in (out / "README.md").read_text()
     assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
     lm = causal_lm.load(str(out))
     assert lm.eos_id == 0 and lm.context == 48

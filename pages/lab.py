@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import streamlit as st
@@ -9,6 +10,7 @@ import streamlit as st
 from engine.core import runs
 from engine.data import demo_tasks, imagedata, sample
 from engine.lab import advisor, experiments
+from engine.text import lm_finetune, text_files
 from pages import lab_charts as charts
 from pages import lab_inside
 from pages.common import allowed, friendly_errors, locked, manager
@@ -28,6 +30,13 @@ TABS = {
                      "encoder from random weights. It needs many images a tiny network can learn from: try Demo: clothing, 120 per class."),
     "advise": ("Strategy advisor", "Which fine-tuning strategy fits this dataset?",
                "Measures how many images per class you have and how much the pretrained features already separate your classes."),
+    "text-compare": ("Text: pretrained vs scratch", "Does a pretrained language model learn a new text faster?",
+                     "The same GPT-2 shape and tokenizer twice, the same steps on the same text: once from the pretrained weights, "
+                     "once from random ones. Perplexity on the held-out end of the text: how surprised the model is by each next "
+                     "word (lower is better)."),
+    "text-data-size": ("Text: less data", "What if you only have a little text?",
+                       "Pretrained and from-scratch language models trained the same steps on 10%, 30% and all of the text, "
+                       "tested on the same held-out end."),
 }
 
 
@@ -50,6 +59,19 @@ def choose_data() -> str | None:
         return None
     default = names.index(sample.SAMPLE_NAME) if sample.SAMPLE_NAME in names else 0
     return a.selectbox("Dataset", names, index=default, key="lab_data")
+
+
+def choose_text(exp: str) -> str | None:
+    """The new text for the text experiments: the bundled Genesis, or an uploaded .txt file."""
+    choice = st.radio("Text", [text_files.EXAMPLE_TITLE, "Upload a .txt file"], horizontal=True, key=f"lab_text_choice_{exp}")
+    if choice == text_files.EXAMPLE_TITLE:
+        return "example"
+    up = st.file_uploader("A plain-text file (UTF-8)", type=["txt"], key=f"lab_text_upload_{exp}")
+    if up is None:
+        return None
+    with friendly_errors("lab: text upload"):
+        return str(lm_finetune.save_corpus(up.getvalue(), up.name))
+    return None
 
 
 def options() -> dict:
@@ -84,9 +106,47 @@ def numbers(state: dict) -> None:
             st.caption(readings[key])
 
 
+def text_numbers(state: dict) -> None:
+    """The three benefits for the language model: lower perplexity is better."""
+    b = (state.get("result") or {}).get("benefits") or {}
+    g, readings = b.get("groups") or {}, b.get("readings") or {}
+    finished = state.get("status") in ("done", "cancelled")
+    interval = (state.get("config") or {}).get("eval_every")
+    for key, title, what in (("start", "Lower start", f"Perplexity after the first {interval} steps."),
+                             ("slope", "Faster fall", f"How much perplexity falls per {interval} steps, over the next {b.get('early_intervals', 3)} intervals."),
+                             ("asymptote", "Lower asymptote", "The best perplexity reached.")):
+        p, s = (g.get(side, {}).get(key, {}) for side in ("pretrained", "scratch"))
+        if p.get("mean") is None or s.get("mean") is None:
+            st.metric(title, "–")
+            continue
+        if key == "slope":
+            fall = lambda v: 1 - math.exp(-v)  # noqa: E731
+            st.metric(title, f"{fall(p['mean']):.0%} per interval", f"scratch {fall(s['mean']):.0%}", delta_color="off", help=what)
+        else:
+            st.metric(title, f"{p['mean']:.0f}", f"{p['mean'] / s['mean']:.2f}x scratch's {s['mean']:.0f}", delta_color="inverse",
+                      help=f"{what} Pretrained model; scratch alongside.")
+        if finished and readings.get(key):
+            st.caption(readings[key])
+
+
 def show_result(state: dict, run_dir: Path) -> None:
     exp = state.get("experiment")
     res = state.get("result") or {}
+    if exp in experiments.TEXT_EXPERIMENTS:
+        data = state.get("data") or {}
+        st.caption(f"{data.get('name', '')}: {data.get('train_tokens', 0):,} training tokens, {data.get('val_tokens', 0):,} held out · "
+                   f"{(state.get('weights') or {}).get('name', '')}, {(state.get('weights') or {}).get('parameters', 0) / 1e6:.1f}M parameters")
+    if exp == "text-compare":
+        left, right = st.columns([5, 2], gap="large")
+        left.plotly_chart(charts.text_curves_figure(state), key="lab_text_curves")
+        with right:
+            text_numbers(state)
+    elif exp == "text-data-size":
+        a, b = st.columns(2)
+        a.plotly_chart(charts.text_curves_figure(state), key="lab_text_size_curves")
+        b.plotly_chart(charts.text_size_figure(state), key="lab_text_size")
+        if state.get("status") == "done" and res.get("reading"):
+            st.caption(res["reading"])
     if exp == "advise":
         return show_advice(res) if res.get("advice") else None
     if exp == "unsupervised" and state.get("ae"):
@@ -178,7 +238,8 @@ def experiment_tab(exp: str, data: str | None, opts: dict) -> None:
     if start and allowed():
         with friendly_errors(f"lab: start {exp}"):
             cfg = experiments.LabConfig(exp, data=data, preset=opts["preset"],
-                                **({} if exp == "advise" else {"epochs": opts["epochs"], "seeds": opts["seeds"]}))
+                                **({} if exp == "advise" else {"seeds": opts["seeds"]} if exp in experiments.TEXT_EXPERIMENTS
+                                   else {"epochs": opts["epochs"], "seeds": opts["seeds"]}))
             st.session_state[f"lab_{exp}"] = experiments.submit(cfg, manager())
             st.rerun()
     if not mine:
@@ -200,6 +261,6 @@ with friendly_errors("lab: page"):
     *tabs, inside_tab = st.tabs([TABS[e][0] for e in TABS] + ["Inside the network"])
     for tab, exp in zip(tabs, TABS):
         with tab:
-            experiment_tab(exp, data, opts)
+            experiment_tab(exp, choose_text(exp) if exp in experiments.TEXT_EXPERIMENTS else data, opts)
     with inside_tab:
         lab_inside.show(data)

@@ -155,3 +155,46 @@ def probe_figure(result: dict) -> go.Figure:
     fig.update_layout(title=f"Telling classes apart from {result.get('shots', 5)} examples each, using…",
                       height=420, margin=dict(l=10, r=10, t=50, b=10), yaxis=dict(title="accuracy", range=[0, 1.1], tickformat=".0%"))
     return fig
+
+
+def text_curves_figure(state: dict) -> go.Figure:
+    """Validation perplexity per step (log axis, lower is better), pretrained vs scratch, with the start and
+    the asymptote marked as on the image curves."""
+    fig = go.Figure()
+    res = state.get("result") or {}
+    curves = res.get("curves") or {}
+    names = {"pretrained": f"pretrained: {(state.get('weights') or {}).get('name', '')}", "scratch": "from scratch (random weights)"}
+    steps = next((r["metrics"] for r in state.get("runs", []) if r.get("x") in (None, 1.0) and r["metrics"]), [])
+    for group, name in names.items():
+        c = curves.get(group)
+        if c and c["epoch"]:
+            # the curves' x is the evaluation interval; the axis shows the optimizer step it was measured at
+            _band(fig, {**c, "epoch": [steps[i]["step"] if i < len(steps) else i for i in c["epoch"]]}, name, COLORS[group])
+    fig.update_layout(title="Perplexity on the held-out end of the text (lower is better; band = spread over seeds)",
+                      xaxis_title="optimizer steps on the new text", yaxis_title="perplexity (log scale)", **LAYOUT)
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(range=[-1, (state.get("steps") or (state.get("config") or {}).get("steps") or 1) + 1])
+    p = curves.get("pretrained")
+    if p and len(p["mean"]) > 1 and len(steps) > 1:
+        fig.add_annotation(x=steps[1]["step"], y=math.log10(p["mean"][1]), text="start", showarrow=True, arrowhead=2, ax=40, ay=-30,
+                           font=dict(color=PRE))
+        if state.get("status") == "done":
+            best = min(range(1, len(p["mean"])), key=lambda i: p["mean"][i])
+            fig.add_annotation(x=steps[min(best, len(steps) - 1)]["step"], y=math.log10(p["mean"][best]), text="asymptote",
+                               showarrow=True, arrowhead=2, ax=-40, ay=30, font=dict(color=PRE))
+    return fig
+
+
+def text_size_figure(state: dict) -> go.Figure:
+    """Best perplexity vs share of the text used, pretrained vs scratch (lower is better)."""
+    sweep = (state.get("result") or {}).get("sweep") or {}
+    fig = go.Figure()
+    for group, name in (("pretrained", "pretrained"), ("scratch", "from scratch")):
+        pts = sweep.get(group) or []
+        if pts:
+            fig.add_bar(x=[f"{p['x']:.0%} of the text" for p in pts], y=[p["best_val_ppl"]["mean"] for p in pts], name=name,
+                        marker_color=COLORS[group], text=[f"{p['best_val_ppl']['mean']:.0f}" for p in pts], textposition="outside",
+                        error_y=dict(type="data", array=[p["best_val_ppl"]["std"] for p in pts]))
+    fig.update_layout(title="Less text → best perplexity on the held-out end (lower is better)", barmode="group",
+                      yaxis_title="best perplexity", **LAYOUT)
+    return fig

@@ -16,6 +16,7 @@ from engine.core import runs
 from engine.data import imagedata
 from engine.lab import experiments
 from tests.helpers import make_folder, tiny
+from tests.text_helpers import corpus, make_pretrained_tiny_lm, tiny_text_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,25 @@ def test_empty_workspace_offers_the_sample_and_demo_tasks():
     assert not at.exception
     assert at.info and "sample" in at.info[0].value
     assert at.button(key="lab_demo")
-    assert all(at.button(key=f"lab_start_{e}").disabled for e in experiments.EXPERIMENTS)  # nothing to run on yet
+    image = [e for e in experiments.EXPERIMENTS if e not in experiments.TEXT_EXPERIMENTS]
+    assert all(at.button(key=f"lab_start_{e}").disabled for e in image)  # no images to run on yet
+    # the text experiments have their text already: the bundled Genesis
+    assert all(not at.button(key=f"lab_start_{e}").disabled for e in experiments.TEXT_EXPERIMENTS)
+    assert at.radio(key="lab_text_choice_text-compare").value == "Genesis (King James Version)"
+
+
+def test_finished_text_compare_is_reopened_with_perplexity_curves_and_the_three_numbers(tmp_path):
+    lm = make_pretrained_tiny_lm(tmp_path / "lm")
+    text = tmp_path / "new.txt"
+    text.write_text(corpus(300, seed=7))
+    run_id = finished(tiny_text_lab("text-compare", str(text), str(lm)))
+    at = open_lab()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="lab_pick_text-compare").value == run_id
+    metrics = {m.label: m for m in at.metric}
+    assert {"Lower start", "Faster fall", "Lower asymptote"} <= set(metrics)
+    assert "x scratch's" in metrics["Lower start"].delta
+    assert any("training tokens" in c.value for c in at.caption)
 
 
 def test_finished_compare_is_reopened_with_curves_and_the_three_numbers(tmp_path, tiny_weights):  # noqa: F811

@@ -145,7 +145,7 @@ def test_a_run_without_epochs_takes_them_from_the_text(tiny_dir, corpus_file, tm
     out = lm_finetune.finetune(config(tiny_dir, corpus_file, epochs=None), tmp_path / "run")
     ids = causal_lm.load(str(tiny_dir)).tokenizer(corpus_file.read_text())["input_ids"]
     train, _, block = lm_finetune.split_tokens(ids, 0.1, 32)
-    n_blocks = len(lm_finetune._blocks(train, block)[0])
+    n_blocks = len(lm_finetune.blocks(train, block)[0])
     assert out["epochs_from"] == "the text's size" and out["epochs"] == lm_finetune.plan_epochs(n_blocks, 8, 10**6)
     assert out["steps"] == out["epochs"] * math.ceil(n_blocks / 8) >= 2 * math.ceil(n_blocks / 8)  # more than the old 2 passes
 

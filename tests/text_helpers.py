@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 WORDS = ("the cat sat on the mat and the dog ran to the park while a bird sang in the tree "
          "every morning she reads a book about ships and stars and the sea is calm today").split()
 
@@ -37,3 +36,32 @@ def make_tiny_lm(folder: Path, n_positions: int = 64, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     hf_tok.save_pretrained(folder)
     return folder
+
+
+def make_pretrained_tiny_lm(folder: Path) -> Path:
+    """make_tiny_lm, then 150 steps on the corpus: it knows the words; a new text in them differs in their order."""
+    import torch
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from engine.text import lm_finetune
+
+    make_tiny_lm(folder, n_positions=64)
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    xs, ys = lm_finetune.blocks(torch.tensor(tok(corpus(600, seed=1))["input_ids"]), 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        idx = torch.randint(0, len(xs), (16,), generator=g)
+        lm_finetune.train_step(model, opt, xs[idx], ys[idx], 3e-3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def tiny_text_lab(experiment: str, data: str, weights: str, **kw):
+    """A text Lab experiment small enough for a test: 12 steps, perplexity every 4, 32-token blocks."""
+    from engine.lab import experiments
+
+    return experiments.LabConfig(experiment, data=data, weights=weights, **{
+        "steps": 12, "eval_every": 4, "seeds": 1, "block_size": 32, "batch_size": 8, "val_tokens": 256, "lr": 2e-3, **kw})

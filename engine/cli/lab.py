@@ -37,6 +37,15 @@ def _ints(value: str | None, what: str) -> list[int] | None:
         raise UserError(f"{what} must be a comma list of integers, e.g. 1,5,10 (got {value!r})") from None
 
 
+def _floats(value: str | None, what: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be a comma list of numbers, e.g. 0.1,0.3,1 (got {value!r})") from None
+
+
 def cmd_lab(args) -> int:
     from engine.jobs import JobContext, ctrl_c_cancels  # deferred: off the CLI's start-up
     from engine.lab import experiments  # deferred: imports torch
@@ -46,11 +55,13 @@ def cmd_lab(args) -> int:
         epochs=getattr(args, "epochs", None), seeds=getattr(args, "seeds", None), image_size=getattr(args, "image_size", None),
         batch_size=getattr(args, "batch_size", None), lr=getattr(args, "lr", None), ks=_ints(getattr(args, "ks", None), "--ks"),
         sizes=_ints(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
-        ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None))
+        ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None),
+        steps=getattr(args, "steps", None), eval_every=getattr(args, "eval_every", None),
+        fractions=_floats(getattr(args, "fractions", None), "--fractions"))
     resolved = cfg.resolved()  # bad options fail here, before a run is recorded
-    cfg.data = resolved.data = experiments.check_data(cfg.data)  # "sample" or a demo key -> the dataset's name
-    run_id = runs.create("lab", f"Lab · {experiments.EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}",
-                         {k: v for k, v in vars(cfg).items() if v is not None})
+    cfg.data, title = experiments.data_and_title(cfg)  # "sample" or a demo key -> the dataset's name
+    resolved.data = cfg.data
+    run_id = runs.create("lab", title, {k: v for k, v in vars(cfg).items() if v is not None})
     stream = sys.stderr if args.json else sys.stdout
     seen = set()
 
@@ -133,6 +144,21 @@ def add_commands(sub) -> None:
         if name == "unsupervised":
             s.add_argument("--labels-per-class", type=int, default=None)
             s.add_argument("--ae-epochs", type=int, default=None, help="autoencoder pretraining epochs")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=cmd_lab)
+    for name, what in (("text-compare", "the language model pretrained vs from scratch on a new text: perplexity curves, start / slope / asymptote"),
+                       ("text-data-size", "the language model on 10%, 30%, 100% of a new text, pretrained vs scratch")):
+        s = lab_p.add_parser(name, help=what)
+        s.add_argument("--data", default="example", help="the new text: 'example' (Genesis, King James Version) or a .txt file")
+        s.add_argument("--preset", default="quick", choices=["quick", "thorough"])
+        s.add_argument("--weights", default="auto", help="the pretrained language model: auto | mini | gpt2 | a model folder")
+        s.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
+        s.add_argument("--eval-every", type=int, default=None, help="steps between perplexity measurements")
+        s.add_argument("--seeds", type=int, default=None, help="runs per setting, averaged (spread shown)")
+        s.add_argument("--batch-size", type=int, default=None)
+        s.add_argument("--lr", type=float, default=None, help="learning rate, the same for both sides")
+        if name == "text-data-size":
+            s.add_argument("--fractions", default=None, help="shares of the training text, e.g. 0.1,0.3,1")
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=cmd_lab)
     s = lab_p.add_parser("demo-data", help="import the built-in similar/different demo datasets into the workspace")

@@ -9,6 +9,8 @@
     unsupervised  a convolutional autoencoder pretrained on the images without labels, its encoder then
                   fine-tuned with a few labels, vs the same encoder from scratch (engine/lab/autoencoder.py).
     advise        size x similarity -> one of four scenarios and a strategy (engine/lab/advisor.py).
+    text-compare, text-data-size
+                  the same two questions for the language model on a new text (engine/lab/text_transfer.py).
 
 Every experiment is one background job (kind "lab"). It trains its runs one after the other with
 the loop below and rewrites <run dir>/lab.json after every epoch, so the page can draw the curves
@@ -49,7 +51,10 @@ EXPERIMENTS = {
     "data-size": "Less data",
     "unsupervised": "Unsupervised pretraining",
     "advise": "Strategy advisor",
+    "text-compare": "Text: pretrained vs from scratch",
+    "text-data-size": "Text: less data",
 }
+TEXT_EXPERIMENTS = ("text-compare", "text-data-size")
 PRESET_NAMES = ("quick", "thorough")
 # image_size 0 = the weights' own size (64 px for the bundled mini backbone, 224 for ImageNet).
 # Sizes: images per class; 0 = all of them. "quick" takes 1-2 minutes on a 2-core CPU with the sample.
@@ -73,6 +78,16 @@ PRESETS: dict[str, dict[str, dict]] = {
     "advise": {
         "quick": dict(max_per_class=60),
         "thorough": dict(max_per_class=200),
+    },
+    # text: `steps` optimizer steps per run, perplexity every `eval_every`; quick is about a minute per side here
+    "text-compare": {
+        "quick": dict(steps=120, eval_every=12, seeds=1, block_size=64, batch_size=8, lr=1e-3, val_tokens=2048),
+        "thorough": dict(steps=400, eval_every=25, seeds=2, block_size=128, batch_size=8, lr=1e-3, val_tokens=8192),
+    },
+    "text-data-size": {
+        "quick": dict(steps=60, eval_every=12, seeds=1, block_size=64, batch_size=8, lr=1e-3, val_tokens=2048, fractions=[0.1, 0.3, 1.0]),
+        "thorough": dict(steps=200, eval_every=25, seeds=2, block_size=128, batch_size=8, lr=1e-3, val_tokens=8192,
+                         fractions=[0.1, 0.3, 1.0]),
     },
 }
 BACKBONE_LR = 0.1  # the pretrained layers learn 10x slower than the new head (the "full" strategy)
@@ -99,6 +114,11 @@ class LabConfig:
     labels_per_class: int | None = None    # unsupervised: labels used for fine-tuning
     ae_epochs: int | None = None           # unsupervised: autoencoder pretraining epochs
     max_per_class: int | None = None       # advise: images per class used to measure similarity
+    steps: int | None = None               # text: optimizer steps per run
+    eval_every: int | None = None          # text: steps between perplexity measurements
+    block_size: int | None = None          # text: tokens per training block
+    val_tokens: int | None = None          # text: held-out tokens measured
+    fractions: list[float] | None = None   # text-data-size: shares of the training text
     val_fraction: float = 0.2
 
     def resolved(self) -> "LabConfig":
@@ -118,7 +138,8 @@ class LabConfig:
 
     def _validate(self) -> None:
         if not isinstance(self.data, str) or not self.data.strip():
-            raise UserError("choose a dataset (a workspace dataset name or a folder/ZIP path)")
+            raise UserError("choose a text ('example' or a .txt file)" if self.experiment in TEXT_EXPERIMENTS
+                            else "choose a dataset (a workspace dataset name or a folder/ZIP path)")
 
         def check_int(name, lo, hi):
             v = getattr(self, name)
@@ -131,6 +152,13 @@ class LabConfig:
         check_int("labels_per_class", 1, 10_000)
         check_int("ae_epochs", 1, 2000)
         check_int("max_per_class", 2, 100_000)
+        check_int("steps", 1, 100_000)
+        check_int("eval_every", 1, 100_000)
+        check_int("block_size", 8, 4096)
+        check_int("val_tokens", 16, 10_000_000)
+        if self.fractions is not None:
+            if not self.fractions or any(not number_in(f, 0.01, 1) for f in self.fractions):
+                raise UserError(f"fractions of the text must be from 0.01 to 1 (got {self.fractions!r})")
         if self.image_size is not None and self.image_size != 0:
             check_int("image_size", 16, 512)
         if self.lr is not None and not (number_in(self.lr, 0, 10) and self.lr > 0):
@@ -315,7 +343,7 @@ def three_numbers(val_acc: list[float], early: int = EARLY_EPOCHS) -> dict:
     return {"start": val_acc[1], "slope": (val_acc[m] - val_acc[0]) / m, "asymptote": max(val_acc[1:])}
 
 
-def _mean_std(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None, "n": 0}
@@ -346,7 +374,7 @@ def benefits(runs: list[dict], early: int = EARLY_EPOCHS) -> dict:
     for group in ("pretrained", "scratch"):
         done = [r for r in runs if r["group"] == group and len(r["metrics"]) >= 2]
         nums = [three_numbers([m["val_acc"] for m in r["metrics"]], early) for r in done]
-        per_group[group] = {k: _mean_std([n[k] for n in nums]) for k in ("start", "slope", "asymptote")}
+        per_group[group] = {k: mean_std([n[k] for n in nums]) for k in ("start", "slope", "asymptote")}
     out = {"groups": per_group, "early_epochs": early, "readings": {}}
     p, s = per_group["pretrained"], per_group["scratch"]
     if all(p[k]["n"] and s[k]["n"] for k in ("start", "slope", "asymptote")):
@@ -373,9 +401,9 @@ def sweep(runs: list[dict], groups: tuple[str, ...]) -> dict:
             if r["group"] == group and len(r["metrics"]) >= 2 and r.get("done"):
                 pts.setdefault(r["x"], []).append(r)
         out[group] = [
-            {"x": x, "best_val_acc": _mean_std([max(m["val_acc"] for m in r["metrics"][1:]) for r in rs]),
-             "final_val_acc": _mean_std([r["metrics"][-1]["val_acc"] for r in rs]),
-             "seconds": _mean_std([r["seconds"] for r in rs]),
+            {"x": x, "best_val_acc": mean_std([max(m["val_acc"] for m in r["metrics"][1:]) for r in rs]),
+             "final_val_acc": mean_std([r["metrics"][-1]["val_acc"] for r in rs]),
+             "seconds": mean_std([r["seconds"] for r in rs]),
              "trainable_params": rs[0].get("params", {}).get("trainable"),
              "train_images": rs[0].get("train_images")}
             for x, rs in sorted(pts.items())
@@ -502,6 +530,10 @@ def _run_lab(cfg: LabConfig, out_dir: Path, ctx, dev: torch.device) -> dict:
         from engine.lab import autoencoder  # deferred: imports torch
 
         return autoencoder.run_experiment(cfg, out_dir, ctx, state, dev)
+    if cfg.experiment in TEXT_EXPERIMENTS:
+        from engine.lab import text_transfer  # deferred: imports transformers
+
+        return text_transfer.run_experiment(cfg, out_dir, ctx, state, dev)
 
     ctx.report(phase="loading", message="reading images")
     split = load_split(cfg.data, cfg.weights, cfg.image_size, cfg.val_fraction)
@@ -561,6 +593,11 @@ def headline(state: dict) -> dict:
         out["gap"] = res.get("gap")
     elif exp == "unsupervised":
         out.update({k: v for k, v in res.items() if k in ("pretrained_best", "scratch_best", "ae_final_loss")})
+    elif exp == "text-compare" and res.get("benefits", {}).get("difference"):
+        g = res["benefits"]["groups"]
+        out.update({f"{side}_{k}": g[side][k]["mean"] for side in ("pretrained", "scratch") for k in ("start", "slope", "asymptote")})
+    elif exp == "text-data-size":
+        out["ratio"] = res.get("ratio")
     return out
 
 
@@ -571,7 +608,9 @@ def cli_object(run_id: str, state: dict) -> dict:
             "config": state.get("config"), "result": state.get("result"), "ae": state.get("ae"),
             "runs": [{"label": r["label"], "group": r["group"], "seed": r["seed"], "x": r.get("x"), "frozen": r.get("frozen"),
                       "per_class": r.get("per_class"), "seconds": r.get("seconds"), "params": r.get("params"),
-                      "val_acc": [m["val_acc"] for m in r["metrics"]]} for r in state.get("runs", [])]}
+                      **({"step": [m["step"] for m in r["metrics"]], "val_ppl": [m["val_ppl"] for m in r["metrics"]]}
+                         if state.get("experiment") in TEXT_EXPERIMENTS else {"val_acc": [m["val_acc"] for m in r["metrics"]]})}
+                     for r in state.get("runs", [])]}
 
 
 def _pct(v) -> str:
@@ -605,6 +644,21 @@ def format_text(run_id: str, state: dict) -> str:
         if "lr_rule" in res:
             r = res["lr_rule"]
             lines.append(f"pretrained layers at lr/10: {r['rule']:.1%} vs one lr for all: {r['one_lr']:.1%}")
+    elif exp in TEXT_EXPERIMENTS and res.get("curves"):
+        c = res["curves"]
+        lines.append(f"{'step':>5}  pretrained   scratch    (validation perplexity on the held-out text, lower is better)")
+        steps = next((r["metrics"] for r in state.get("runs", []) if r["metrics"]), [])
+        for i, e in enumerate(c["pretrained"]["epoch"]):
+            s = c["scratch"]["mean"][i] if i < len(c["scratch"]["mean"]) else None
+            step = steps[i]["step"] if i < len(steps) else e
+            lines.append(f"{step:5d}  {c['pretrained']['mean'][i]:10.1f}   {'' if s is None else f'{s:8.1f}'}")
+        if exp == "text-compare":
+            lines += [f"  {v}" for v in res["benefits"].get("readings", {}).values()]
+        for group, pts in res.get("sweep", {}).items():
+            for p in pts:
+                lines.append(f"{group:>10} {p['x']:>5.0%} of the text: best perplexity {p['best_val_ppl']['mean']:.1f} · {p['seconds']['mean']:.0f}s")
+        if res.get("reading"):
+            lines.append(f"  {res['reading']}")
     elif exp == "advise" and res.get("advice"):
         a, acc = res["advice"], res["nearest_mean_accuracy"]
         lines += [f"{res['images_per_class']:.0f} images per class; similarity {res['similarity']:.2f} "
@@ -633,10 +687,20 @@ def check_data(data: str) -> str:
     return name
 
 
+def data_and_title(cfg: LabConfig) -> tuple[str, str]:
+    """The data to record (a sample or demo key becomes its dataset's name) and the run's title; UserError
+    for data that is not there."""
+    if cfg.experiment in TEXT_EXPERIMENTS:
+        from engine.lab import text_transfer  # deferred: imports transformers
+
+        return cfg.data, f"Lab · {EXPERIMENTS[cfg.experiment]} · {text_transfer.text_title(cfg.data)} · {cfg.preset}"
+    data = check_data(cfg.data)
+    return data, f"Lab · {EXPERIMENTS[cfg.experiment]} · {data} · {cfg.preset}"
+
+
 def submit(cfg: LabConfig, manager=None) -> str:
     """Queue an experiment as a background job; returns the run id."""
 
     cfg.resolved()  # refuse bad options before anything is queued
-    check_data(cfg.data)
-    title = f"Lab · {EXPERIMENTS[cfg.experiment]} · {cfg.data} · {cfg.preset}"
+    cfg.data, title = data_and_title(cfg)
     return (manager or jobs.get_manager()).submit("lab", {k: v for k, v in asdict(cfg).items() if v is not None}, title)

@@ -107,7 +107,7 @@ def split_tokens(ids: list[int], val_fraction: float, block_size: int) -> tuple[
     return train, val, block
 
 
-def _blocks(train: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blocks(train: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping (x, y) blocks; y is x shifted by one token."""
     n = (len(train) - 1) // block
     x = train[: n * block].view(n, block)
@@ -115,8 +115,19 @@ def _blocks(train: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
     return x, y
 
 
-def _lr(step: int, total: int, base: float) -> float:
+def lr_at(step: int, total: int, base: float) -> float:
+    """The fine-tuning schedule: 10% linear warm-up, then linear decay to 0."""
     return base * schedules.warmup_linear(step, total, warmup=max(1, total // 10))
+
+
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+    """One optimizer step of next-token prediction at learning rate `lr`, gradients clipped at norm 1:
+    the step of every language-model loop that trains on blocks (fine-tuning, the Transfer Lab)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # y is x shifted by one token; the loss is computed here (HF's `labels=` would shift again)
+    loss, _ = loop.step(lambda ids: model(input_ids=ids).logits.flatten(0, 1), optimizer, x, y.flatten(), clip_norm=1.0)
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- checkpoints (no pickle)
@@ -149,7 +160,7 @@ def run_job(ctx) -> dict:
     corpus = text_files.read_text_files(cfg.texts)
     ids = base.tokenizer(corpus)["input_ids"]
     train, val, block = split_tokens(ids, cfg.val_fraction, min(cfg.block_size, base.context))
-    xs, ys = _blocks(train, block)
+    xs, ys = blocks(train, block)
     steps_per_epoch = math.ceil(len(xs) / cfg.batch_size)
     epochs = cfg.epochs or plan_epochs(len(xs), cfg.batch_size, sum(p.numel() for p in base.model.parameters()))
     total_steps = steps_per_epoch * epochs
@@ -179,16 +190,14 @@ def run_job(ctx) -> dict:
         if ctx.cancelled():
             break
         seed_everything(cfg.seed + step)  # dropout masks, per step
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, total_steps, cfg.lr)
         x, y = xs[idx].to(device), ys[idx].to(device)
-        loss, _ = loop.step(lambda ids: model(input_ids=ids).logits.flatten(0, 1), optimizer, x, y.flatten(), clip_norm=1.0)
+        loss = train_step(model, optimizer, x, y, lr_at(step, total_steps, cfg.lr))
         step += 1
         tokens_done += x.numel()
-        state["losses"].append(round(loss.item(), 4))
+        state["losses"].append(round(loss, 4))
         elapsed = time.time() - t0
         tok_s = tokens_done / elapsed if elapsed > 0 else 0.0
-        ctx.report(phase="training", epoch=epoch + 1, epochs=epochs, step=step, steps=total_steps, loss=loss.item(),
+        ctx.report(phase="training", epoch=epoch + 1, epochs=epochs, step=step, steps=total_steps, loss=loss,
                    tokens_s=tok_s, eta_s=(total_steps - step) * elapsed / (step - start))
         if step % steps_per_epoch == 0 or time.time() - last_ckpt > CHECKPOINT_EVERY_S:
             _save_checkpoint(ckpt_dir, model, optimizer, {**state, "step": step, "seconds": seconds_before + elapsed})

@@ -1,6 +1,7 @@
 """`bench recipes`: its table, its goals and its place in BENCHMARKS.md (the measuring itself is the benchmark)."""
 from engine.__main__ import main
 from engine.bench import recipe_bench
+from engine.data import transfer_tasks
 
 
 def cell(old, new, grid=None, seconds=(10.0, 20.0)):
@@ -48,6 +49,6 @@ def test_cli_refuses_unknown_datasets_and_strategies(capsys):
 
 
 def test_digits_are_real_scans_in_class_folders(tmp_path):
-    folder = recipe_bench.write_digits(tmp_path / "d", 3)
+    folder = transfer_tasks.write_digits(tmp_path / "d", 3)
     assert sorted(p.name for p in folder.iterdir()) == [f"digit_{c}" for c in range(10)]
     assert all(len(list((folder / f"digit_{c}").glob("*.png"))) == 3 for c in range(10))

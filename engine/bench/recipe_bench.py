@@ -28,13 +28,12 @@ from pathlib import Path
 
 from engine.bench import speed
 from engine.core import workspace
-from engine.data import demo_tasks, fractals, sample
+from engine.data.transfer_tasks import DATASETS, make_dataset  # noqa: F401  (DATASETS: the CLI's choices)
 from engine.train import recipes
 from engine.vision.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("sample", "shapes", "clothing", "digits")
 STRATEGIES = ("linear", "partial", "full", "two-phase", "scratch")
 OLD = dict(epochs=10, batch_size=32, lr=1e-3, optimizer="sgd", schedule="cosine", augment=[],
            weight_decay=0.0, label_smoothing=0.0, bn_adapt=False)
@@ -44,47 +43,6 @@ BN_STRATEGIES = ("linear", "partial")
 PROBE_SEEDS = 8
 DEFAULT_SEEDS = 5  # the default strategy: the goals are judged on it, so two more seeds than the other strategies
 GRID_STRATEGIES = ("linear", "full")  # the probe (seconds) and the default strategy: the grid costs ~8 runs a cell
-PER_CLASS = {"clothing": 40, "digits": 20}  # images per class: each set about the sample's size (runs take seconds)  # the frozen paths, where re-estimating BatchNorm statistics can matter
-
-
-def make_dataset(name: str, folder: Path) -> str:
-    """A dataset for the benchmark: a workspace name or a folder of class folders."""
-
-    if name == "sample":
-        return sample.load_sample()["dataset"]
-    if name == "shapes":
-        return str(fractals.write_shapes_dataset(folder / "shapes", n_per_class=40, size=64, seed=1000, shapes=fractals.SHAPES))
-    if name == "clothing":
-        return str(write_images(folder / "clothing", demo_tasks.clothing_images(PER_CLASS["clothing"]), "L"))
-    if name == "digits":
-        return str(write_digits(folder / "digits", PER_CLASS["digits"]))
-    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-
-
-def write_images(folder: Path, images: dict, mode: str) -> Path:
-    """{class: [arrays]} as PNGs in class folders."""
-    from PIL import Image
-
-    for cls, arrays in images.items():
-        (folder / cls).mkdir(parents=True, exist_ok=True)
-        for i, a in enumerate(arrays):
-            Image.fromarray(a, mode).save(folder / cls / f"{i:03d}.png")
-    return folder
-
-
-def write_digits(folder: Path, per_class: int) -> Path:
-    """scikit-learn's digits (1,797 real 8x8 scans, 16 grey levels) as 64 px PNGs in class folders."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for c in range(10):
-        (folder / f"digit_{c}").mkdir(parents=True, exist_ok=True)
-        for i, j in enumerate(np.nonzero(d.target == c)[0][:per_class]):
-            a = (d.images[j] * (255 / 16)).astype("uint8")
-            Image.fromarray(a, "L").resize((64, 64), Image.BILINEAR).save(folder / f"digit_{c}" / f"{i:03d}.png")
-    return folder
 
 
 def _run(data: str, strategy: str, seed: int, settings: dict, out: Path) -> dict:

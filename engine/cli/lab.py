@@ -100,7 +100,7 @@ def cmd_pretrain_vision(args) -> int:
 
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
     if args.probe_only:
-        card = mini_resnet.probe_vision(args.out or None)
+        card = mini_resnet.probe_vision(args.out or None, baseline=args.probe_baseline or None)
     else:
         cfg = mini_resnet.VisionPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed,
                                             threads=args.threads, out=args.out or "", probe=not args.no_probe)
@@ -177,6 +177,7 @@ def add_commands(sub) -> None:
     s.add_argument("--no-probe", action="store_true", help="skip the linear-probe transfer measurement")
     s.add_argument("--probe-only", action="store_true", help="only re-measure the transfer numbers of an existing backbone")
     s.add_argument("--resume", action="store_true", help="continue the last run from its saved training state")
+    s.add_argument("--probe-baseline", default="", help="with --probe-only: also probe an earlier backbone's folder, as `previous`")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pretrain_vision)
     # (pretrain text parser: pre.add_parser("text", ...))

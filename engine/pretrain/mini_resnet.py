@@ -21,7 +21,7 @@ import numpy as np
 from engine.core import workspace
 from engine.core.errors import UserError
 from engine.core.workspace import temporary_workspace
-from engine.data import fractals, textures
+from engine.data import fractals, textures, transfer_tasks
 from engine.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
 from engine.models import sources
 from engine.train import schedules
@@ -316,14 +316,16 @@ def pretrain_vision(cfg: VisionPretrainConfig, resume: bool = False) -> dict:
     return card
 
 
-def probe_vision(out: Path | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def probe_vision(out: Path | None = None, seeds: tuple[int, ...] = (0, 1, 2), baseline: Path | None = None) -> dict:
     """Transfer check written into the card: linear probe from `mini` vs from `none` on held-out tasks.
 
-    Uses the app's own `linear` strategy (engine.vision.finetune.finetune) on generated coloured shapes
-    (5 shape classes, never seen in pretraining) and, when present, the bundled sample dataset.
-    `none` is a random-init resnet18 saved with the mini backbone's preprocessing, so only the
-    weights differ. Validation sets are small (32-40 images), so it is repeated over seeds (each
-    seed: another split, head init and batch order; another shapes set and random init) and averaged.
+    Uses the app's own `linear` strategy (engine.vision.finetune.finetune) with the recipe book's
+    settings on every dataset of the recipe benchmark (engine/data/transfer_tasks.py: the bundled
+    sample, coloured shapes, clothing, handwritten digits). `none` is a random-init resnet18 saved
+    with the mini backbone's preprocessing, so only the weights differ; `baseline` (a folder with an
+    earlier model.safetensors and card) is probed the same way as `previous`. Validation sets are
+    small (32-40 images), so it is repeated over seeds (each seed: another split, head init and
+    batch order) and averaged.
     """
     from engine.vision import finetune, network  # deferred: imports torch
 
@@ -332,30 +334,30 @@ def probe_vision(out: Path | None = None, seeds: tuple[int, ...] = (0, 1, 2)) ->
     card = json.loads((out / "model_card.json").read_text())
     per_seed: dict[str, dict[str, list[float]]] = {}
     with temporary_workspace() as tmp:  # the generated images never enter the user's workspace
+        tasks = {name: transfer_tasks.make_dataset(name, tmp / "tasks") for name in transfer_tasks.DATASETS}
         for seed in seeds:
-            tasks = {}
-            shapes = fractals.write_shapes_dataset(tmp / f"shapes-{seed}", n_per_class=40, size=64, seed=seed + 1000, shapes=fractals.SHAPES)
-            tasks["coloured shapes (5 classes x 40, 64 px, 20% val)"] = str(shapes)
-            sample = sources.ASSETS / "sample"
-            if sample.is_dir() and any(p.is_dir() for p in sample.iterdir()):
-                tasks["bundled sample dataset (assets/sample, 4 classes x 40, 20% val)"] = str(sample)
             random_init = network.build_model("resnet18", 2, sources.Source("none", "random init", ""), seed=seed)
             none_file = tmp / f"random-init-{seed}.safetensors"
             network.save_weights(none_file, random_init, {"preprocessing": card["preprocessing"]})
+            arms = [("mini", weights_file), ("none", none_file)] + ([("previous", Path(baseline) / "model.safetensors")] if baseline else [])
             for task, data in tasks.items():
-                for name, weights in (("mini", weights_file), ("none", none_file)):
+                for name, weights in arms:
                     # the linear probe with the recipe book's settings (the L-BFGS protocol), as a user gets it
                     cfg = FinetuneConfig(data=data, weights=str(weights), strategy="linear", seed=seed)
-                    summary = finetune.finetune(cfg, tmp / f"run-{seed}-{len(per_seed)}-{name}")
+                    summary = finetune.finetune(cfg, tmp / f"run-{seed}-{task}-{name}")
                     per_seed.setdefault(task, {}).setdefault(name, []).append(round(summary["best_val_acc"], 4))
                     log.info("probe %s from %s, seed %d: %.4f", task, name, seed, summary["best_val_acc"])
     results = {task: {name: round(float(np.mean(v)), 4) for name, v in row.items()} | {"per_seed": row} for task, row in per_seed.items()}
     card = json.loads((out / "model_card.json").read_text())  # re-read: only the transfer section changes
     card["transfer"] = {
         "method": "linear probe with the app's linear strategy and the recipe book's settings (frozen backbone, a logistic regression on the features fitted with L-BFGS, L2 by cross-validation), "
-                  f"best validation accuracy, mean over seeds {list(seeds)}; `none` is a random-init resnet18 with the same preprocessing",
+                  f"best validation accuracy, mean over seeds {list(seeds)}; `none` is a random-init resnet18 with the same preprocessing"
+                  + ("; `previous` is the backbone this one replaced, probed the same way" if baseline else ""),
+        "datasets": {"sample": "the bundled fruit sample (4 classes x 40)", "shapes": "generated coloured shapes (5 x 40)",
+                     "clothing": "the Lab's clothing task (Fashion-MNIST test images, 4 x 40)",
+                     "digits": "scikit-learn's handwritten digits (10 x 20, 64 px)"},
         "results": results,
-        "command": "python -m engine pretrain vision --probe-only",
+        "command": "python -m engine pretrain vision --probe-only" + (" --probe-baseline PREVIOUS_FOLDER" if baseline else ""),
     }
     workspace.atomic_write_json(out / "model_card.json", card)
     return card

@@ -64,6 +64,9 @@ def test_less_data_sweep_reports_the_ratio_per_fraction():
     assert [p["x"] for p in res["sweep"]["pretrained"]] == [0.1, 1.0]
     assert res["ratio"] == [{"x": 0.1, "ratio": 5.0}, {"x": 1.0, "ratio": 2.0}]
     assert "The less text, the more pretraining is worth" in res["reading"]
+    assert "Pretrained on 10% of the text (80) beats from scratch on 100% of it (120)" in res["reading"]
+    rs[0] = run("pretrained", [300, 140, 130], x=0.1)  # pretrained on 10% now worse than scratch on all of it: not claimed
+    assert "beats" not in text_transfer.summarise("text-data-size", rs)["reading"]
 
 
 def test_fractions_keep_a_seeded_share_of_the_blocks():

@@ -187,6 +187,9 @@ def summarise(experiment: str, runs: list[dict]) -> dict:
                           f"with {many['x']:.0%}, {many['ratio']:.1f}x. "
                           + ("The less text, the more pretraining is worth." if few["ratio"] > many["ratio"] * 1.05
                              else "Here the gap does not shrink with more text."))
+        if pre[few["x"]] < scr[many["x"]]:
+            res["reading"] += (f" Pretrained on {few['x']:.0%} of the text ({pre[few['x']]:.0f}) beats from scratch on "
+                               f"{many['x']:.0%} of it ({scr[many['x']]:.0f}).")
     return res
 
 

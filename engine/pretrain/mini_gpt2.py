@@ -291,7 +291,7 @@ A {card['model']['parameters'] / 1e6:.1f}M-parameter GPT-2 ({card['model']['n_la
 {card['model']['n_head']} heads, context {card['model']['n_positions']}) with its own {card['model']['vocab_size']}-token byte-level
 BPE tokenizer, pretrained from scratch on Debian's `fortunes` ({d['fortunes']:,} quotes, jokes and
 short poems, {d['bytes'] / 1e6:.1f} MB){jargon}: {d['train_tokens']:,} training / {d['val_tokens']:,} validation tokens.
-It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get('why', '').capitalize()}.
+It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get('why', '')[:1].upper() + d.get('why', '')[1:]}.
 
 - Training: {t['steps']} steps of {t['batch_size']} x {t['block_size']} tokens ({t['tokens_seen'] / 1e6:.1f}M tokens seen,
   {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.

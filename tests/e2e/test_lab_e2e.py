@@ -12,7 +12,7 @@ def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch)
 
     page.goto(f"{app_url}/lab")
     wait_for_idle(page)
-    page.get_by_role("tab", name="Pretrained vs scratch").wait_for()
+    page.get_by_role("tab", name="Pretrained vs scratch", exact=True).wait_for()
     tall_screenshot(page, "lab-0-open")
     shown = page.get_by_test_id("stSelectbox").first.evaluate(
         "e => e.innerText + ' ' + Array.from(e.querySelectorAll('input')).map(i => i.value).join(' ')")

@@ -7,7 +7,6 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from engine.core.errors import UserError
 from engine.models import sources
 from engine.text import causal_lm, generation, history
 from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape

@@ -169,7 +169,7 @@ def test_seeded_runs_are_reproducible_on_cpu(data, tmp_path):
     sa, sb = network.safe_load_state(tmp_path / "a" / "model.safetensors"), network.safe_load_state(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["best_val_acc"] == b["best_val_acc"]
-    c = finetune.finetune(FinetuneConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "c")
+    finetune.finetune(FinetuneConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "c")
     assert not torch.equal(network.safe_load_state(tmp_path / "c" / "model.safetensors")["fc.weight"], sa["fc.weight"])
 
 

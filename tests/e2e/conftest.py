@@ -147,8 +147,6 @@ def wait_for_idle(page, timeout: float = 60_000) -> None:
 
 def open_generate(page, app_url: str, prompt: str) -> None:
     """The Generate text page with the bundled mini model loaded and `prompt` typed in (not yet generated)."""
-    import re
-
     page.goto(f"{app_url}/generate")
     wait_for_idle(page)
     page.get_by_text(re.compile(r"mini-gpt2 .* parameters · context 256 tokens")).wait_for(timeout=90_000)

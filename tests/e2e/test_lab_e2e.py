@@ -1,7 +1,7 @@
 """The showcase: open the Transfer Lab, run "pretrained vs scratch" on the sample and watch both curves."""
 import re
 
-from tests.e2e.conftest import screenshot, tall_screenshot, wait_for_idle
+from tests.e2e.conftest import tall_screenshot, wait_for_idle
 
 
 def test_pretrained_vs_scratch_curves(app_url, app_workspace, page, monkeypatch):

@@ -52,3 +52,15 @@ def test_digits_are_real_scans_in_class_folders(tmp_path):
     folder = transfer_tasks.write_digits(tmp_path / "d", 3)
     assert sorted(p.name for p in folder.iterdir()) == [f"digit_{c}" for c in range(10)]
     assert all(len(list((folder / f"digit_{c}").glob("*.png"))) == 3 for c in range(10))
+
+
+def test_rewriting_a_section_in_the_middle_changes_nothing_else(tmp_path):
+    """The same section written twice gives the same file (no blank line gained per rewrite)."""
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nbench all's table\n")
+    recipe_bench.write_markdown({"sample|full": cell(0.6, 0.9, 0.9)}, path)
+    path.write_text(path.read_text() + "\n## Later section\n\nits text\n")
+    before = path.read_text()
+    for _ in range(3):
+        recipe_bench.write_markdown({"sample|full": cell(0.6, 0.9, 0.9)}, path)
+    assert path.read_text() == before

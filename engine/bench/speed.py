@@ -57,8 +57,13 @@ def section(text: str, head: str) -> str:
 def replace_section(path: Path, head: str, body: str) -> Path:
     """Replace (or add at the end) the section starting at `head` with `body`; the rest of the file is kept."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    old = section(text, head)
-    text = text.replace(old, body.rstrip() + "\n\n") if old else text.rstrip() + "\n\n" + body.rstrip() + "\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        rest = text[nxt + 1:] if nxt != -1 else ""  # the blank lines before the next section go with the old one
+        text = text[:start] + body.rstrip() + "\n\n" + rest
+    else:
+        text = text.rstrip() + "\n\n" + body.rstrip() + "\n"
     workspace.atomic_write_bytes(path, (text.rstrip() + "\n").encode())
     return path
 

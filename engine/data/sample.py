@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.core.errors import UserError
-from engine.data import imagedata
 from engine.core.workspace import ASSETS
+from engine.data import imagedata
 
 SAMPLE_DIR = ASSETS / "sample"
 SAMPLE_NAME = "Fruit (sample)"

@@ -67,6 +67,7 @@ REGISTRY: dict[str, Backbone] = {b.name: b for b in (
              "28.6M parameters: a modern ConvNet (LayerNorm, 7x7 depthwise convs); the strongest features here", "ConvNeXt"),
 )}
 NAMES = tuple(REGISTRY)
+RESNETS = ("resnet18", "resnet34", "resnet50")  # built without torchvision (models/resnet.py)
 
 
 def get(arch: str) -> Backbone:
@@ -85,10 +86,16 @@ def entry(model: nn.Module) -> Backbone:
 
 
 def construct(arch: str) -> nn.Module:
-    """torchvision's `arch` with random weights (on the current default device; use meta to skip init)."""
-    import torchvision  # deferred: the registry is read without torch
+    """`arch` with random weights (on the current default device; use meta to skip init). The ResNets are
+    the engine's own copy of torchvision's (models/resnet.py: same layout and init, no torchvision import)."""
+    if arch in RESNETS:
+        from engine.models import resnet  # deferred: imports torch
 
-    model = getattr(torchvision.models, get(arch).name)(weights=None)
+        model = resnet.resnet(arch)
+    else:
+        import torchvision  # deferred: the registry is read without torch
+
+        model = getattr(torchvision.models, get(arch).name)(weights=None)
     model.arch = arch  # a plain attribute: every helper below finds the layout from it
     return model
 

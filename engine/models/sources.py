@@ -87,13 +87,23 @@ def offline_reason() -> str:
 
 
 # ----------------------------------------------------------------------------- vision
+# torchvision's file name of each backbone's default ImageNet weights (its hash prefix is the check); kept here
+# so that finding them needs no `import torchvision` (seconds of every process). A test compares with torchvision.
+IMAGENET_FILES = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-11ad3fa6.pth",
+    "mobilenet_v3_large": "mobilenet_v3_large-5c1a4163.pth",
+    "efficientnet_b0": "efficientnet_b0_rwightman-7f5810bc.pth",
+    "convnext_tiny": "convnext_tiny-983f1562.pth",
+}
+
+
 def imagenet_file(arch: str) -> Path:
     """Where torchvision keeps (or would download) the ImageNet weights for `arch`."""
     import torch
-    from torchvision.models import get_model_weights
 
-    url = get_model_weights(arch).DEFAULT.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES[arch]
 
 
 def imagenet_cached(arch: str) -> bool:

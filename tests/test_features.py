@@ -69,3 +69,22 @@ def test_unknown_forced_extractor_is_refused(model, monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_EXTRACTOR", "tensorrt")
     with pytest.raises(ValueError, match="choose torch or onnxruntime"):
         feature_cache.extractor(model, 5, preprocess.Preprocessing(32, 40, [0.5] * 3, [0.25] * 3), CPU, "resnet18")
+
+
+def test_the_onnx_graph_is_exported_once_per_backbone(tmp_path, monkeypatch):
+    """A linear run on new images of the same backbone reuses the exported graph (no second export);
+    a damaged graph file is exported again."""
+    from tests.helpers import cfg_for, make_dataset
+
+    monkeypatch.setenv("TRANSFER_STUDIO_EXTRACTOR", "onnxruntime")
+    exports = []
+    real = feature_cache.to_onnx
+    monkeypatch.setattr(feature_cache, "to_onnx", lambda *a, **kw: exports.append(1) or real(*a, **kw))
+    finetune.finetune(cfg_for(str(make_dataset(tmp_path / "d1", seed=1))), tmp_path / "a")
+    assert len(exports) == 1
+    (graph,) = (workspace.subdir("cache") / "onnx").glob("*.onnx")
+    finetune.finetune(cfg_for(str(make_dataset(tmp_path / "d2", seed=2))), tmp_path / "b")
+    assert len(exports) == 1, "new images of the same backbone: the graph comes from the cache"
+    graph.write_bytes(b"not an onnx graph")
+    finetune.finetune(cfg_for(str(make_dataset(tmp_path / "d3", seed=3))), tmp_path / "c")
+    assert len(exports) == 2 and graph.read_bytes() != b"not an onnx graph"

@@ -107,18 +107,35 @@ class Extractor:
         return str(self.dtype) if self.dtype is not None else "None"
 
 
-def onnx_runner(prefix: torch.nn.Module, pp, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The folded prefix exported to ONNX (in memory) and run by ONNX Runtime's CPU provider."""
+def onnx_runner(prefix: Callable[[], torch.nn.Module], pp, threads: int, memo_id: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The folded prefix exported to ONNX and run by ONNX Runtime's CPU provider.
+
+    With `memo_id` (arch, k and the frozen weights' hash) the exported graph is kept in cache/onnx/:
+    exporting costs ~2 s and loads torch's exporter (torch._dynamo, ~1 s more) in every process, so
+    a later run on other images of the same backbone skips both. A damaged file is exported again."""
 
     import onnxruntime as ort
 
-
-    buf = io.BytesIO()
-    to_onnx(prefix, torch.zeros(1, 3, pp.image_size, pp.image_size), buf, ["x"], ["features"])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    path = sess = None
+    if memo_id is not None:
+        key = hashlib.sha256(f"{memo_id}|{pp.image_size}|{torch.__version__}|{ort.__version__}".encode()).hexdigest()[:24]
+        path = workspace.subdir("cache/onnx") / f"{key}.onnx"
+        if path.is_file():
+            try:
+                sess = ort.InferenceSession(path.read_bytes(), opts, providers=["CPUExecutionProvider"])
+            except Exception as err:
+                log.warning("ignoring bad ONNX cache %s: %s", path.name, err)
+    if sess is None:
+        buf = io.BytesIO()
+        to_onnx(prefix(), torch.zeros(1, 3, pp.image_size, pp.image_size), buf, ["x"], ["features"])
+        sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        if path is not None:
+            tmp = workspace.atomic_path(path)
+            tmp.write_bytes(buf.getvalue())
+            os.replace(tmp, path)
     return lambda x: torch.from_numpy(sess.run(None, {"x": x.contiguous().numpy()})[0])
 
 
@@ -136,9 +153,10 @@ def _rate(run, dtype, x: torch.Tensor, dev: torch.device, slowest: float) -> flo
     return len(x) / best
 
 
-def extractor(model: torch.nn.Module, k: int, pp, dev: torch.device, arch: str) -> Extractor:
+def extractor(model: torch.nn.Module, k: int, pp, dev: torch.device, arch: str, weights_id: str | None = None) -> Extractor:
     """The fastest way this machine runs the first k frozen stages, by measurement, remembered per
-    machine, backbone, k and image size. TRANSFER_STUDIO_EXTRACTOR=torch|onnxruntime forces one."""
+    machine, backbone, k and image size. TRANSFER_STUDIO_EXTRACTOR=torch|onnxruntime forces one.
+    weights_id (weights_hash of the frozen stages): keeps the exported ONNX graph on disk as well."""
     prefix = lru_cache(maxsize=1)(lambda: frozen_prefix(model, k, dev))
     if dev.type != "cpu":
         dtype = extraction_dtype(dev)
@@ -149,7 +167,8 @@ def extractor(model: torch.nn.Module, k: int, pp, dev: torch.device, arch: str) 
         candidates["torch bf16"] = (prefix, torch.bfloat16)
     try:
         import onnxruntime
-        candidates["onnxruntime fp32"] = (lambda: onnx_runner(prefix(), pp, threads), None)
+        memo_id = f"{arch}|k{k}|{weights_id}" if weights_id else None
+        candidates["onnxruntime fp32"] = (lambda: onnx_runner(prefix, pp, threads, memo_id), None)
     except ImportError:
         onnxruntime = None
     forced = os.environ.get("TRANSFER_STUDIO_EXTRACTOR")
@@ -218,7 +237,7 @@ def cached_features(model, k: int, train_x: torch.Tensor, val_x: torch.Tensor, p
     """
     from safetensors.torch import load_file, save_file
 
-    ex = extractor(model, k, pp, dev, arch)
+    ex = extractor(model, k, pp, dev, arch, weights_id)
     key = cache_key(weights_id, k, pp, data_version, arch, ex.precision)
     path = workspace.subdir("cache/features") / f"{key}.safetensors"
     if path.is_file():

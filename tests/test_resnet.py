@@ -64,3 +64,11 @@ def test_a_resnet_run_needs_no_torchvision():
                          env={**os.environ, "TRANSFER_STUDIO_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_an_empty_model_leaves_the_seeds_alone():
+    torch.manual_seed(0)
+    a = torch.rand(3)
+    torch.manual_seed(0)
+    backbones.empty("resnet18")
+    assert torch.equal(torch.rand(3), a)

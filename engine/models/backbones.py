@@ -101,16 +101,14 @@ def construct(arch: str) -> nn.Module:
 
 
 def empty(arch: str) -> nn.Module:
-    """`arch` with uninitialised weights (no random init: the caller loads every tensor), on the CPU."""
+    """`arch` for a caller that loads every tensor, on the CPU; the global random state is left as it was.
+
+    Built with a throw-away random init, not on the meta device: the meta device's first use costs
+    ~0.9 s per process here, a random init 0.05-0.2 s (resnet18 0.08 s, convnext_tiny 0.2 s)."""
     import torch  # deferred: the registry is read without torch
 
-    with torch.device("meta"):
-        model = construct(arch)
-    model = model.to_empty(device="cpu")
-    for name, buf in model.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            buf.zero_()
-    return model
+    with torch.random.fork_rng(devices=[]):
+        return construct(arch)
 
 
 def _sequence(model: nn.Module, names: tuple[str, ...]) -> nn.Module:

@@ -82,7 +82,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], what: 
 def build_model(arch: str, n_classes: int, source: sources.Source, seed: int = 0) -> nn.Module:
     """torchvision `arch` with `source` weights in every layer but the head, and a new head (n_classes, seeded)."""
     if source.kind in ("imagenet", "mini", "file"):
-        # every backbone tensor is overwritten below: skip the random init (build on the meta device)
+        # every backbone tensor is overwritten below (the throw-away init leaves the seeds alone)
         model = backbones.empty(arch)
     else:
         torch.manual_seed(seed)

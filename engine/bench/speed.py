@@ -174,7 +174,6 @@ def bench_process(n_per_class: int = 150, image_size: int = 160, epochs: int = 1
     later run of that backbone on the machine is.
     """
 
-
     def run(cmd: list[str], home: Path) -> tuple[float, dict]:
         env = {**os.environ, "TRANSFER_STUDIO_HOME": str(home)}
         t = time.perf_counter()

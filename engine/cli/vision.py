@@ -105,8 +105,6 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from engine.vision import export  # deferred: off the CLI's start-up
 
-    pass  # import removed
-
     path = export.export_run(args.run, args.out, onnx=args.onnx, half=args.fp16)
     check = export.parity(args.run, path) if args.onnx else None
     text = f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)"

@@ -384,7 +384,6 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         # The sample comes from the weights as stored (fp16, run in fp32) through the app's own generation
         # path, so `python -m engine generate` with the card's settings prints the same text.
         from engine.text import causal_lm  # deferred: imports torch
-        pass  # import removed
         from engine.text import generation  # deferred: imports torch
 
         sample = {"prompt": "The meaning of life is", "seed": 0, "temperature": 0.8, "top_k": 40, "top_p": 1.0,

@@ -97,7 +97,6 @@ def _fmnist_scenes(gray28: np.ndarray, size: int, rng: np.random.Generator, plai
     import torch
     import torch.nn.functional as F
 
-
     n = len(gray28)
     g = torch.from_numpy(np.array(gray28, dtype=np.uint8)).float().div_(255).unsqueeze(1)
     full = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False).squeeze(1).numpy()
@@ -194,7 +193,6 @@ def pretrain_vision(cfg: VisionPretrainConfig, resume: bool = False) -> dict:
                     break
                 except queue.Full:
                     pass
-
 
     def train_step(step: int, total: int) -> float:
         for gr in opt.param_groups:

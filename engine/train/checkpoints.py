@@ -93,7 +93,6 @@ def load(stem: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a checkpoint written by save(); the header is checked before reading."""
     from safetensors.torch import load_file
 
-
     stem = Path(stem)
     check_safetensors_header(stem.with_suffix(".safetensors"))
     return load_file(str(stem.with_suffix(".safetensors"))), json.loads(stem.with_suffix(".json").read_text())

@@ -81,7 +81,6 @@ def frozen_prefix(model: torch.nn.Module, k: int, dev: torch.device) -> torch.nn
 
     from torch.fx.experimental.optimization import fuse
 
-
     seq = copy.deepcopy(torch.nn.Sequential(*backbones.frozen_modules(model, k))).eval()
     try:
         seq = fuse(seq, inplace=True)

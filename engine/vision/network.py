@@ -37,7 +37,6 @@ def safe_load_state(path: Path) -> dict[str, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
-
     path = Path(path)
     if path.suffix.lower() in (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"):
         raise UserError(f"{path.name}: pickle-based checkpoints are refused (they can run code); convert it to .safetensors")

@@ -121,9 +121,11 @@ def text_numbers(state: dict) -> None:
             continue
         if key == "slope":
             fall = lambda v: 1 - math.exp(-v)  # noqa: E731
-            st.metric(title, f"{fall(p['mean']):.0%} per interval", f"scratch {fall(s['mean']):.0%}", delta_color="off", help=what)
+            st.metric(f"{title} (per {interval} steps)", f"{fall(p['mean']):.0%}", f"scratch {fall(s['mean']):.0%}", delta_color="off", help=what)
         else:
-            st.metric(title, f"{p['mean']:.0f}", f"{p['mean'] / s['mean']:.2f}x scratch's {s['mean']:.0f}", delta_color="inverse",
+            # lower is better: the change is shown as a fall (a down arrow, green when the pretrained model is lower)
+            change = p["mean"] / s["mean"] - 1
+            st.metric(title, f"{p['mean']:.0f}", f"{change:+.0%} vs scratch's {s['mean']:.0f}", delta_color="inverse",
                       help=f"{what} Pretrained model; scratch alongside.")
         if finished and readings.get(key):
             st.caption(readings[key])
@@ -143,7 +145,7 @@ def show_result(state: dict, run_dir: Path) -> None:
             text_numbers(state)
     elif exp == "text-data-size":
         a, b = st.columns(2)
-        a.plotly_chart(charts.text_curves_figure(state), key="lab_text_size_curves")
+        a.plotly_chart(charts.text_curves_figure(state, "All of the text: held-out perplexity (lower is better)"), key="lab_text_size_curves")
         b.plotly_chart(charts.text_size_figure(state), key="lab_text_size")
         if state.get("status") == "done" and res.get("reading"):
             st.caption(res["reading"])

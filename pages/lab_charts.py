@@ -157,7 +157,10 @@ def probe_figure(result: dict) -> go.Figure:
     return fig
 
 
-def text_curves_figure(state: dict) -> go.Figure:
+PPL_TICKS = [v * 10 ** e for e in range(0, 6) for v in (1, 2, 5)]  # a log axis labelled 10, 20, 50, 100, ...
+
+
+def text_curves_figure(state: dict, title: str = "Perplexity on the held-out end of the text (lower is better; band = spread over seeds)") -> go.Figure:
     """Validation perplexity per step (log axis, lower is better), pretrained vs scratch, with the start and
     the asymptote marked as on the image curves."""
     fig = go.Figure()
@@ -170,9 +173,8 @@ def text_curves_figure(state: dict) -> go.Figure:
         if c and c["epoch"]:
             # the curves' x is the evaluation interval; the axis shows the optimizer step it was measured at
             _band(fig, {**c, "epoch": [steps[i]["step"] if i < len(steps) else i for i in c["epoch"]]}, name, COLORS[group])
-    fig.update_layout(title="Perplexity on the held-out end of the text (lower is better; band = spread over seeds)",
-                      xaxis_title="optimizer steps on the new text", yaxis_title="perplexity (log scale)", **LAYOUT)
-    fig.update_yaxes(type="log")
+    fig.update_layout(title=title, xaxis_title="optimizer steps on the new text", yaxis_title="perplexity (log scale)", **LAYOUT)
+    fig.update_yaxes(type="log", tickvals=PPL_TICKS)
     fig.update_xaxes(range=[-1, (state.get("steps") or (state.get("config") or {}).get("steps") or 1) + 1])
     p = curves.get("pretrained")
     if p and len(p["mean"]) > 1 and len(steps) > 1:

@@ -59,8 +59,8 @@ def test_finished_text_compare_is_reopened_with_perplexity_curves_and_the_three_
     assert not at.exception and not at.error
     assert at.selectbox(key="lab_pick_text-compare").value == run_id
     metrics = {m.label: m for m in at.metric}
-    assert {"Lower start", "Faster fall", "Lower asymptote"} <= set(metrics)
-    assert "x scratch's" in metrics["Lower start"].delta
+    assert {"Lower start", "Lower asymptote"} <= set(metrics) and any(m.startswith("Faster fall") for m in metrics)
+    assert "vs scratch's" in metrics["Lower start"].delta and metrics["Lower start"].delta.startswith("-")  # lower: a fall
     assert any("training tokens" in c.value for c in at.caption)
 
 

@@ -8,6 +8,7 @@ Fixtures:
   fresh_page(browser)  the same as a context manager, for a test with a server of its own
 Helpers:
   wait_for_idle(page)        wait until Streamlit has finished running the script
+  choose(page, box, option)  pick an option from a selectbox, opening it again if a rerun closed it
   open_generate(page, url, prompt)  Generate text with the mini model loaded and a prompt typed
   screenshot(page, name)     save test-artifacts/<name>.png
   tall_screenshot(page, name) the same with a tall window (Streamlit scrolls inside its main block)
@@ -143,6 +144,24 @@ def wait_for_idle(page, timeout: float = 60_000) -> None:
         timeout=timeout,
     )
     page.wait_for_timeout(300)  # let the last delta paint
+
+
+def choose(page, box, option, attempts: int = 4) -> None:
+    """Pick `option` (a name or a pattern) from the selectbox `box`. A rerun that lands between opening the list
+    and clicking in it (the page's own polling, another session's job changing state) closes the list again:
+    open it again rather than wait the page's whole timeout on a list that is gone."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        box.click()
+        try:
+            page.get_by_role("option", name=option).click(timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+            page.keyboard.press("Escape")
+            wait_for_idle(page)
 
 
 def open_generate(page, app_url: str, prompt: str) -> None:

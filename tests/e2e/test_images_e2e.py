@@ -1,5 +1,5 @@
 """A new user builds a two-class dataset in the browser."""
-from tests.e2e.conftest import screenshot, wait_for_idle
+from tests.e2e.conftest import choose, screenshot, wait_for_idle
 from tests.imgs import png
 
 
@@ -9,8 +9,7 @@ def _add_class(page, name, color, tmp_path):
         f = tmp_path / f"{name}{i}.png"
         f.write_bytes(png(color, (48, 48), seed=i))
         files.append(str(f))
-    page.get_by_test_id("stSelectbox").filter(has_text="Class").first.click()
-    page.get_by_role("option", name="➕ New class…").click()
+    choose(page, page.get_by_test_id("stSelectbox").filter(has_text="Class").first, "➕ New class…")
     page.get_by_label("New class name").fill(name)
     page.get_by_label("New class name").press("Enter")
     wait_for_idle(page)

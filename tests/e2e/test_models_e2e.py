@@ -4,7 +4,7 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import fresh_page, screenshot, streamlit_server, wait_for_idle
+from tests.e2e.conftest import choose, fresh_page, screenshot, streamlit_server, wait_for_idle
 from tests.text_helpers import make_tiny_lm
 from tests.weights_server import WeightsServer
 
@@ -28,8 +28,7 @@ def test_download_a_model_through_the_models_page(browser, tmp_path):
                 page.goto(f"{url}/models")
                 wait_for_idle(page)
                 expect(page.get_by_text("Network: online")).to_be_visible()
-                page.get_by_role("combobox", name="Model").click()
-                page.get_by_role("option", name=re.compile(r"^distilgpt2")).click()
+                choose(page, page.get_by_role("combobox", name="Model"), re.compile(r"^distilgpt2"))
                 wait_for_idle(page)
                 page.evaluate(WATCH_BARS)
                 page.get_by_role("button", name="Download", exact=True).click()

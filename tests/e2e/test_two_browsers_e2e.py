@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from engine.core import runs
 from engine.train import recipes
-from tests.e2e.conftest import open_generate, screenshot, wait_for_idle
+from tests.e2e.conftest import choose, open_generate, screenshot, wait_for_idle
 from tests.imgs import png, zip_bytes
 
 EPOCHS = 8  # long enough that text generated meanwhile lands while a run is still going
@@ -75,8 +75,7 @@ def prepare_finetune(page, dataset: str) -> None:
     epochs.fill(str(EPOCHS))
     epochs.press("Enter")
     wait_for_idle(page)
-    page.get_by_role("combobox", name="Image size", exact=True).click()
-    page.get_by_role("option", name=f"{SIZE} px").click()
+    choose(page, page.get_by_role("combobox", name="Image size", exact=True), f"{SIZE} px")
     wait_for_idle(page)
     expect(epochs).to_have_value(str(EPOCHS))
     expect(page.get_by_role("combobox", name="Image size", exact=True)).to_have_value(f"{SIZE} px")

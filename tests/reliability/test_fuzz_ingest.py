@@ -61,6 +61,7 @@ def test_mutated_zips_never_crash(edits, cut):
 
 
 @FUZZ
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # repeated member names are part of the hostility
 @given(st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=5))
 def test_hostile_member_names(names):
     buf = io.BytesIO()

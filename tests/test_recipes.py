@@ -231,6 +231,52 @@ def test_linear_probe_folds_back_into_an_ordinary_layer():
     assert torch.allclose(again.logits(x), m.logits(x), atol=1e-4)  # a resume continues from the same layer
 
 
+def test_probe_loss_brings_the_gradients_autograd_would():
+    g = torch.Generator().manual_seed(2)
+    P, G, n, D, C = 2, 3, 7, 5, 4
+    z = torch.randn(P, n, D, generator=g, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, C, (P, n), generator=g), C).double()
+    rw = torch.rand(P, n, generator=g, dtype=torch.float64)
+    w = torch.randn(P, G, C, D, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(P, G, C, generator=g, dtype=torch.float64, requires_grad=True)
+    wd = torch.tensor([0.0, 0.1, 2.0], dtype=torch.float64)
+    loss, gw, gb = linear_probe.softmax_loss(z, onehot, rw, w.detach(), b.detach(), wd)
+    ref = -(torch.einsum("pnd,pgcd->pgnc", z, w) + b[:, :, None]).log_softmax(-1).mul(onehot[:, None]).sum(-1).mul(rw[:, None]).sum() \
+        + (0.5 * wd * w.pow(2).sum((2, 3))).sum()
+    ref.backward()
+    assert torch.allclose(loss, ref.detach()) and torch.allclose(gw, w.grad) and torch.allclose(gb, b.grad)
+
+
+def test_probe_reaches_the_same_minimum_as_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 12, generator=g, dtype=torch.float64) * 2 + 1
+    y = torch.randint(0, 3, (90,), generator=g)
+    x[:, 0] += y * 1.5
+    wd = 0.05
+    m = linear_probe.LogReg(x, y, 3, wd)
+    m.step(200)
+    # the same objective: mean cross-entropy + wd/2 |W|^2 on standardised features <=> C = 1 / (n * wd)
+    ref = LogisticRegression(C=1 / (len(x) * wd), tol=1e-10, max_iter=10_000).fit(m.z.numpy(), y.numpy())
+    assert torch.allclose(m.w, torch.from_numpy(ref.coef_), atol=1e-4)
+    assert torch.allclose(m.b - m.b.mean(), torch.from_numpy(ref.intercept_ - ref.intercept_.mean()), atol=1e-4)
+
+
+def test_a_linear_run_never_imports_the_compiler(data, tmp_path):
+    """torch.optim's optimizers import torch._dynamo on first use (~1 s of every process here): the probe does without."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from engine.vision import finetune; from engine.vision.config import FinetuneConfig; "
+            f"finetune.finetune(FinetuneConfig(data={str(data)!r}, weights='none', image_size=32, strategy='linear'), Path({str(tmp_path / 'run')!r})); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip().splitlines()[-1] == "no dynamo"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())  # the run did train
+
+
 def test_weight_decay_is_chosen_by_cross_validation():
     g = torch.Generator().manual_seed(1)
     y = torch.arange(40) % 2

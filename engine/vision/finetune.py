@@ -220,9 +220,9 @@ class FinetuneRun:
             # entering a phase that trains more layers: the best weights so far are the current
             # model's frozen part (still untouched) plus the saved trainable part
             self.best_state = {**{n: v.detach().clone() for n, v in model.state_dict().items()}, **self.best_state}
-        if self.opt is None or self.opt_k != k:
+        if self.net is None or self.opt_k != k:
             self.opt = make_optimizer(param_groups(model, self.cfg.lr, k, phase.rates), self.cfg)
-            if self.resume_state is not None and self.resume_state[2] == k:
+            if self.opt is not None and self.resume_state is not None and self.resume_state[2] == k:
                 checkpoints.load_optimizer(self.opt, self.resume_state[0], self.resume_state[1])
             self.resume_state, self.opt_k = None, k
             # what trains this phase; DistributedDataParallel under torchrun (averages the gradients)
@@ -325,8 +325,11 @@ class FinetuneRun:
         t0 = time.time()
         feats = self.cache[k][0]
         if self.probe is None:
+            # the cross-validation's batched matmuls are worth every core (on 2: 1.2 s -> 0.6 s), the chunks after it are not
+            _head_threads(self.dev, False, self.threads)
             self.probe = _start_probe(self.model, feats, self.train_y, self.n_classes, self.cfg, self.ctx)
             self.recipe_info["weight_decay_chosen"] = self.probe.wd
+            _head_threads(self.dev, True, self.threads)
         self.probe.step(LBFGS_ITERS_PER_EPOCH)
         w, b = self.probe.folded()
         with torch.no_grad():
@@ -355,7 +358,7 @@ class FinetuneRun:
         """What was learned is kept, also when cancelled mid-epoch: checkpoint, best weights, evaluation, summary."""
         cfg, model, dev, k = self.cfg, self.model, self.dev, self.k
         self.ctx.report(phase="saving", message="saving and evaluating")
-        if (self.cancelled or self.unsaved) and self.opt is not None:
+        if (self.cancelled or self.unsaved) and self.net is not None:  # (net: a phase was entered)
             # keep what was learned in the unfinished epoch too: resume continues from these weights
             self.checkpoint(self.epochs_done, self.opt_k, cancelled_mid_epoch=self.cancelled)
         # model.safetensors: the best epoch's weights (or the current ones when no epoch finished)

@@ -14,6 +14,8 @@ so prediction, export and import see a plain ResNet with a new `fc`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,85 @@ def standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+class LBFGS:
+    """Full-batch L-BFGS on one flat parameter vector (Nocedal & Wright, Algorithm 7.4: the two-loop
+    recursion over the last `history` steps) with a backtracking line search (Armijo's condition).
+
+    `f(x) -> (loss, gradient)` is deterministic and smooth (here: convex), so the plain backtracking
+    search is enough: the full step is taken almost every time. Written out rather than
+    torch.optim.LBFGS because every torch.optim optimizer imports torch._dynamo the first time it is
+    built, about 1 s of every process on a 2-core CPU, more than the whole probe costs; and the
+    losses below bring their own gradients, so no autograd graph is built either.
+    `run(iters)` continues the same minimisation (history kept), so a caller can draw a curve.
+    """
+
+    def __init__(self, f: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, history: int = 20):
+        self.f, self.x, self.history = f, x, history
+        self.s: list[torch.Tensor] = []  # recent steps x_{i+1} - x_i
+        self.y: list[torch.Tensor] = []  # and the gradient changes that came with them
+        self.rho: list[float] = []       # 1 / (y . s) of each pair
+        self.loss, self.g = f(x)
+
+    def direction(self) -> torch.Tensor:
+        """-H g, with H the inverse-Hessian estimate from the stored pairs (two-loop recursion)."""
+        q, alphas = self.g.neg(), []
+        for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
+            a = rho * float(s.dot(q))
+            q.add_(y, alpha=-a)
+            alphas.append(a)
+        if self.s:  # initial scaling gamma = s.y / y.y (Nocedal & Wright eq. 7.20)
+            q.mul_(1 / (self.rho[-1] * float(self.y[-1].dot(self.y[-1]))))
+        for s, y, rho, a in zip(self.s, self.y, self.rho, reversed(alphas)):
+            q.add_(s, alpha=a - rho * float(y.dot(q)))
+        return q
+
+    def run(self, iters: int, tol_grad: float = 1e-7, tol_change: float = 1e-9) -> float:
+        for _ in range(iters):
+            if float(self.g.abs().max()) <= tol_grad:
+                break
+            d = self.direction()
+            slope = float(self.g.dot(d))
+            if slope >= 0:  # not downhill (rounding in a flat valley): start the history again
+                self.s, self.y, self.rho = [], [], []
+                d, slope = -self.g, -float(self.g.dot(self.g))
+            # the first step is scaled by the gradient's size (as torch's L-BFGS does); later ones start at 1
+            t = 1.0 if self.s else min(1.0, 1.0 / float(self.g.abs().sum()))
+            for _ in range(40):
+                x = self.x + t * d
+                loss, g = self.f(x)
+                if float(loss) <= float(self.loss) + 1e-4 * t * slope:
+                    break
+                t /= 2
+            else:
+                break  # no step lowers the loss: at the minimum, to float precision
+            s, y = x - self.x, g - self.g
+            ys = float(y.dot(s))
+            if ys > 1e-10:  # curvature condition (always true for a strictly convex loss)
+                self.s, self.y, self.rho = (self.s + [s])[-self.history:], (self.y + [y])[-self.history:], (self.rho + [1 / ys])[-self.history:]
+            change = abs(float(self.loss) - float(loss))
+            self.x, self.loss, self.g = x, loss, g
+            if change < tol_change:
+                break
+        return float(self.loss)
+
+
+def softmax_loss(z: torch.Tensor, onehot: torch.Tensor, row_weight: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                 wd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed weighted cross-entropy plus 0.5 * wd * |w|^2 of many fits at once, and its gradients.
+
+    P problems (rows z (P, n, D), labels onehot (P, n, C), row weights (P, n)), each fitted with G
+    L2 strengths wd (G,): weights w (P, G, C, D), biases b (P, G, C). The bias is not regularised
+    (as in scikit-learn and the CLIP probe). The gradient of softmax cross-entropy with respect to
+    the logits is softmax - onehot, so no autograd graph is needed; both matmuls are batched over P
+    with the G x C outputs side by side.
+    """
+    logp = (torch.einsum("pnd,pgcd->pgnc", z, w) + b[:, :, None, :]).log_softmax(-1)
+    oh, rw = onehot[:, None], row_weight[:, None, :, None]
+    loss = -(logp * oh * rw).sum() + (0.5 * wd * w.pow(2).sum((2, 3))).sum()
+    r = (logp.exp() - oh) * rw  # d loss / d logits
+    return loss, torch.einsum("pgnc,pnd->pgcd", r, z) + wd[..., None, None] * w, r.sum(2)
+
+
 class LogReg:
     """Multinomial logistic regression on standardised features, fitted in chunks of L-BFGS steps.
 
@@ -41,31 +122,33 @@ class LogReg:
         self.z = (x - self.mean) / self.std
         self.y = y
         self.wd = weight_decay
-        self.w = torch.zeros(n_classes, x.shape[1], device=x.device, requires_grad=True)
-        self.b = torch.zeros(n_classes, device=x.device, requires_grad=True)
-        self.opt = torch.optim.LBFGS([self.w, self.b], lr=1, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+        self.shape = (n_classes, x.shape[1])
+        self.onehot = F.one_hot(y, n_classes).to(self.z.dtype)[None]
+        self.row_weight = torch.full((1, len(y)), 1 / len(y), dtype=self.z.dtype, device=x.device)  # the loss is a mean
+        self.opt = LBFGS(self._f, torch.zeros(n_classes * (x.shape[1] + 1), dtype=self.z.dtype, device=x.device))
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.opt.x[: self.shape[0] * self.shape[1]].view(self.shape)
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.opt.x[self.shape[0] * self.shape[1]:]
+
+    def _f(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, d = self.shape
+        loss, gw, gb = softmax_loss(self.z[None], self.onehot, self.row_weight, theta[: c * d].view(1, 1, c, d),
+                                    theta[c * d:].view(1, 1, c), torch.tensor([self.wd], dtype=theta.dtype))
+        return loss, torch.cat([gw.flatten(), gb.flatten()])
 
     def start_from(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Continue from an nn.Linear on the raw features (the inverse of folded())."""
-        with torch.no_grad():
-            self.w.copy_(weight * self.std)
-            self.b.copy_(bias + weight @ self.mean)
-
-    def loss(self) -> torch.Tensor:
-        # the bias is not regularised (as in scikit-learn and the CLIP probe)
-        return F.cross_entropy(self.z @ self.w.T + self.b, self.y) + 0.5 * self.wd * self.w.pow(2).sum()
+        w = weight * self.std
+        self.opt = LBFGS(self._f, torch.cat([w.flatten(), bias + weight @ self.mean]).to(self.z.dtype), self.opt.history)
 
     def step(self, iters: int) -> float:
-        def closure():
-            self.opt.zero_grad()
-            loss = self.loss()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            for _ in range(iters):
-                self.opt.step(closure)
-        return float(self.loss().detach())
+        with torch.no_grad():
+            return self.opt.run(iters)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -123,22 +206,18 @@ def choose_weight_decay(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: 
         mean, std = standardiser(x[keep])
         z[p, :len(keep)], labels[p, :len(keep)], weight[p, :len(keep)] = (x[keep] - mean) / std, y[keep], 1 / len(keep)
         held.append(((x[out] - mean) / std, y[out]))
-    wds = torch.tensor(grid, device=x.device).view(1, G)
-    w = torch.zeros(P, G, n_classes, D, device=x.device, requires_grad=True)
-    b = torch.zeros(P, G, n_classes, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=CV_ITERS, history_size=20, line_search_fn="strong_wolfe")
-    target = labels[:, None, :, None].expand(P, G, n, 1)
+    wds = torch.tensor(grid, device=x.device)
+    onehot = F.one_hot(labels, n_classes).to(z.dtype)
+    n_w = P * G * n_classes * D
 
-    def closure():
-        opt.zero_grad()
-        logp = (torch.einsum("pnd,pgcd->pgnc", z, w) + b[:, :, None, :]).log_softmax(-1)
-        nll = -(logp.gather(-1, target).squeeze(-1) * weight[:, None, :]).sum()  # mean per fit, summed over fits
-        loss = nll + (0.5 * wds * w.pow(2).sum((2, 3))).sum()
-        loss.backward()
-        return loss
+    def f(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, gw, gb = softmax_loss(z, onehot, weight, theta[:n_w].view(P, G, n_classes, D), theta[n_w:].view(P, G, n_classes), wds)
+        return loss, torch.cat([gw.flatten(), gb.flatten()])
 
-    with torch.enable_grad():
-        opt.step(closure)
+    with torch.no_grad():
+        opt = LBFGS(f, torch.zeros(n_w + P * G * n_classes, device=x.device))
+        opt.run(CV_ITERS)
+    w, b = opt.x[:n_w].view(P, G, n_classes, D), opt.x[n_w:].view(P, G, n_classes)
     losses, hits = torch.zeros(G), torch.zeros(G)
     with torch.no_grad():
         for p, (zh, yh) in enumerate(held):

@@ -73,10 +73,9 @@ def cache_plan(cfg: FinetuneConfig) -> tuple[bool, str]:
     return True, "Frozen layers run once; their outputs are cached on disk and the trainable rest trains on them for every epoch."
 
 
-def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    wd = cfg.weight_decay or 0.0  # (None: the linear probe's L2 is chosen by cross-validation instead)
+def make_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Optimizer | None:
+    """The minibatch optimizer; None for the linear probe, which fits with its own L-BFGS
+    (engine/vision/linear_probe.py) and has no optimizer state beyond the output layer itself."""
     if cfg.optimizer == "lbfgs":
-        # the probe fits with its own L-BFGS (engine/vision/linear_probe.py); this never steps, it only
-        # gives the checkpoint code the same optimizer object to save as every other strategy
-        return torch.optim.SGD(groups, lr=0.0)
-    return optimizers.make(groups, cfg.optimizer, wd)
+        return None
+    return optimizers.make(groups, cfg.optimizer, cfg.weight_decay or 0.0)

@@ -18,6 +18,9 @@ KNOBS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram
 # token probability -> colour: an ordered scale from sure (blue) through grey to unsure (orange, then an
 # orange background), the blue/orange pair that colour-blind viewers tell apart
 COLOURS = ((0.5, "blue"), (0.05, "gray"), (0.01, "orange"), (0.0, "orange-background"))
+# the settings stay for the session while the user visits other pages (Streamlit drops a widget's
+# value once a run does not draw it, unless asked to keep it)
+KEEP = "session"
 LEGEND = ":blue[≥ 50%] · :gray[5–50%] · :orange[1–5%] · :orange-background[< 1%]"
 
 
@@ -59,7 +62,7 @@ if "g_stream" in ss:
 choices = causal_lm.model_choices()
 if ss.get("g_model") not in choices:
     ss.g_model = "auto"  # the best model this machine has (offline: the bundled mini, saying why)
-spec = st.selectbox("Model", list(choices), format_func=choices.get, key="g_model")
+spec = st.selectbox("Model", list(choices), format_func=choices.get, key="g_model", persist_state=KEEP)
 if spec == "auto" and (wanted := sources.resolve_text("auto")).download:
     offer_download(wanted, "Until it is here, the bundled mini GPT-2 writes.")
     spec = "mini"
@@ -72,25 +75,25 @@ st.caption(f"**{lm.name}** · {lm.parameters / 1e6:.1f}M parameters · context {
            f"{lm.source.reason} Inference: {lm.dtype_reason}.")
 
 ss.g_max_new_tokens = min(ss.g_max_new_tokens, lm.context - 1)  # a smaller model may have a shorter context
-prompt = st.text_area("Prompt", key="g_prompt", height=100,
+prompt = st.text_area("Prompt", key="g_prompt", persist_state=KEEP, height=100,
                       help="The model continues this text. An empty prompt is refused; a prompt longer than the "
                            "model's context keeps its last tokens (you will see a note).")
-st.radio("Preset", [*generation.PRESETS, "Custom"], key="g_preset", horizontal=True, on_change=apply_preset,
+st.radio("Preset", [*generation.PRESETS, "Custom"], key="g_preset", persist_state=KEEP, horizontal=True, on_change=apply_preset,
          captions=[preset_caption(v) for v in generation.PRESETS.values()] + ["your own values below"])
 with st.expander("Sampling controls", expanded=ss.g_preset == "Custom"):
     a, b, c = st.columns(3)
-    a.slider("Max new tokens", 1, min(generation.MAX_NEW_TOKENS, lm.context - 1), key="g_max_new_tokens")
-    a.slider("Temperature", 0.0, 2.0, step=0.05, key="g_temperature", help="0 = greedy (always the most likely token).")
-    b.number_input("Top-k", 0, 1000, key="g_top_k", help="Sample only among the k most likely tokens; 0 = off.")
-    b.slider("Top-p", 0.05, 1.0, step=0.01, key="g_top_p", help="Sample among the most likely tokens covering p of the probability; 1 = off.")
-    c.slider("Repetition penalty", 1.0, 2.0, step=0.05, key="g_repetition_penalty", help="1 = off; higher discourages tokens already used.")
-    c.number_input("No-repeat n-gram size", 0, 10, key="g_no_repeat_ngram_size", help="Never repeat an n-gram of this size; 0 = off.")
+    a.slider("Max new tokens", 1, min(generation.MAX_NEW_TOKENS, lm.context - 1), key="g_max_new_tokens", persist_state=KEEP)
+    a.slider("Temperature", 0.0, 2.0, step=0.05, key="g_temperature", persist_state=KEEP, help="0 = greedy (always the most likely token).")
+    b.number_input("Top-k", 0, 1000, key="g_top_k", persist_state=KEEP, help="Sample only among the k most likely tokens; 0 = off.")
+    b.slider("Top-p", 0.05, 1.0, step=0.01, key="g_top_p", persist_state=KEEP, help="Sample among the most likely tokens covering p of the probability; 1 = off.")
+    c.slider("Repetition penalty", 1.0, 2.0, step=0.05, key="g_repetition_penalty", persist_state=KEEP, help="1 = off; higher discourages tokens already used.")
+    c.number_input("No-repeat n-gram size", 0, 10, key="g_no_repeat_ngram_size", persist_state=KEEP, help="Never repeat an n-gram of this size; 0 = off.")
     a, b, c = st.columns(3)
-    a.slider("Samples (side by side)", 1, generation.MAX_SAMPLES, key="g_num_return_sequences")
-    b.number_input("Seed", 0, 2**31 - 1, key="g_seed", placeholder="random", help="Empty = a fresh seed (shown afterwards). Same seed + settings = same text.")
+    a.slider("Samples (side by side)", 1, generation.MAX_SAMPLES, key="g_num_return_sequences", persist_state=KEEP)
+    b.number_input("Seed", 0, 2**31 - 1, key="g_seed", persist_state=KEEP, placeholder="random", help="Empty = a fresh seed (shown afterwards). Same seed + settings = same text.")
     b.button("Random seed", key="g_seed_random", icon=":material/casino:", on_click=ss.update, kwargs={"g_seed": None},
              disabled=ss.g_seed is None, help="Empty the Seed box: every generation then draws a fresh seed.")
-    c.text_input("Stop strings", key="g_stop", placeholder="e.g. \\n | --", help="Separate with |; \\n means a line break. A sample ends at the first one (not shown).")
+    c.text_input("Stop strings", key="g_stop", persist_state=KEEP, placeholder="e.g. \\n | --", help="Separate with |; \\n means a line break. A sample ends at the first one (not shown).")
 
 stops = [s.strip().replace("\\n", "\n") for s in ss.g_stop.split("|") if s.strip()]
 cfg = generation.GenerationConfig(max_new_tokens=ss.g_max_new_tokens, num_return_sequences=ss.g_num_return_sequences,

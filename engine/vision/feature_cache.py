@@ -211,7 +211,8 @@ def extract(prefix: Callable[[torch.Tensor], torch.Tensor], images_uint8: torch.
     """
     from engine.vision.preprocess import center_crop, normalize  # deferred: imports torch
 
-    bs = batch_size or (256 if dev.type == "cuda" else 128)
+    # CPU: batches of 32, the size the engines are measured at (600 images at 160 px in bf16 on 2 cores: 3.0 s vs 3.3 s at 128)
+    bs = batch_size or (256 if dev.type == "cuda" else 32)
     total = total or len(images_uint8)
     out, t0 = [], time.time()
     for i in range(0, len(images_uint8), bs):

@@ -138,7 +138,7 @@ class LogReg:
     def _f(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, d = self.shape
         loss, gw, gb = softmax_loss(self.z[None], self.onehot, self.row_weight, theta[: c * d].view(1, 1, c, d),
-                                    theta[c * d:].view(1, 1, c), torch.tensor([self.wd], dtype=theta.dtype))
+                                    theta[c * d:].view(1, 1, c), torch.tensor([self.wd], dtype=theta.dtype, device=theta.device))
         return loss, torch.cat([gw.flatten(), gb.flatten()])
 
     def start_from(self, weight: torch.Tensor, bias: torch.Tensor) -> None:

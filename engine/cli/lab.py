@@ -28,22 +28,15 @@ def cmd_pretrain_text(args) -> int:
     return 0
 
 
-def _ints(value: str | None, what: str) -> list[int] | None:
+def _numbers(value: str | None, what: str, kind: type = int) -> list | None:
+    """A comma list from the command line (--ks 5,4,3 or --fractions 0.1,0.3,1); None when not given."""
     if value is None:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{what} must be a comma list of integers, e.g. 1,5,10 (got {value!r})") from None
-
-
-def _floats(value: str | None, what: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{what} must be a comma list of numbers, e.g. 0.1,0.3,1 (got {value!r})") from None
+        example = "1,5,10" if kind is int else "0.1,0.3,1"
+        raise UserError(f"{what} must be a comma list of {'integers' if kind is int else 'numbers'}, e.g. {example} (got {value!r})") from None
 
 
 def cmd_lab(args) -> int:
@@ -53,11 +46,11 @@ def cmd_lab(args) -> int:
     cfg = experiments.LabConfig(
         experiment=args.lab_command, data=args.data, preset=args.preset, weights=args.weights,
         epochs=getattr(args, "epochs", None), seeds=getattr(args, "seeds", None), image_size=getattr(args, "image_size", None),
-        batch_size=getattr(args, "batch_size", None), lr=getattr(args, "lr", None), ks=_ints(getattr(args, "ks", None), "--ks"),
-        sizes=_ints(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
+        batch_size=getattr(args, "batch_size", None), lr=getattr(args, "lr", None), ks=_numbers(getattr(args, "ks", None), "--ks"),
+        sizes=_numbers(getattr(args, "sizes", None), "--sizes"), labels_per_class=getattr(args, "labels_per_class", None),
         ae_epochs=getattr(args, "ae_epochs", None), max_per_class=getattr(args, "max_per_class", None),
         steps=getattr(args, "steps", None), eval_every=getattr(args, "eval_every", None),
-        fractions=_floats(getattr(args, "fractions", None), "--fractions"))
+        fractions=_numbers(getattr(args, "fractions", None), "--fractions", float))
     resolved = cfg.resolved()  # bad options fail here, before a run is recorded
     cfg.data, title = experiments.data_and_title(cfg)  # "sample" or a demo key -> the dataset's name
     resolved.data = cfg.data

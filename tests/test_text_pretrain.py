@@ -106,6 +106,12 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
     assert [x["seed"] for x in card["samples"]] == list(range(10))
     assert all(x["text"].startswith(x["prompt"]) for x in card["samples"]) and card["metrics"]["generation_tokens_per_s"] > 0
     assert "(seed 9)" in (out / "README.md").read_text()
+    assert "100 completions" in card["metrics"]["dictionary"]  # ten prompts x ten seeds: a steadier share than ten samples
+    # --remeasure: the same weights give the same samples, and the card keeps its training numbers
+    (out / "README.md").write_text("stale")
+    again = mini_gpt2.remeasure(out)
+    assert again["samples"] == card["samples"] and again["sample"] == card["sample"] and again["training"] == card["training"]
+    assert json.loads((out / "model_card.json").read_text()) == again and "(seed 9)" in (out / "README.md").read_text()
     assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
     lm = causal_lm.load(str(out))
     assert lm.eos_id == 0 and lm.context == 48

@@ -14,6 +14,13 @@ def cmd_pretrain_text(args) -> int:
     from engine.pretrain import mini_gpt2  # deferred: imports torch
 
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
+    if args.remeasure:
+        folder = Path(args.out) if args.out else mini_gpt2.TextPretrainConfig().out
+        card = mini_gpt2.remeasure(folder)
+        m = card["metrics"]
+        emit(args, card, f"dictionary words {m['dictionary_words']} ({m['dictionary']}); generation {m['generation_tokens_per_s']:.0f} "
+                         f"tokens/s\nsample: {card['sample']['text']!r}\nwrote {folder / 'model_card.json'}")
+        return 0
     if args.steps is None and args.minutes <= 0:
         raise UserError("--minutes must be > 0 (or give --steps)")
     if args.steps is not None and args.steps < 1:
@@ -181,5 +188,6 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     s.add_argument("--out", default="", help="output folder (default assets/mini-gpt2)")
     s.add_argument("--resume", action="store_true", help="continue the last run from its saved optimizer state")
+    s.add_argument("--remeasure", action="store_true", help="only measure the samples of an existing model again and rewrite its card")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pretrain_text)

@@ -1,7 +1,7 @@
 """Reproducible pretraining of the bundled mini GPT-2 (`python -m engine pretrain text` -> assets/mini-gpt2/).
 
 A byte-level BPE tokenizer and a small GPT-2 trained on Debian's fortunes and the Jargon File, resumable,
-with the validation perplexity, ten samples and their share of dictionary words written to the model card.
+with the validation perplexity, ten samples and the share of dictionary words it writes in the model card.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ FORTUNES_SKIP = {"ascii-art", "translate-me"}  # pictures and non-English text
 JARGON_FILE = Path("/usr/share/dictd/jargon.dict.dz")
 WORDS_FILE = Path("/usr/share/dict/words")       # Debian `wamerican`: the dictionary for the card's word check
 EOS = "<|endoftext|>"
+WORD_SEEDS = 10  # seeds per prompt for the dictionary-word share: 100 completions (ten short ones move it by +-5 points)
 SAMPLE_PROMPTS = ("The meaning of life is", "A computer is", "Once upon a time", "The best way to", "Love is",
                   "A hacker is", "When I was young", "The trouble with", "My mother told me", "Never")
 
@@ -297,7 +298,7 @@ It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get(
   {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
   (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
-- Dictionary words in the ten samples below: {words}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
+- Dictionary words: {words} {f"of the words in {m['word_completions']} completions (ten seeds of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
 - Reproduce: `{card['command']}`
 
 What it can do: write short English sentences in the style of fortune cookies, quotes with `-- Author`
@@ -316,6 +317,70 @@ Sample (prompt `{s['prompt']}`, seed {s['seed']}):
 
 The same text again: `{s.get('command', '')}`
 """
+
+
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0, "repetition_penalty": 1.0}  # the card's samples
+
+
+def card_lm(model, tokenizer, folder: Path, block_size: int):
+    """The weights as stored (fp16, run in fp32) behind the app's own generation path, so that
+    `python -m engine generate` with the card's settings prints the card's text."""
+    import torch
+
+    from engine.text import causal_lm  # deferred: imports torch
+
+    model = model.float().eval()
+    return causal_lm.LM(model, tokenizer, "mini-gpt2", str(folder), srcs.Source("mini", "mini-gpt2", ""), torch.device("cpu"),
+                        torch.float32, "fp32", block_size, causal_lm.decode_threads(model, torch.device("cpu")))
+
+
+def card_samples(lm, max_new_tokens: int) -> dict:
+    """The card's samples: the headline one, ten to quote (prompt i with seed i, unedited), and the share of
+    dictionary words over WORD_SEEDS seeds of every prompt (the quoted ten among them); generation speed."""
+    from engine.text import generation  # deferred: imports torch
+
+    settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
+    sample = {"prompt": "The meaning of life is", "seed": 0, **settings}
+    sample["text"] = generation.generate(lm, sample["prompt"], generation.GenerationConfig(seed=0, **settings)).samples[0].text
+    sample["command"] = (f"python -m engine generate --model mini --prompt \"{sample['prompt']}\" --seed 0 --temperature 0.8 "
+                         f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {max_new_tokens}")
+    t_gen, n_gen, quoted, completions = time.time(), 0, [], []
+    for k in range(WORD_SEEDS):
+        for i, prompt in enumerate(SAMPLE_PROMPTS):
+            seed = i + k * len(SAMPLE_PROMPTS)
+            g = generation.generate(lm, prompt, generation.GenerationConfig(seed=seed, **settings))
+            completions.append(g.samples[0].completion)
+            n_gen += g.new_tokens
+            if k == 0:
+                quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text})
+    share = dictionary_words(completions)
+    return {"sample": sample, "samples": quoted, "dictionary_words": None if share is None else round(share, 4),
+            "dictionary": f"{WORDS_FILE} (Debian wamerican), over {len(completions)} completions: {WORD_SEEDS} seeds of each "
+                          "of the ten prompts, the quoted samples being the first seed of each", "word_completions": len(completions),
+            "generation_tokens_per_s": round(n_gen / max(time.time() - t_gen, 1e-9), 1)}
+
+
+def remeasure(folder: Path) -> dict:
+    """Measure the samples of an existing model folder again (`pretrain text --remeasure`) and rewrite its
+    card and README; the training numbers stay as they were measured."""
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from engine.text.causal_lm import quiet_transformers  # deferred: imports torch
+
+    quiet_transformers()
+    card_path = Path(folder) / "model_card.json"
+    if not card_path.is_file():
+        raise UserError(f"no model card in {folder}; pretrain first (python -m engine pretrain text)")
+    card = json.loads(card_path.read_text())
+    model = GPT2LMHeadModel.from_pretrained(str(folder))
+    lm = card_lm(model, PreTrainedTokenizerFast.from_pretrained(str(folder)), Path(folder), card["model"]["n_positions"])
+    measured = card_samples(lm, card["sample"]["max_new_tokens"])
+    card["sample"], card["samples"] = measured["sample"], measured["samples"]
+    card["metrics"].update({k: measured[k] for k in ("dictionary_words", "dictionary", "word_completions", "generation_tokens_per_s")})
+    card["metrics"]["generation_threads"] = lm.threads or 1
+    card_path.write_text(json.dumps(card, indent=2))
+    (Path(folder) / "README.md").write_text(_readme(card))
+    return card
 
 
 def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Callable[[dict], None] | None = None) -> dict:
@@ -381,29 +446,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         log.info("resuming at step %d of %d", start, max_steps)
 
     def card_for(step: int, seconds: float, val_loss: float, partial: bool, stored) -> dict:
-        # The sample comes from the weights as stored (fp16, run in fp32) through the app's own generation
-        # path, so `python -m engine generate` with the card's settings prints the same text.
-        from engine.text import causal_lm  # deferred: imports torch
-        from engine.text import generation  # deferred: imports torch
-
-        sample = {"prompt": "The meaning of life is", "seed": 0, "temperature": 0.8, "top_k": 40, "top_p": 1.0,
-                  "repetition_penalty": 1.0, "max_new_tokens": min(60, cfg.block_size // 2)}
-        lm = causal_lm.LM(stored.eval(), tokenizer, "mini-gpt2", str(cfg.out), srcs.Source("mini", "mini-gpt2", ""), torch.device("cpu"),
-                        torch.float32, "fp32", cfg.block_size, causal_lm.decode_threads(stored, torch.device("cpu")))
-        settings = generation.GenerationConfig(**{k: v for k, v in sample.items() if k != "prompt"})
-        gen = generation.generate(lm, sample["prompt"], settings)
-        sample["text"] = gen.samples[0].text
-        # ten samples, unedited, one prompt and seed each; their share of dictionary words; generation speed
-        t_gen, n_gen, samples = time.time(), 0, []
-        for seed, prompt in enumerate(SAMPLE_PROMPTS):
-            g = generation.generate(lm, prompt, generation.GenerationConfig(**{**settings.to_dict(), "seed": seed}))
-            samples.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text})
-            n_gen += g.new_tokens
-        gen_speed = n_gen / max(time.time() - t_gen, 1e-9)
-        completions = [x["text"][len(x["prompt"]):] for x in samples]
-        word_share = dictionary_words(completions)
-        sample["command"] = (f"python -m engine generate --model mini --prompt \"{sample['prompt']}\" --seed 0 --temperature 0.8 "
-                             f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {sample['max_new_tokens']}")
+        lm = card_lm(stored, tokenizer, cfg.out, cfg.block_size)
+        measured = card_samples(lm, min(60, cfg.block_size // 2))
         tokens_per_byte = len(val_data) / val_bytes
         return {
             "name": "mini-gpt2",
@@ -425,11 +469,11 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
                          "threads": cfg.threads, "seconds": round(seconds, 1)},
             "metrics": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                         "bits_per_byte": round(val_loss * tokens_per_byte / math.log(2), 4), "val_perplexity_fp16": None,
-                        "dictionary_words": None if word_share is None else round(word_share, 4),
-                        "dictionary": f"{WORDS_FILE} (Debian wamerican), over the completions of the ten samples",
-                        "generation_tokens_per_s": round(gen_speed, 1), "generation_threads": lm.threads or torch.get_num_threads()},
-            "sample": sample,
-            "samples": samples,
+                        "dictionary_words": measured["dictionary_words"], "dictionary": measured["dictionary"],
+                        "word_completions": measured["word_completions"],
+                        "generation_tokens_per_s": measured["generation_tokens_per_s"], "generation_threads": lm.threads or torch.get_num_threads()},
+            "sample": measured["sample"],
+            "samples": measured["samples"],
             "command": f"python -m engine pretrain text --steps {max_steps} --seed {cfg.seed}",
         }
 

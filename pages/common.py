@@ -26,6 +26,11 @@ def presenting() -> bool:
     return st.session_state.get("_present", False) or st.query_params.get("present") == "1"
 
 
+# Settings stay for the session while the user visits other pages: Streamlit drops a widget's value once
+# a run does not draw it, unless the widget is made with persist_state=KEEP.
+KEEP = "session"
+
+
 # ----------------------------------------------------------------------------- roles (engine/core/access.py)
 LOCKED_HELP = "Presenter only: unlock with the presenter password in the sidebar."
 

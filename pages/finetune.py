@@ -17,7 +17,7 @@ from engine.models import backbones, sources
 from engine.train import distributed
 from engine.vision import config, finetune, heatmaps, preprocess, strategies
 from engine.vision.config import FinetuneConfig
-from pages.common import allowed, curves, friendly_errors, loaded_model, locked, manager
+from pages.common import KEEP, allowed, curves, friendly_errors, loaded_model, locked, manager
 from pages.downloads import offer_download
 from pages.finetune_options import training_options
 
@@ -43,20 +43,20 @@ def start_form(datasets: list[dict]) -> None:
     left, right = st.columns(2, gap="large")
     with right:
         strategy = st.radio("Strategy", list(config.STRATEGIES), list(config.STRATEGIES).index(D.strategy),
-                            captions=list(config.STRATEGIES.values()), key="ft_strategy")
+                            captions=list(config.STRATEGIES.values()), key="ft_strategy", persist_state=KEEP)
         freeze = D.freeze
         if strategy == "partial":
-            freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze",
+            freeze = st.slider("Frozen stages k (stem, layer1 … layer4)", 1, 4, D.freeze, key="ft_freeze", persist_state=KEEP,
                                help="The first k stages keep their pretrained weights; the rest is trained.")
     with left:
         names = list(by_name)  # default: the dataset open on the Images page, else the newest
         current = st.session_state.get("dataset")
         data = st.selectbox("Dataset", names, key="ft_data", index=names.index(current) if current in names else len(names) - 1,
                             format_func=lambda n: f"{n} · {by_name[n]['classes']} classes · {by_name[n]['images']} images")
-        model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model",
+        model = st.selectbox("Backbone", sources.VISION_ARCHS, key="ft_model", persist_state=KEEP,
                              help="\n".join(f"- **{b.name}**: {b.good_for}" for b in backbones.REGISTRY.values()))
         scratch = strategy == "scratch"
-        choice = st.selectbox("Weights", list(WEIGHTS), format_func=WEIGHTS.get, key="ft_weights", disabled=scratch,
+        choice = st.selectbox("Weights", list(WEIGHTS), format_func=WEIGHTS.get, key="ft_weights", persist_state=KEEP, disabled=scratch,
                               help="Training from scratch always starts from random weights.")
         weights = "none" if scratch else choice
         if choice == "upload" and not scratch:

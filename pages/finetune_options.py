@@ -13,7 +13,7 @@ import streamlit as st
 from engine.core import runs
 from engine.vision import config, finetune, lrfind
 from engine.vision.config import FinetuneConfig
-from pages.common import allowed, friendly_errors, locked, manager
+from pages.common import KEEP, allowed, friendly_errors, locked, manager
 
 D = FinetuneConfig(data="")
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
@@ -34,29 +34,33 @@ def training_options(rec: FinetuneConfig, info: dict, group: str) -> dict:
         a, b, c = st.columns(3)
         opts = ["adamw", "sgd"] + (["lbfgs"] if rec.strategy == "linear" else [])
         v["optimizer"] = b.radio(LABELS["optimizer"], opts, opts.index(rec.optimizer), horizontal=True, key=key("optimizer"),
+                                 persist_state=KEEP,
                                  format_func={"sgd": "SGD + momentum", "adamw": "AdamW", "lbfgs": "L-BFGS probe"}.get)
         lbfgs = v["optimizer"] == "lbfgs"
-        v["epochs"] = a.number_input("Curve points (L-BFGS chunks)" if lbfgs else LABELS["epochs"], 1, 500, rec.epochs, key=key("epochs"))
+        v["epochs"] = a.number_input("Curve points (L-BFGS chunks)" if lbfgs else LABELS["epochs"], 1, 500, rec.epochs, key=key("epochs"),
+                                     persist_state=KEEP)
         if not lbfgs:
-            v["batch_size"] = a.select_slider(LABELS["batch_size"], sorted({8, 16, 32, 48, 64, 128, 256, rec.batch_size}), rec.batch_size, key=key("batch"))
+            v["batch_size"] = a.select_slider(LABELS["batch_size"], sorted({8, 16, 32, 48, 64, 128, 256, rec.batch_size}), rec.batch_size,
+                                              key=key("batch"), persist_state=KEEP)
             lrs = sorted(set(LRS) | {rec.lr})
-            v["lr"] = b.select_slider(LABELS["lr"], lrs, rec.lr, format_func=lambda x: f"{x:g}", key=key("lr"))
+            v["lr"] = b.select_slider(LABELS["lr"], lrs, rec.lr, format_func=lambda x: f"{x:g}", key=key("lr"), persist_state=KEEP)
             suggest_lr(key("lr"), lrs)
             v["schedule"] = b.radio(LABELS["schedule"], list(config.SCHEDULES), list(config.SCHEDULES).index(rec.schedule),
-                                    horizontal=True, key=key("schedule"))
-            v["label_smoothing"] = c.select_slider(LABELS["label_smoothing"], SMOOTHINGS, rec.label_smoothing, key=key("ls"))
+                                    horizontal=True, key=key("schedule"), persist_state=KEEP)
+            v["label_smoothing"] = c.select_slider(LABELS["label_smoothing"], SMOOTHINGS, rec.label_smoothing, key=key("ls"),
+                                                   persist_state=KEEP)
         wd = rec.weight_decay if rec.weight_decay in WEIGHT_DECAYS else None
-        v["weight_decay"] = c.select_slider(LABELS["weight_decay"], WEIGHT_DECAYS, wd, key=key("wd"),
+        v["weight_decay"] = c.select_slider(LABELS["weight_decay"], WEIGHT_DECAYS, wd, key=key("wd"), persist_state=KEEP,
                                             format_func=lambda x: "cross-validated" if x is None else f"{x:g}")
-        v["augment"] = c.multiselect(LABELS["augment"], config.AUGMENTATIONS, rec.augment, key=key("augment"),
+        v["augment"] = c.multiselect(LABELS["augment"], config.AUGMENTATIONS, rec.augment, key=key("augment"), persist_state=KEEP,
                                      help="Augmented images change every epoch, so they turn off the fast cached-feature path.")
         if rec.strategy in ("linear", "partial", "two-phase"):
-            v["bn_adapt"] = c.checkbox(LABELS["bn_adapt"], rec.bn_adapt, key=key("bn"),
+            v["bn_adapt"] = c.checkbox(LABELS["bn_adapt"], rec.bn_adapt, key=key("bn"), persist_state=KEEP,
                                        help="AdaBN: recompute the frozen layers' BatchNorm statistics on your images.")
-        a.number_input("Early stopping patience (epochs, 0 = off)", 0, 100, D.early_stopping, key="ft_early")
-        c.selectbox("Image size", [None, 32, 64, 96, 128, 160, 224], key="ft_size",
+        a.number_input("Early stopping patience (epochs, 0 = off)", 0, 100, D.early_stopping, key="ft_early", persist_state=KEEP)
+        c.selectbox("Image size", [None, 32, 64, 96, 128, 160, 224], key="ft_size", persist_state=KEEP,
                     format_func=lambda s: "from the weights" if s is None else f"{s} px")
-        a.number_input("Seed", 0, 2**31 - 1, D.seed, key="ft_seed")
+        a.number_input("Seed", 0, 2**31 - 1, D.seed, key="ft_seed", persist_state=KEEP)
         mine = {k: x for k, x in v.items() if list(x if k == "augment" else [x]) != list(getattr(rec, k) if k == "augment" else [getattr(rec, k)])}
         rows = [{"setting": LABELS[k], "value": finetune.show_setting(k, x), "from": "you" if k in mine else "recipe",
                  "why": "" if k in mine else why.get(k, "")} for k, x in v.items()]

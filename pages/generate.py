@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine.models import sources
 from engine.text import causal_lm, generation, history
-from pages.common import bold_prompt, friendly_errors, generation_slot, language_model, md_escape
+from pages.common import KEEP, bold_prompt, friendly_errors, generation_slot, language_model, md_escape
 from pages.downloads import offer_download
 
 D = generation.GenerationConfig()  # the engine's defaults are the page's defaults
@@ -18,9 +18,6 @@ KNOBS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram
 # token probability -> colour: an ordered scale from sure (blue) through grey to unsure (orange, then an
 # orange background), the blue/orange pair that colour-blind viewers tell apart
 COLOURS = ((0.5, "blue"), (0.05, "gray"), (0.01, "orange"), (0.0, "orange-background"))
-# the settings stay for the session while the user visits other pages (Streamlit drops a widget's
-# value once a run does not draw it, unless asked to keep it)
-KEEP = "session"
 LEGEND = ":blue[≥ 50%] · :gray[5–50%] · :orange[1–5%] · :orange-background[< 1%]"
 
 

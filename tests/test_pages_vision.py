@@ -81,6 +81,22 @@ def test_finetune_form_explains_strategies_and_weights(tmp_path):
     assert at.selectbox(key="ft_weights").disabled and "random" in at.info[0].value
 
 
+def test_finetune_form_keeps_its_settings_across_a_visit_to_another_page(tmp_path):
+    """Someone who chose a strategy and options, went to add images and came back found the defaults again."""
+    make_dataset(tmp_path / "imgs")
+    at = open_page("pages/finetune.py")
+    at.radio(key="ft_strategy").set_value("partial").run()
+    at.slider(key="ft_freeze").set_value(2).run()
+    widget(at, "number_input", "Epochs").set_value(7).run()
+    at.selectbox(key="ft_size").set_value(96).run()
+    at.switch_page("pages/images.py").run()
+    assert not at.exception
+    at.switch_page("pages/finetune.py").run()
+    assert not at.exception
+    assert at.radio(key="ft_strategy").value == "partial" and at.slider(key="ft_freeze").value == 2
+    assert widget(at, "number_input", "Epochs").value == 7 and at.selectbox(key="ft_size").value == 96
+
+
 def test_finetune_uploaded_weights_are_checked_and_stored_by_content(tmp_path, workspace_home):
     import torch
     import torchvision

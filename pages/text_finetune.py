@@ -10,7 +10,7 @@ import streamlit as st
 from engine.core import runs
 from engine.core.errors import UserError
 from engine.text import causal_lm, generation, lm_finetune, text_files
-from pages.common import allowed, friendly_errors, generation_slot, language_model, locked, manager, md_escape
+from pages.common import KEEP, allowed, friendly_errors, generation_slot, language_model, locked, manager, md_escape
 
 D = lm_finetune.LMFinetuneConfig()  # the engine's defaults are the form's defaults
 ss = st.session_state
@@ -41,27 +41,28 @@ with st.container(border=True):
     limit = text_files.MAX_TEXT_BYTES // 2**20  # the same number in the label, the browser's check and the engine's
     st.file_uploader(f"Upload .txt files (UTF-8, up to {limit} MB each)", type=["txt"], accept_multiple_files=True,
                      key="tf_files", max_upload_size=limit)
-    st.text_area("…or paste text", key="tf_paste", height=120, placeholder="A few paragraphs in the style you want…")
+    st.text_area("…or paste text", key="tf_paste", persist_state=KEEP, height=120, placeholder="A few paragraphs in the style you want…")
     st.checkbox(f"Add the example text: {text_files.EXAMPLE_TITLE}, {text_files.EXAMPLE_TEXT.stat().st_size // 1000} kB",
-                key="tf_example", help="A style anyone recognises: after a minute of fine-tuning the mini model writes in it.")
+                key="tf_example", persist_state=KEEP,
+                help="A style anyone recognises: after a minute of fine-tuning the mini model writes in it.")
 
 with st.container(border=True):
     st.subheader("2 · Settings")
     choices = causal_lm.model_choices()
     a, b, c = st.columns(3)
-    model = a.selectbox("Base model", list(choices), format_func=choices.get, key="tf_model",
+    model = a.selectbox("Base model", list(choices), format_func=choices.get, key="tf_model", persist_state=KEEP,
                         index=list(choices).index("mini") if "mini" in choices else 0)
-    epochs = b.slider("Epochs (0 = from the text's size)", 0, 20, 0, key="tf_epochs",
+    epochs = b.slider("Epochs (0 = from the text's size)", 0, 20, 0, key="tf_epochs", persist_state=KEEP,
                       help=f"Passes over your text. 0: about {lm_finetune.TARGET_STEPS['small']} optimizer steps' worth "
                            f"({lm_finetune.TARGET_STEPS['large']} for models over 30M parameters), at most "
                            f"{lm_finetune.MAX_AUTO_EPOCHS} passes.")
-    lr = c.select_slider("Learning rate", LRS, value=D.lr, key="tf_lr", format_func=lambda v: f"{v:g}")
+    lr = c.select_slider("Learning rate", LRS, value=D.lr, key="tf_lr", persist_state=KEEP, format_func=lambda v: f"{v:g}")
     a, b, c = st.columns(3)
-    block = a.select_slider("Block size (tokens)", [16, 32, 64, 128, 256, 512], value=D.block_size, key="tf_block",
+    block = a.select_slider("Block size (tokens)", [16, 32, 64, 128, 256, 512], value=D.block_size, key="tf_block", persist_state=KEEP,
                             help="Length of the text pieces the model learns from (capped at the model's context).")
-    batch = b.select_slider("Batch size", [1, 2, 4, 8, 16, 32], value=D.batch_size, key="tf_batch")
-    seed = c.number_input("Seed", 0, 2**31 - 1, D.seed, key="tf_seed")
-    prompt = st.text_input("Prompt for the before/after samples", key="tf_prompt",
+    batch = b.select_slider("Batch size", [1, 2, 4, 8, 16, 32], value=D.batch_size, key="tf_batch", persist_state=KEEP)
+    seed = c.number_input("Seed", 0, 2**31 - 1, D.seed, key="tf_seed", persist_state=KEEP)
+    prompt = st.text_input("Prompt for the before/after samples", key="tf_prompt", persist_state=KEEP,
                            placeholder="default: the first words of the held-out text")
     go, example = st.columns([1, 2])
     start = go.button("Start fine-tuning", type="primary", icon=":material/model_training:", **locked())

@@ -84,6 +84,15 @@ def open_page(page: str, **query) -> AppTest:
     return at.run()
 
 
+def away_and_back(at: AppTest, page: str, other: str) -> AppTest:
+    """Visit `other` and come back to `page` in the same session (where Streamlit would drop widget values)."""
+    at.switch_page(other).run()
+    assert not at.exception
+    at.switch_page(page).run()
+    assert not at.exception
+    return at
+
+
 def has_button(at: AppTest, key: str) -> bool:
     return any(b.key == key for b in at.button)
 

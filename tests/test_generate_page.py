@@ -144,18 +144,14 @@ def test_the_seed_can_go_back_to_random(app):
 def test_settings_survive_a_visit_to_another_page(tiny_as_mini):
     """Streamlit forgets a widget's value once a run does not draw it: someone who set 40 tokens and a
     temperature, looked at Predict and came back found the defaults again."""
-    from tests.helpers import open_page
+    from tests.helpers import away_and_back, open_page
 
     at = open_page("pages/generate.py")
     assert not at.exception
     at.slider(key="g_max_new_tokens").set_value(40)
     at.slider(key="g_temperature").set_value(0.5)
     at.text_area(key="g_prompt").set_value("Once upon a time")
-    at.run()
-    at.switch_page("pages/runs.py").run()
-    assert not at.exception
-    at.switch_page("pages/generate.py").run()
-    assert not at.exception
+    away_and_back(at.run(), "pages/generate.py", "pages/runs.py")
     assert at.slider(key="g_max_new_tokens").value == 40
     assert at.slider(key="g_temperature").value == 0.5
     assert at.text_area(key="g_prompt").value == "Once upon a time"

@@ -26,7 +26,7 @@ from tests.helpers import PAGE_COLORS as COLORS
 from tests.helpers import has_button
 from tests.helpers import make_page_dataset as make_dataset
 from tests.helpers import noisy_png as png
-from tests.helpers import open_page, widget
+from tests.helpers import away_and_back, open_page, widget
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_manager")  # tests/conftest.py
@@ -89,10 +89,7 @@ def test_finetune_form_keeps_its_settings_across_a_visit_to_another_page(tmp_pat
     at.slider(key="ft_freeze").set_value(2).run()
     widget(at, "number_input", "Epochs").set_value(7).run()
     at.selectbox(key="ft_size").set_value(96).run()
-    at.switch_page("pages/images.py").run()
-    assert not at.exception
-    at.switch_page("pages/finetune.py").run()
-    assert not at.exception
+    away_and_back(at, "pages/finetune.py", "pages/images.py")
     assert at.radio(key="ft_strategy").value == "partial" and at.slider(key="ft_freeze").value == 2
     assert widget(at, "number_input", "Epochs").value == 7 and at.selectbox(key="ft_size").value == 96
 

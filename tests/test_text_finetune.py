@@ -173,16 +173,12 @@ def test_try_the_example_starts_a_run_on_it_in_one_click(tiny_as_mini):
 
 def test_the_form_keeps_its_text_and_settings_across_a_visit_to_another_page(tiny_as_mini):
     """Pasted text and chosen settings survive a look at another page (Streamlit would drop them)."""
-    from tests.helpers import open_page
+    from tests.helpers import away_and_back, open_page
 
     at = open_page("pages/text_finetune.py")
     at.text_area(key="tf_paste").set_value("Call me Ishmael. Some years ago, never mind how long precisely.")
     at.select_slider(key="tf_lr").set_value(3e-4)
     at.text_input(key="tf_prompt").set_value("Call me")
-    at.run()
-    at.switch_page("pages/generate.py").run()
-    assert not at.exception
-    at.switch_page("pages/text_finetune.py").run()
-    assert not at.exception
+    away_and_back(at.run(), "pages/text_finetune.py", "pages/generate.py")
     assert at.text_area(key="tf_paste").value.startswith("Call me Ishmael")
     assert at.select_slider(key="tf_lr").value == 3e-4 and at.text_input(key="tf_prompt").value == "Call me"

@@ -298,7 +298,7 @@ It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get(
   {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
   (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
-- Dictionary words: {words} {f"of the words in {m['word_completions']} completions (ten seeds of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
+- Dictionary words: {words} {f"of the words in {m['word_completions']} completions ({m['word_completions'] // 10} seed(s) of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
 - Reproduce: `{card['command']}`
 
 What it can do: write short English sentences in the style of fortune cookies, quotes with `-- Author`
@@ -320,6 +320,7 @@ The same text again: `{s.get('command', '')}`
 
 
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0, "repetition_penalty": 1.0}  # the card's samples
+METRICS_MEASURED = ("dictionary_words", "dictionary", "word_completions", "generation_tokens_per_s", "generation_threads")
 
 
 def card_lm(model, tokenizer, folder: Path, block_size: int):
@@ -334,18 +335,17 @@ def card_lm(model, tokenizer, folder: Path, block_size: int):
                         torch.float32, "fp32", block_size, causal_lm.decode_threads(model, torch.device("cpu")))
 
 
-def card_samples(lm, max_new_tokens: int) -> dict:
-    """The card's samples: the headline one, ten to quote (prompt i with seed i, unedited), and the share of
-    dictionary words over WORD_SEEDS seeds of every prompt (the quoted ten among them); generation speed."""
+def card_samples(lm, max_new_tokens: int, word_seeds: int = WORD_SEEDS) -> dict:
+    """The card's samples: ten to quote (prompt i with seed i, unedited; the first is also the headline
+    sample), and the share of dictionary words over `word_seeds` seeds of every prompt (the quoted ten
+    among them); generation speed."""
+    import torch
+
     from engine.text import generation  # deferred: imports torch
 
     settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
-    sample = {"prompt": "The meaning of life is", "seed": 0, **settings}
-    sample["text"] = generation.generate(lm, sample["prompt"], generation.GenerationConfig(seed=0, **settings)).samples[0].text
-    sample["command"] = (f"python -m engine generate --model mini --prompt \"{sample['prompt']}\" --seed 0 --temperature 0.8 "
-                         f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {max_new_tokens}")
     t_gen, n_gen, quoted, completions = time.time(), 0, [], []
-    for k in range(WORD_SEEDS):
+    for k in range(word_seeds):
         for i, prompt in enumerate(SAMPLE_PROMPTS):
             seed = i + k * len(SAMPLE_PROMPTS)
             g = generation.generate(lm, prompt, generation.GenerationConfig(seed=seed, **settings))
@@ -353,11 +353,15 @@ def card_samples(lm, max_new_tokens: int) -> dict:
             n_gen += g.new_tokens
             if k == 0:
                 quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text})
+    sample = {"prompt": SAMPLE_PROMPTS[0], "seed": 0, **settings, "text": quoted[0]["text"],
+              "command": f"python -m engine generate --model mini --prompt \"{SAMPLE_PROMPTS[0]}\" --seed 0 --temperature 0.8 "
+                         f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {max_new_tokens}"}
     share = dictionary_words(completions)
     return {"sample": sample, "samples": quoted, "dictionary_words": None if share is None else round(share, 4),
-            "dictionary": f"{WORDS_FILE} (Debian wamerican), over {len(completions)} completions: {WORD_SEEDS} seeds of each "
+            "dictionary": f"{WORDS_FILE} (Debian wamerican), over {len(completions)} completions: {word_seeds} seed(s) of each "
                           "of the ten prompts, the quoted samples being the first seed of each", "word_completions": len(completions),
-            "generation_tokens_per_s": round(n_gen / max(time.time() - t_gen, 1e-9), 1)}
+            "generation_tokens_per_s": round(n_gen / max(time.time() - t_gen, 1e-9), 1),
+            "generation_threads": lm.threads or torch.get_num_threads()}
 
 
 def remeasure(folder: Path) -> dict:
@@ -376,8 +380,7 @@ def remeasure(folder: Path) -> dict:
     lm = card_lm(model, PreTrainedTokenizerFast.from_pretrained(str(folder)), Path(folder), card["model"]["n_positions"])
     measured = card_samples(lm, card["sample"]["max_new_tokens"])
     card["sample"], card["samples"] = measured["sample"], measured["samples"]
-    card["metrics"].update({k: measured[k] for k in ("dictionary_words", "dictionary", "word_completions", "generation_tokens_per_s")})
-    card["metrics"]["generation_threads"] = lm.threads or 1
+    card["metrics"].update({k: measured[k] for k in METRICS_MEASURED})
     card_path.write_text(json.dumps(card, indent=2))
     (Path(folder) / "README.md").write_text(_readme(card))
     return card
@@ -447,7 +450,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
 
     def card_for(step: int, seconds: float, val_loss: float, partial: bool, stored) -> dict:
         lm = card_lm(stored, tokenizer, cfg.out, cfg.block_size)
-        measured = card_samples(lm, min(60, cfg.block_size // 2))
+        # a checkpoint mid-run quotes its ten samples; the finished model's word share counts all the seeds
+        measured = card_samples(lm, min(60, cfg.block_size // 2), word_seeds=1 if partial else WORD_SEEDS)
         tokens_per_byte = len(val_data) / val_bytes
         return {
             "name": "mini-gpt2",
@@ -469,9 +473,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
                          "threads": cfg.threads, "seconds": round(seconds, 1)},
             "metrics": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                         "bits_per_byte": round(val_loss * tokens_per_byte / math.log(2), 4), "val_perplexity_fp16": None,
-                        "dictionary_words": measured["dictionary_words"], "dictionary": measured["dictionary"],
-                        "word_completions": measured["word_completions"],
-                        "generation_tokens_per_s": measured["generation_tokens_per_s"], "generation_threads": lm.threads or torch.get_num_threads()},
+                        **{k: measured[k] for k in METRICS_MEASURED}},
             "sample": measured["sample"],
             "samples": measured["samples"],
             "command": f"python -m engine pretrain text --steps {max_steps} --seed {cfg.seed}",

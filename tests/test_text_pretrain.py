@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 
 import pytest
 import torch
@@ -128,3 +129,16 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
     assert resumed_card["training"]["steps"] == 6
     resumed = load_file(str(tmp_path / "mini2" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_bf16_precision_trains_under_autocast_and_says_so_in_the_card(tmp_path):
+    fake_fortunes(tmp_path / "fortunes")
+    fp32 = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, steps=3, eval_every=100, out=tmp_path / "a", state_dir=tmp_path / "sa"))
+    bf16 = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, steps=3, eval_every=100, out=tmp_path / "b", state_dir=tmp_path / "sb", precision="bf16"))
+    assert fp32["command"] == "python -m engine pretrain text --steps 3 --seed 1337"
+    assert bf16["command"] == "python -m engine pretrain text --steps 3 --seed 1337 --precision bf16"
+    assert bf16["training"]["precision"] == "bf16" and "bf16 autocast" in (tmp_path / "b" / "README.md").read_text()
+    assert math.isfinite(bf16["metrics"]["val_loss"])
+    # same seed, same batches: only the matmuls' precision differs, and it shows in the weights
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)

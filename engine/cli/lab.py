@@ -25,7 +25,8 @@ def cmd_pretrain_text(args) -> int:
         raise UserError("--minutes must be > 0 (or give --steps)")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    cfg = mini_gpt2.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads)
+    cfg = mini_gpt2.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads,
+                                       precision=args.precision)
     if args.out:
         cfg.out = Path(args.out)
     card = mini_gpt2.pretrain_text(cfg, resume=args.resume)
@@ -186,6 +187,8 @@ def add_commands(sub) -> None:
     s.add_argument("--steps", type=int, default=None, help="exact number of steps (reproducible; overrides --minutes)")
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the matmuls (1.5x faster on CPUs with native bf16, e.g. AVX-512 BF16; slow elsewhere)")
     s.add_argument("--out", default="", help="output folder (default assets/mini-gpt2)")
     s.add_argument("--resume", action="store_true", help="continue the last run from its saved optimizer state")
     s.add_argument("--remeasure", action="store_true", help="only measure the samples of an existing model again and rewrite its card")

@@ -68,6 +68,7 @@ class TextPretrainConfig:
     val_fraction: float = 0.05
     eval_every: int = 200          # evaluate and write a usable checkpoint this often
     threads: int = 1               # on a shared 2-core machine one thread was 2-4x faster than two
+    precision: str = "fp32"        # "bf16": autocast matmuls in bf16 (fp32 master weights); 1.5x faster on CPUs with native bf16
     state_dir: Path | None = None  # optimizer state for --resume (defaults to workspace/cache)
     data_dir: Path | None = None   # default FORTUNES_DIR
     jargon_file: Path | None = field(default_factory=lambda: JARGON_FILE)  # None: fortunes only
@@ -295,7 +296,7 @@ short poems, {d['bytes'] / 1e6:.1f} MB){jargon}: {d['train_tokens']:,} training 
 It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get('why', '')[:1].upper() + d.get('why', '')[1:]}.
 
 - Training: {t['steps']} steps of {t['batch_size']} x {t['block_size']} tokens ({t['tokens_seen'] / 1e6:.1f}M tokens seen,
-  {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
+  {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}{', bf16 autocast' if t.get('precision') == 'bf16' else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
   (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
 - Dictionary words: {words} {f"of the words in {m['word_completions']} completions ({m['word_completions'] // 10} seed(s) of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
@@ -470,13 +471,14 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
             "training": {"steps": step, "max_steps": max_steps, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
                          "tokens_seen": step * cfg.batch_size * cfg.block_size, "lr": cfg.lr, "min_lr": cfg.min_lr,
                          "warmup": cfg.warmup, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout, "seed": cfg.seed,
-                         "threads": cfg.threads, "seconds": round(seconds, 1)},
+                         "threads": cfg.threads, "precision": cfg.precision, "seconds": round(seconds, 1)},
             "metrics": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                         "bits_per_byte": round(val_loss * tokens_per_byte / math.log(2), 4), "val_perplexity_fp16": None,
                         **{k: measured[k] for k in METRICS_MEASURED}},
             "sample": measured["sample"],
             "samples": measured["samples"],
-            "command": f"python -m engine pretrain text --steps {max_steps} --seed {cfg.seed}",
+            "command": f"python -m engine pretrain text --steps {max_steps} --seed {cfg.seed}"
+                       + (f" --precision {cfg.precision}" if cfg.precision != "fp32" else ""),
         }
 
     def checkpoint(step: int, seconds: float, partial: bool) -> dict:
@@ -492,6 +494,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
             on_progress({"step": step, "steps": max_steps, "val_loss": val_loss, "val_perplexity": math.exp(val_loss), "sample": card["sample"]["text"]})
         return card
 
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
     model.train()
     t0 = time.time()
     step = start
@@ -504,7 +507,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
             group["lr"] = lr
         x, y = _batch(train_data, step, cfg)
         # y is x shifted by one token; the loss is computed here (HF's `labels=` would shift again).
-        loss, _ = loop.step(lambda ids: model(input_ids=ids).logits.flatten(0, 1), optimizer, x, y.flatten(), clip_norm=1.0)
+        loss, _ = loop.step(lambda ids: model(input_ids=ids).logits.flatten(0, 1), optimizer, x, y.flatten(), clip_norm=1.0, amp=amp)
         step += 1
         if max_steps is None and step == start + timing_steps:
             # Turn the wall-time budget into a fixed number of steps (leave ~8% for evaluation and saving).

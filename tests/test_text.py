@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 
@@ -110,6 +111,114 @@ def test_lean_forward_gives_the_hf_models_logits(lm):
             nxt = ours.argmax(-1)
         with pytest.raises(ValueError, match="KV cache"):
             lean.step(nxt)  # the cache was sized for 6 new tokens
+
+
+def test_lean_forward_with_left_padded_rows_gives_each_prompts_own_logits(lm):
+    """Prompts of different lengths in one batch: a row's logits are those of its prompt alone."""
+    import torch
+
+    from engine.text.leangpt2 import LeanGPT2
+
+    model = lm.model.float()
+    prompts = [lm.tokenizer(t)["input_ids"] for t in ("the cat sat on the mat", "a dog", "one two three")]
+    width = max(map(len, prompts))
+    pads = [width - len(p) for p in prompts]
+    batch = torch.tensor([[lm.eos_id] * n + p for n, p in zip(pads, prompts)])
+    lean = LeanGPT2(model)
+    with torch.inference_mode():
+        together = [lean.prefill(batch, max_new_tokens=5, pads=pads)]
+        nxt = torch.tensor([3, 7, 11])
+        for _ in range(5):
+            together.append(lean.step(nxt))
+        for row, p in enumerate(prompts):
+            alone = LeanGPT2(model)
+            mine = [alone.prefill(torch.tensor([p]), max_new_tokens=5)] + [alone.step(nxt[row : row + 1]) for _ in range(5)]
+            for a, b in zip(together, mine):
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a[row : row + 1], b, rtol=1e-5, atol=1e-5)
+
+
+def batched_requests(lm) -> list[generation.Request]:
+    """Different prompts (lengths), settings, seeds and sample counts, as visitors would send them."""
+    def req(prompt, **kw):
+        c = cfg(**kw)
+        return generation.Request(lm.tokenizer(prompt)["input_ids"], c, c.seed)
+
+    return [req("the cat", seed=5, num_return_sequences=2), req("one two three four five", seed=6, temperature=1.2, top_k=0),
+            req("a", seed=7, max_new_tokens=6, repetition_penalty=1.5), req("the dog ran", temperature=0.0),
+            req("the cat", seed=5, stop=["alm"]), req("x y", seed=8, no_repeat_ngram_size=2, top_p=0.5)]
+
+
+def test_requests_decoded_in_one_batch_write_what_each_writes_alone(lm):
+    lm.model.float()
+    together = batched_requests(lm)
+    finished = []
+    generation.decode_batch(lm, together, on_done=lambda r: finished.append(r))
+    assert sorted(map(id, finished)) == sorted(map(id, together))
+    # the 6-token request is handed back before every longer one: its caller goes on while they decode
+    longer = [r for r in together if max(len(x.token_ids) for x in r.samples) > 6]
+    assert longer and all(finished.index(together[2]) < finished.index(r) for r in longer)
+    for r in together:
+        alone = generation.decode_samples(lm, r.prompt_ids, r.cfg, r.seed, None, None)
+        assert [s.token_ids for s in r.samples] == [s.token_ids for s in alone]
+        assert [(s.text, s.finish) for s in r.samples] == [(s.text, s.finish) for s in alone]
+    assert together[4].samples[0].finish == "stop string"
+    # a forward that cannot take padded rows (HF's, here) decodes the same requests one after another
+    hf = batched_requests(lm)
+    for r in hf:
+        r.lean = False
+    generation.decode_batch(lm, hf)
+    assert [[x.token_ids for x in r.samples] for r in hf] == [[x.token_ids for x in r.samples] for r in together]
+
+
+def test_concurrent_generations_share_batches_and_keep_their_texts(lm, monkeypatch):
+    lm.model.float()
+    alone = {i: ids(generation.generate(lm, f"the cat {i}", cfg(seed=i, max_new_tokens=30))) for i in range(8)}
+    sizes, first = [], threading.Event()
+    real = generation.decode_batch
+
+    def slow_first(lm_, batch, on_done=lambda r: None):
+        sizes.append(len(batch))
+        if len(sizes) == 1:  # the first batch takes long enough for the others to queue up behind it
+            first.set()
+            time.sleep(0.5)
+        real(lm_, batch, on_done)
+
+    monkeypatch.setattr(generation, "decode_batch", slow_first)
+    out = {}
+
+    def visitor(i):
+        out[i] = ids(generation.generate(lm, f"the cat {i}", cfg(seed=i, max_new_tokens=30)))
+
+    threads = [threading.Thread(target=visitor, args=(0,))]
+    threads[0].start()
+    first.wait(5)
+    threads += [threading.Thread(target=visitor, args=(i,)) for i in range(1, 8)]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out == alone
+    assert sizes == [1, 7]  # the seven who waited were decoded together, not one after another
+
+
+def test_a_stop_in_a_batch_stops_only_that_request(lm):
+    stop = threading.Event()
+    a, b = batched_requests(lm)[:2]
+    a.stop_event, a.on_token = stop, lambda t: stop.set()
+    generation.decode_batch(lm, [a, b])
+    assert [s.finish for s in a.samples] == ["stopped", "stopped"] and len(a.samples[0].token_ids) == 1
+    assert all(s.finish != "stopped" for s in b.samples) and len(b.samples[0].token_ids) > 1
+
+
+def test_a_failed_batch_is_every_callers_error(lm, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(generation, "decode_batch", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generation.generate(lm, "the cat", cfg())
+    assert not lm.queue.busy and not lm.queue.pending  # the next request is not stuck behind it
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.0, num_return_sequences=1), dict(seed=5, num_return_sequences=3)])

@@ -31,11 +31,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
+class DecodeQueue:
+    """Generation requests waiting for a model that is busy decoding (engine.text.generation batches them)."""
+
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    pending: list = field(default_factory=list)
+    busy: bool = False
+
+
+@dataclass
 class LM:
     """A loaded causal LM, shared read-only by every caller in the process.
 
     `lock` serialises generation on it: two sessions sharing one model would otherwise fight over
-    the CPU cores, and it keeps the per-sample timing honest.
+    the CPU cores, and it keeps the per-sample timing honest. Requests that arrive while it is held
+    wait in `queue` and are then decoded together, as rows of one batch.
     """
 
     model: torch.nn.Module
@@ -49,6 +59,7 @@ class LM:
     context: int       # max positions (prompt + new tokens)
     threads: int | None = None  # torch threads while decoding (None: leave as is); see decode_threads
     lock: threading.RLock = field(default_factory=threading.RLock)
+    queue: DecodeQueue = field(default_factory=DecodeQueue)
 
     @property
     def eos_id(self) -> int:
@@ -192,18 +203,28 @@ class thread_count:
             torch.set_num_threads(self.prev)
 
 
-def start_decoding(model, ids: torch.Tensor, max_new_tokens: int, lean: bool = True):
+def can_pad(model, lean: bool = True) -> bool:
+    """Whether start_decoding can take left-padded rows (prompts of different lengths in one batch)."""
+    from engine.text.leangpt2 import LeanGPT2  # deferred: imports torch
+
+    return lean and LeanGPT2.supports(model)
+
+
+def start_decoding(model, ids: torch.Tensor, max_new_tokens: int, lean: bool = True, pads: list[int] | None = None):
     """Run the prompt ids (B, T) through `model`; return (last-position logits (B, vocab), advance), where
     advance(next_ids (B,)) feeds one token per sequence and returns the next logits (KV cache kept inside).
 
     GPT-2 models go through the lean forward (engine.leangpt2: same weights, without HF's per-call
-    bookkeeping); other architectures, or lean=False, through HF's forward.
+    bookkeeping), which also takes left-padded rows (`pads`); other architectures, or lean=False,
+    through HF's forward, unpadded only.
     """
     from engine.text.leangpt2 import LeanGPT2  # deferred: imports torch
 
-    if lean and LeanGPT2.supports(model):
+    if can_pad(model, lean):
         decoder = LeanGPT2(model)
-        return decoder.prefill(ids, max_new_tokens), decoder.step
+        return decoder.prefill(ids, max_new_tokens, pads), decoder.step
+    if pads and any(pads):
+        raise ValueError("padded rows need the lean GPT-2 forward")
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last position's logits
 
     def advance(next_ids: torch.Tensor) -> torch.Tensor:
@@ -349,8 +370,8 @@ def score_tokens(lm: LM, prompt_ids: list[int], new_ids: list[int], top: int = 5
         return [], float("nan")
     ids = torch.tensor([prompt_ids + new_ids], device=lm.device)[:, -lm.context :]
     n = len(new_ids)
-    with lm.lock:
-        logits = lm.model(input_ids=ids).logits[0, -n - 1 : -1].float()
+    # no lock: a forward without a cache changes nothing in the model, so it need not wait for generations
+    logits = lm.model(input_ids=ids).logits[0, -n - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.tensor(new_ids, device=logp.device)
     chosen = logp.gather(1, target[:, None])[:, 0]

@@ -45,6 +45,7 @@ class LeanGPT2:
             self.layers.append((block.ln_1, a.c_attn, a.c_proj, scale, block.ln_2, m.c_fc, m.c_proj))
         self.k = self.v = None
         self.pos = self.max_len = 0
+        self.pads = None  # (B,) left-padding of each row when prompts of different lengths share a batch
 
     @staticmethod
     def supports(model) -> bool:
@@ -64,7 +65,19 @@ class LeanGPT2:
         pos = self.pos
         if pos + T > self.max_len or (T > 1 and pos > 0):
             raise ValueError(f"the KV cache holds {self.max_len} positions, filled by a prompt then one token at a time")
-        x = F.embedding(ids, self.wte) + self.wpe[pos:pos + T]
+        mask = None
+        if self.pads is None:
+            x = F.embedding(ids, self.wte) + self.wpe[pos:pos + T]
+        else:
+            # Left-padded rows: each row's positions count from its first real token, and no query sees
+            # a pad key. A pad query may see itself only (so that its softmax is never over nothing:
+            # a NaN there would reach real rows through 0 * NaN in the attention product).
+            q_at = torch.arange(pos, pos + T, device=ids.device)
+            x = F.embedding(ids, self.wte) + self.wpe[(q_at[None] - self.pads[:, None]).clamp(min=0)]
+            k_at = torch.arange(pos + T, device=ids.device)
+            real = k_at[None, :] >= self.pads[:, None]                                    # (B, keys)
+            mask = (k_at[None, :] <= q_at[:, None])[None] & (real[:, None, :] | (k_at[None, :] == q_at[:, None])[None])
+            mask = mask[:, None]                                                          # (B, 1, T, keys)
         H = self.n_head
         for i, (ln1, c_attn, c_proj, scale, ln2, c_fc, c_proj2) in enumerate(self.layers):
             h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, self.eps)
@@ -74,7 +87,10 @@ class LeanGPT2:
             self.v[i][:, :, pos:pos + T] = v
             keys, values = self.k[i][:, :, :pos + T], self.v[i][:, :, :pos + T]
             # the prompt attends causally; one new token may see every cached position
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1 and pos == 0, scale=scale)
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1 and pos == 0, scale=scale)
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
             x = x + self._conv1d(y.transpose(1, 2).reshape(B, T, -1), c_proj)
             h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, self.eps)
             x = x + self._conv1d(self.act(self._conv1d(h, c_fc)), c_proj2)
@@ -82,12 +98,14 @@ class LeanGPT2:
         self.pos = pos + T
         return F.linear(x, self.lm_head)  # (B, vocab): only the last position's logits
 
-    def prefill(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, max_new_tokens: int, pads: list[int] | None = None) -> torch.Tensor:
         """Start a batch of sequences with the prompt ids (B, T); returns the logits after its last token.
 
         The cache is sized for the prompt plus `max_new_tokens` (not the model's whole context).
+        `pads`: how many of each row's first ids are padding (prompts of different lengths, left-padded).
         """
         B, T = ids.shape
+        self.pads = torch.tensor(pads, device=ids.device) if pads and any(pads) else None
         self.max_len = min(T + max_new_tokens, self.n_positions)
         hd = self.wte.size(1) // self.n_head
         shape = (B, self.n_head, self.max_len, hd)

@@ -74,6 +74,54 @@ class MemoryWatch:
         self.thread.join()
 
 
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds of every process so far, by pid (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            out[int(d.name)] = (comm, (int(rest[11]) + int(rest[12])) / tick)  # fields 14, 15: utime, stime
+    return out
+
+
+class CpuWatch:
+    """Where the machine's CPU went during a round: the server, the browsers, the training job, the rest.
+    Sampled each second, so processes that start and end inside the round are counted too."""
+
+    def __init__(self, server: int, trainer: int | None):
+        self.server, self.trainer, self.stop = server, trainer, threading.Event()
+        self.start, self.last = _cpu_seconds(), {}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.last.update(_cpu_seconds())
+            self.stop.wait(1.0)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.last.update(_cpu_seconds())
+
+    def by_group(self) -> dict[str, float]:
+        groups: dict[str, float] = {}
+        for pid, (comm, secs) in self.last.items():
+            used = secs - self.start.get(pid, (comm, 0.0))[1]
+            name = ("server" if pid == self.server else "training job" if pid == self.trainer else
+                    "browsers" if "chrom" in comm.lower() or comm in ("node", "playwright") or pid == os.getpid() else "other")
+            groups[name] = groups.get(name, 0.0) + used
+        return {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
 async def _visitor(browser, url: str, images: list[Path], seconds: float, record: dict) -> None:
     context = await browser.new_context(viewport={"width": 1200, "height": 900})
     page = await context.new_page()
@@ -100,7 +148,9 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
                     "old => [...document.querySelectorAll('[data-testid=stCaptionContainer]')]"
                     ".some(e => e.innerText.includes('new tokens') && e.innerText !== old)", arg=old, timeout=60_000)
                 record["generate"].append(time.perf_counter() - t)
-                made = int(re.search(r"(\d+) new tokens", await result.first.inner_text()).group(1))
+                caption = await result.first.inner_text()
+                made = int(re.search(r"(\d+) new tokens", caption).group(1))
+                record["model"].append(float(re.search(r"new tokens · ([\d.]+) s", caption).group(1)))  # the model's own time
                 if made > TOKENS:  # fewer when the model ends its text early
                     record["errors"].append(f"generate: {made} tokens, not {TOKENS}")
             except Exception as err:  # noqa: BLE001 - every failure is counted, the visitor carries on
@@ -174,13 +224,13 @@ async def _idle(page, timeout: float = 60_000) -> None:
 async def _load(url: str, sessions: int, seconds: float, images: list[Path], chromium: str, warm_up: bool) -> dict:
     from playwright.async_api import async_playwright
 
-    record = {"generate": [], "predict": [], "errors": []}
+    record = {"generate": [], "model": [], "predict": [], "errors": []}
     args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"]
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, headless=True, args=args)
         if warm_up:  # the server's first visitor imports torch and loads the models: not what the load measures
-            await _visitor(browser, url, images, 0.1, {"generate": [], "predict": [], "errors": []})
+            await _visitor(browser, url, images, 0.1, {"generate": [], "model": [], "predict": [], "errors": []})
 
         async def arrive(n: int) -> None:  # a room does not join in the same millisecond: one visitor every 0.5 s
             await asyncio.sleep(0.5 * n)
@@ -223,7 +273,7 @@ def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train
                 trainer = subprocess.Popen([sys.executable, "-m", "engine", "finetune", "--data", "Fruit (sample)", "--strategy", "full",
                                             "--out", str(Path(tmp) / "train")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for r in range(rounds):
-                with MemoryWatch(server.pid) as mem:
+                with MemoryWatch(server.pid) as mem, CpuWatch(server.pid, trainer.pid if trainer else None) as cpu:
                     t = time.perf_counter()
                     rec = asyncio.run(_load(url, sessions, seconds, images, chromium, warm_up=r == 0))
                     wall = time.perf_counter() - t
@@ -231,8 +281,9 @@ def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train
                                 "generations": len(rec["generate"]), "predictions": len(rec["predict"]),
                                 "errors": len(rec["errors"]), "error_kinds": sorted(set(rec["errors"])),
                                 "generate_p50_s": _pct(rec["generate"], 50), "generate_p95_s": _pct(rec["generate"], 95),
+                                "model_p50_s": _pct(rec["model"], 50), "model_p95_s": _pct(rec["model"], 95),
                                 "predict_p50_s": _pct(rec["predict"], 50), "predict_p95_s": _pct(rec["predict"], 95),
-                                "server_peak_mb": round(mem.peak, 1)})
+                                "server_peak_mb": round(mem.peak, 1), "cpu_seconds": cpu.by_group()})
             training = None
             if trainer is not None:
                 code = trainer.wait(timeout=1800)
@@ -249,8 +300,10 @@ def format_load(r: dict) -> str:
     lines = [f"{r['sessions']} browser sessions for {r['seconds']:.0f} s, generate {r['tokens']} tokens + predict, per round:"]
     for x in r["rounds"]:
         lines.append(f"  round {x['round']}: {x['generations']} generations, {x['predictions']} predictions, {x['errors']} errors "
-                     f"{x['error_kinds'] or ''}; generate p50 {x['generate_p50_s']} s p95 {x['generate_p95_s']} s; "
+                     f"{x['error_kinds'] or ''}; generate p50 {x['generate_p50_s']} s p95 {x['generate_p95_s']} s "
+                     f"(the model's own time p50 {x.get('model_p50_s')} s p95 {x.get('model_p95_s')} s); "
                      f"predict p50 {x['predict_p50_s']} s p95 {x['predict_p95_s']} s; server peak {x['server_peak_mb']} MB")
+        lines.append("    CPU seconds: " + ", ".join(f"{k} {v}" for k, v in x.get("cpu_seconds", {}).items()))
     if r["memory_growth_mb"] is not None:
         lines.append(f"  server memory, round 2 vs round 1 peak: {r['memory_growth_mb']:+.1f} MB")
     if r["training_job"]:

@@ -1,5 +1,6 @@
 """The frozen-feature extractor: the fastest engine by measurement, remembered, equal to PyTorch."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,45 @@ def test_the_onnx_graph_is_exported_once_per_backbone(tmp_path, monkeypatch):
     graph.write_bytes(b"not an onnx graph")
     finetune.finetune(cfg_for(str(make_dataset(tmp_path / "d3", seed=3))), tmp_path / "c")
     assert len(exports) == 2 and graph.read_bytes() != b"not an onnx graph"
+
+
+def test_extraction_starts_while_the_images_still_decode(tmp_path, model, monkeypatch):
+    """ImageLoading: a batch waits only for its own images; the features equal those of a finished load."""
+    import threading
+
+    from PIL import Image
+
+    from tests.imgs import class_folder
+
+    paths = sorted(class_folder(tmp_path, n=20).rglob("*.png"))
+    gate = threading.Event()
+    real = preprocess.load_square
+
+    def held_back(im, resize):  # the last images decode only when the gate opens
+        if Path(im.filename).name.endswith(("18.png", "19.png")):
+            assert gate.wait(10)
+        return real(im, resize)
+
+    monkeypatch.setattr(preprocess, "load_square", held_back)
+    pp = preprocess.Preprocessing(32, 40, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
+    loading = preprocess.ImageLoading(paths, pp.resize)
+    assert len(loading) == 40
+    first = feature_cache.extract(model, loading[:8], pp, CPU, None)  # returns with images 18, 19 of each class held back
+    assert loading.ready < 40
+    gate.set()
+    monkeypatch.setattr(preprocess, "load_square", real)
+    everything = preprocess.load_images(paths, pp.resize)
+    assert torch.equal(loading.tensor(), everything)
+    torch.testing.assert_close(first, feature_cache.extract(model, everything[:8], pp, CPU, None))
+    with Image.open(paths[0]) as im:
+        assert torch.equal(everything[0], real(im, pp.resize))
+
+
+def test_an_image_that_fails_to_decode_is_an_error_when_read(tmp_path):
+    from tests.imgs import class_folder
+
+    paths = sorted(class_folder(tmp_path, n=3).rglob("*.png"))
+    paths[4].write_bytes(b"not an image")
+    loading = preprocess.ImageLoading(paths, 40)
+    with pytest.raises(Exception, match="cannot identify|not an image|image file"):
+        loading.tensor()

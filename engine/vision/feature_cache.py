@@ -205,7 +205,7 @@ def extractor(model: torch.nn.Module, k: int, pp, dev: torch.device, arch: str, 
 def extract(prefix: Callable[[torch.Tensor], torch.Tensor], images_uint8: torch.Tensor, pp, dev: torch.device, dtype, ctx=None,
             batch_size: int | None = None, done: int = 0, total: int | None = None) -> torch.Tensor | None:
     """Output of `prefix` (frozen_prefix(), or an Extractor's run) for centre-cropped uint8 images
-    (N,3,R,R) -> float32 on CPU.
+    (N,3,R,R; a tensor, or an ImageLoading still decoding: each batch waits only for its own images) -> float32 on CPU.
 
     Returns None when ctx says cancelled. Progress goes to ctx.report(phase="extracting", ...).
     """

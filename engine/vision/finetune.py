@@ -44,7 +44,7 @@ from engine.vision.config import STRATEGIES, FinetuneConfig
 from engine.vision.inference import evaluation_report, predict_logits
 from engine.vision.network import (STAGES, adapt_batchnorm, build_model, count_params, forward_from, param_groups,
                                    safe_load_state, save_weights, set_trainable, train_mode, trainable_state)
-from engine.vision.preprocess import augment_batch, center_crop, load_images, normalize, run_preprocessing
+from engine.vision.preprocess import ImageLoading, augment_batch, center_crop, normalize, run_preprocessing
 from engine.vision.strategies import Phase, cache_plan, make_optimizer, phase_at, phases
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ class FinetuneRun:
         ctx.report(phase="loading", message="reading images")
         self.data = data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.pp = pp = run_preprocessing(cfg, source)
+        # decoding starts now, in the background: the model is built meanwhile, and a feature
+        # extraction starts on the first batch while the rest decode (ImageLoading)
+        self.loading = (ImageLoading([p for p, _ in data.train], pp.resize), ImageLoading([p for p, _ in data.val], pp.resize))
         self.n_classes = len(data.classes)
         # every setting left open comes from the recipe book, for this strategy and this many images
         grey = imagedata.looks_grey([p for p, _ in data.train])
@@ -142,9 +145,7 @@ class FinetuneRun:
         self.start_hash = feature_cache.weights_hash(model, 5)  # of the starting weights (a resume must start from the same)
         self.model = model = model.to(dev, memory_format=torch.channels_last)
 
-        self.train_x = load_images([p for p, _ in data.train], pp.resize)
         self.train_y = torch.tensor([y for _, y in data.train], dtype=torch.long)
-        self.val_x = load_images([p for p, _ in data.val], pp.resize)
         self.val_y = torch.tensor([y for _, y in data.val], dtype=torch.long)
         self.val_files = [str(p) for p, _ in data.val]
         most_frozen = max(p.frozen for p in self.phases)
@@ -177,6 +178,14 @@ class FinetuneRun:
         }
         if distributed.is_main():
             workspace.atomic_write_json(self.out_dir / "run.json", self.run_info)
+
+    @property
+    def train_x(self) -> torch.Tensor:
+        return self.loading[0].tensor()  # every training image decoded
+
+    @property
+    def val_x(self) -> torch.Tensor:
+        return self.loading[1].tensor()
 
     def restore(self) -> None:
         """Fresh state, or the state of the last checkpoint (ctx.resume)."""
@@ -238,7 +247,7 @@ class FinetuneRun:
         cached = self.use_cache and k > 0
         if cached and k not in self.cache:
             with distributed.main_first():  # rank 0 fills the disk cache, the others then read it
-                feats = feature_cache.cached_features(model, k, self.train_x, self.val_x, self.pp, self.features_id,
+                feats = feature_cache.cached_features(model, k, *self.loading, self.pp, self.features_id,
                                                  self.data.version, cfg.model, dev, ctx)
             if feats is None:  # the user cancelled during extraction
                 self.cancelled = True

@@ -142,3 +142,9 @@ def test_bf16_precision_trains_under_autocast_and_says_so_in_the_card(tmp_path):
     # same seed, same batches: only the matmuls' precision differs, and it shows in the weights
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    # a resumed run goes on in the precision it began with, even when --precision is not repeated
+    state = json.loads((tmp_path / "sb" / "state.json").read_text())
+    state["max_steps"] = 4
+    (tmp_path / "sb" / "state.json").write_text(json.dumps(state))
+    more = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, steps=None, eval_every=100, out=tmp_path / "b", state_dir=tmp_path / "sb"), resume=True)
+    assert more["training"]["steps"] == 4 and more["command"].endswith("--steps 4 --seed 1337 --precision bf16")

@@ -447,7 +447,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
             raise UserError(f"nothing to resume in {state_dir}; start without --resume")
         meta = _load_state(state_dir, model, optimizer)
         start, max_steps, elapsed_before = meta["step"], meta["max_steps"], meta.get("seconds", 0.0)
-        log.info("resuming at step %d of %d", start, max_steps)
+        cfg.precision = meta.get("precision", cfg.precision)  # a run continues in the precision it began with
+        log.info("resuming at step %d of %d (%s)", start, max_steps, cfg.precision)
 
     def card_for(step: int, seconds: float, val_loss: float, partial: bool, stored) -> dict:
         lm = card_lm(stored, tokenizer, cfg.out, cfg.block_size)
@@ -488,7 +489,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         card = card_for(step, seconds, val_loss, partial, stored)
         card["metrics"]["val_perplexity_fp16"] = round(math.exp(_evaluate(stored, val_data, cfg.block_size)), 2)
         _export(model, tokenizer, cfg.out, card)
-        _save_state(state_dir, model, optimizer, step, {"max_steps": max_steps, "seconds": seconds, "seed": cfg.seed})
+        _save_state(state_dir, model, optimizer, step, {"max_steps": max_steps, "seconds": seconds, "seed": cfg.seed,
+                                                           "precision": cfg.precision})
         log.info("step %d/%d  val loss %.3f  ppl %.1f  -> %s", step, max_steps, val_loss, math.exp(val_loss), cfg.out)
         if on_progress:
             on_progress({"step": step, "steps": max_steps, "val_loss": val_loss, "val_perplexity": math.exp(val_loss), "sample": card["sample"]["text"]})

@@ -5,14 +5,13 @@ import math
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from engine.core import access, runs, workspace
 from engine.core.errors import UserError
 from engine.data import imagedata
 from engine.vision import export, heatmaps, inference, live
-from pages.common import allowed, audience_wait, friendly_errors, locked, model_for, upload_fits
+from pages.common import allowed, audience_wait, friendly_errors, locked, md_escape, model_for, upload_fits
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 BATCH = 32
@@ -51,12 +50,11 @@ def predict_all(model, images: list, top_k: int) -> list[list[tuple[str, float]]
     return out
 
 
-def bar(top: list[tuple[str, float]]) -> go.Figure:
-    top = top[::-1]  # highest at the top of a horizontal bar chart
-    fig = go.Figure(go.Bar(x=[p for _, p in top], y=[lbl for lbl, _ in top], orientation="h",
-                           text=[f"{p:.1%}" for _, p in top], textposition="auto", marker_color="#4C78A8"))
-    fig.update_layout(height=60 + 36 * len(top), margin=dict(l=10, r=10, t=10, b=10), xaxis=dict(range=[0, 1], tickformat=".0%"))
-    return fig
+def prob_bars(box, top: list[tuple[str, float]]) -> None:
+    """The top-k classes as labelled bars, most likely first. Streamlit's own progress bars, not a chart:
+    an audience's phones draw them at a fraction of a chart's cost (the live camera redraws them 3x a second)."""
+    for label, p in top:
+        box.progress(min(max(float(p), 0.0), 1.0), text=f"{md_escape(label)} · {p:.1%}")
 
 
 def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str, explain: tuple = (False, None)) -> None:
@@ -74,7 +72,7 @@ def show_predictions(model, files: list[tuple[str, bytes]], top_k: int, key: str
         else:
             left.image(image, caption=name, width=160)
         right.markdown(f"**{top[0][0]}** · {top[0][1]:.1%}")
-        right.plotly_chart(bar(top), key=f"{key}_bar_{i}", config={"displayModeBar": False})
+        prob_bars(right, top)
 
 
 def live_camera(model, run_id: str, top_k: int, heat: bool) -> None:
@@ -114,7 +112,7 @@ def live_camera(model, run_id: str, top_k: int, heat: bool) -> None:
             st.caption("Waiting for the first frames…")
             return
         st.markdown(f"**{top[0][0]}** · {top[0][1]:.0%}")
-        st.plotly_chart(bar(top), key="pr_live_bars", config={"displayModeBar": False})
+        prob_bars(st, top)
         st.caption(f"{rate:.1f} predictions/s on {model.device.type}")
 
     with bars:

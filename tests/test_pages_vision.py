@@ -14,7 +14,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -208,10 +207,10 @@ def test_predict_shows_probabilities_and_per_file_reasons(tmp_path):
     at.run()
     assert not at.exception
     assert any("notes.png" in w.value and "not an image" in w.value for w in at.warning)
-    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    assert len(charts) == 1  # one chart per valid image
-    bar = charts[0]["data"][0]
-    assert sorted(bar["y"]) == ["blue", "red"] and abs(sum(bar["x"]) - 1) < 1e-4  # both classes, probabilities
+    shown = bars(at)
+    assert len(shown) == 2  # one bar per class of the one valid image
+    assert sorted(label for label, _ in shown) == ["blue", "red"] and abs(sum(p for _, p in shown) - 1) < 2e-3  # probabilities
+    assert [p for _, p in shown] == sorted((p for _, p in shown), reverse=True)  # most likely first
 
     buf = io.BytesIO()
     Image.open(io.BytesIO(png(COLORS["blue"], seed=7))).save(buf, "JPEG")
@@ -219,7 +218,17 @@ def test_predict_shows_probabilities_and_per_file_reasons(tmp_path):
     assert any("Live video cannot start here" in w.value for w in at.warning)  # (no live server session in a script test)
     at.radio(key="pr_cam_mode").set_value("Still photo").run()  # the fallback
     at.camera_input(key="pr_camera").set_value(("photo.jpg", buf.getvalue(), "image/jpeg")).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 2  # the camera photo gets its own chart
+    assert not at.exception and len(bars(at)) == 4  # the camera photo gets its own bars
+
+
+def bars(at) -> list[tuple[str, float]]:
+    """The Predict page's probability bars: (class, probability) as each bar's text says it."""
+    out = []
+    for bar in at.get("progress"):
+        label, pct = bar.proto.text.rsplit(" · ", 1)
+        assert abs(bar.proto.value - float(pct[:-1])) <= 1  # the bar's length is its number (whole percent)
+        out.append((label, float(pct[:-1]) / 100))
+    return out
 
 
 def test_predict_zip_gives_csv_with_reasons(tmp_path):
@@ -247,7 +256,7 @@ def test_predict_export_then_import(tmp_path, workspace_home):
     run_id = train_tiny(tmp_path)
     at = open_page("pages/predict.py")
     at.file_uploader(key="pr_files").set_value(("r.png", png(COLORS["red"]), "image/png")).run()
-    before = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    before = bars(at)
     at.checkbox(key="pr_onnx").uncheck()
     at.button(key="pr_export").click().run()
     assert not at.exception and not at.error
@@ -265,8 +274,7 @@ def test_predict_export_then_import(tmp_path, workspace_home):
     # the upload's name is only a label: nothing lands outside the workspace's uploads folder
     assert all(p.is_relative_to(workspace_home / "uploads") for p in tmp_path.rglob("evil*"))
     at.file_uploader(key="pr_files").set_value(("r.png", png(COLORS["red"]), "image/png")).run()
-    after = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
-    assert after["y"] == before["y"] and np.allclose(after["x"], before["x"], atol=1e-4)  # same model, same answer
+    assert bars(at) == before  # same model, same answer (classes and probabilities to 0.1%)
 
 
 def test_predict_export_with_onnx_and_fp16_shows_the_parity_check(tmp_path):

@@ -164,7 +164,7 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
                 t = time.perf_counter()
                 await page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(image))
                 await page.get_by_text(image.name).first.wait_for(timeout=60_000)
-                await page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=60_000)
+                await page.get_by_test_id("stProgress").first.wait_for(timeout=60_000)  # its probability bars
                 record["predict"].append(time.perf_counter() - t)
                 if await page.get_by_text("Something went wrong").count():
                     record["errors"].append("predict: the page reported an error")

@@ -58,7 +58,7 @@ def test_sample_finetune_predict_export(app_url, page, tmp_path):
     image = ROOT / "assets" / "sample" / "banana" / "banana_000.jpg"
     page.locator("[data-testid='stFileUploaderDropzoneInput']").first.set_input_files(str(image))
     wait_for_idle(page)
-    page.locator(".js-plotly-plot").first.wait_for()
+    page.get_by_test_id("stProgress").first.wait_for()  # the probability bars
     assert page.get_by_text(re.compile(r"^(apple|banana|lemon|strawberry) · \d+\.\d%$")).first.is_visible()
     tall_screenshot(page, "vision-4-predict")
 

@@ -172,8 +172,9 @@ async def _visitor(browser, url: str, images: list[Path], seconds: float, record
                 record["errors"].append(f"predict: {type(err).__name__}")
             try:
                 await _go(page, "Generate text", "generate")
-                if await (await _slider(page)).input_value() != str(TOKENS):
-                    record["errors"].append("generate: the page forgot its settings")
+                shown = await (await _slider(page)).input_value()
+                if shown != str(TOKENS):
+                    record["errors"].append(f"generate: the page forgot its settings (Max new tokens {shown}, not {TOKENS})")
                     await _set_tokens(page)
             except Exception as err:  # noqa: BLE001
                 record["errors"].append(f"navigate: {type(err).__name__}")

@@ -56,15 +56,22 @@ def _rss_mb(pid: int) -> float:
     return total / 1024
 
 
-class MemoryWatch:
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.stop = pid, 0.0, threading.Event()
+class Watch:
+    """Calls sample() every `every` seconds in a thread while the `with` block runs, and once at its end."""
+
+    every = 0.5
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, _rss_mb(self.pid))
-            time.sleep(0.5)
+            self.sample()
+            self.stop.wait(self.every)
 
     def __enter__(self):
         self.thread.start()
@@ -73,6 +80,18 @@ class MemoryWatch:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+        self.sample()
+
+
+class MemoryWatch(Watch):
+    """The peak resident memory of a process and its children."""
+
+    def __init__(self, pid: int):
+        super().__init__()
+        self.pid, self.peak = pid, 0.0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _rss_mb(self.pid))
 
 
 def _cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -90,27 +109,18 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-class CpuWatch:
+class CpuWatch(Watch):
     """Where the machine's CPU went during a round: the server, the browsers, the training job, the rest.
     Sampled each second, so processes that start and end inside the round are counted too."""
 
+    every = 1.0
+
     def __init__(self, server: int, trainer: int | None):
-        self.server, self.trainer, self.stop = server, trainer, threading.Event()
+        super().__init__()
+        self.server, self.trainer = server, trainer
         self.start, self.last = _cpu_seconds(), {}
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.last.update(_cpu_seconds())
-            self.stop.wait(1.0)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    def sample(self) -> None:
         self.last.update(_cpu_seconds())
 
     def by_group(self) -> dict[str, float]:

@@ -254,6 +254,30 @@ def test_stream_yields_text_and_leaving_early_stops_the_backend(lm):
     assert early.result.samples[0].finish == "stopped" or len(early.result.samples[0].token_ids) < 60
 
 
+def test_streams_of_several_visitors_at_once_each_stream_their_own_text(lm):
+    """The page's path under load: streams started together share batches; each streams exactly its own
+    sample, and one leaving early stops only its own rows."""
+    alone = [generation.generate(lm, p, cfg(max_new_tokens=40, seed=i)).samples[0].completion
+             for i, p in enumerate(["the cat", "a dog ran", "x"])]
+    streams = [generation.Stream(lm, p, cfg(max_new_tokens=40, seed=i)) for i, p in enumerate(["the cat", "a dog ran", "x"])]
+    leaver = generation.Stream(lm, "the cat", cfg(max_new_tokens=60, seed=9))
+    texts = {}
+
+    def read(i, s):
+        texts[i] = "".join(s)
+
+    threads = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for _ in leaver:
+        break  # this visitor's page went away after its first token
+    for t in threads:
+        t.join(30)
+    assert [texts[i] for i in range(3)] == alone == [s.result.samples[0].completion for s in streams]
+    leaver.thread.join(timeout=10)
+    assert leaver.stop_event.is_set() and len(leaver.result.samples[0].token_ids) < 60
+
+
 def test_stream_reports_a_failed_worker(lm):
     s = generation.Stream(lm, "the cat", cfg())
     s.lm = None  # the worker will crash on its first line

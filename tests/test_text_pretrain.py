@@ -107,6 +107,7 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
     assert [x["seed"] for x in card["samples"]] == list(range(10))
     assert all(x["text"].startswith(x["prompt"]) for x in card["samples"]) and card["metrics"]["generation_tokens_per_s"] > 0
     assert "(seed 9)" in (out / "README.md").read_text()
+    assert "resumed on two threads" in mini_gpt2._readme({**card, "training": {**card["training"], "note": "resumed on two threads"}})
     assert "100 completions" in card["metrics"]["dictionary"]  # ten prompts x ten seeds: a steadier share than ten samples
     # --remeasure: the same weights give the same samples, and the card keeps its training numbers
     (out / "README.md").write_text("stale")

@@ -296,7 +296,7 @@ short poems, {d['bytes'] / 1e6:.1f} MB){jargon}: {d['train_tokens']:,} training 
 It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get('why', '')[:1].upper() + d.get('why', '')[1:]}.
 
 - Training: {t['steps']} steps of {t['batch_size']} x {t['block_size']} tokens ({t['tokens_seen'] / 1e6:.1f}M tokens seen,
-  {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}{', bf16 autocast' if t.get('precision') == 'bf16' else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.
+  {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}{', bf16 autocast' if t.get('precision') == 'bf16' else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.{(' ' + t['note']) if t.get('note') else ''}
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
   (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
 - Dictionary words: {words} {f"of the words in {m['word_completions']} completions ({m['word_completions'] // 10} seed(s) of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).

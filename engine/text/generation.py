@@ -181,14 +181,8 @@ def decode_batch(lm: LM, requests: list[Request], on_done: Callable[[Request], N
         for r in requests:  # this forward cannot take padded rows: one after another
             decode_batch(lm, [r], on_done)
         return
-    span, rows = [], 0  # each request's rows: [a, b)
-    for r in requests:
-        span.append((rows, rows + r.cfg.num_return_sequences))
-        rows += r.cfg.num_return_sequences
-    width = max(len(r.prompt_ids) for r in requests)
-    pads = [width - len(r.prompt_ids) for r in requests for _ in range(r.cfg.num_return_sequences)]
-    batch = torch.tensor([[eos] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests for _ in range(r.cfg.num_return_sequences)],
-                         dtype=torch.long, device=lm.device)
+    span, pads, batch = _rows(requests, eos, lm.device)
+    rows = len(pads)
     ids = [torch.tensor([r.prompt_ids] * r.cfg.num_return_sequences, dtype=torch.long, device=lm.device) for r in requests]
     gens = [torch.Generator(device=lm.device).manual_seed(r.seed) for r in requests]
     procs = [_processors(r.cfg, eos) for r in requests]
@@ -250,6 +244,18 @@ def decode_batch(lm: LM, requests: list[Request], on_done: Callable[[Request], N
         if all(all(done[slice(*span[k])]) for k in left):
             continue  # every request left is finished: hand them back without another forward
         last = advance(torch.tensor(picked, dtype=torch.long, device=lm.device)).float()
+
+
+def _rows(requests: list[Request], pad_id: int, device) -> tuple[list[tuple[int, int]], list[int], torch.Tensor]:
+    """Each request's rows [a, b) of the batch, each row's left padding, and the left-padded prompts (rows, width)."""
+    span, rows = [], 0
+    for r in requests:
+        span.append((rows, rows + r.cfg.num_return_sequences))
+        rows += r.cfg.num_return_sequences
+    width = max(len(r.prompt_ids) for r in requests)
+    pads = [width - len(r.prompt_ids) for r in requests for _ in range(r.cfg.num_return_sequences)]
+    batch = [[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests for _ in range(r.cfg.num_return_sequences)]
+    return span, pads, torch.tensor(batch, dtype=torch.long, device=device)
 
 
 def _samples(tok, r: Request, new: list[list[int]], finish: list[str]) -> list[Sample]:

@@ -7,6 +7,8 @@ temperature, top-k, top-p), then sampling with a private torch.Generator. Compar
 anything else using torch's global RNG in the process (a training job, another session), and
 lets one place check the Stop event and the stop strings after every token.
 
+Requests that arrive while a model is busy are decoded together, as rows of one batch (decode()).
+
 Streaming: `Stream` runs the loop in a worker thread that feeds an HF `TextIteratorStreamer`
 (batch size 1); the consumer iterates with a timeout so a dead worker cannot hang the page, and
 leaving the iteration early (Stop button, page rerun) sets the stop event so the backend stops too.

@@ -128,15 +128,15 @@ class FinetuneRun:
         ctx.report(phase="loading", message="reading images")
         self.data = data = imagedata.training_data(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.pp = pp = run_preprocessing(cfg, source)
-        # decoding starts now, in the background: the model is built meanwhile, and a feature
-        # extraction starts on the first batch while the rest decode (ImageLoading)
-        self.loading = (ImageLoading([p for p, _ in data.train], pp.resize), ImageLoading([p for p, _ in data.val], pp.resize))
         self.n_classes = len(data.classes)
         # every setting left open comes from the recipe book, for this strategy and this many images
         grey = imagedata.looks_grey([p for p, _ in data.train])
         cfg, self.recipe_info = cfg.filled(len(data.train), self.n_classes, source.kind, grey)
         self.cfg = cfg = cfg.validate()
         self.phases = phases(cfg)
+        # the settings are valid: decoding starts now, in the background; the model is built meanwhile,
+        # and a feature extraction starts on the first batch while the rest decode (ImageLoading)
+        self.loading = (ImageLoading([p for p, _ in data.train], pp.resize), ImageLoading([p for p, _ in data.val], pp.resize))
         if source.download:  # auto or imagenet with nothing cached and the network up: fetch, with progress
 
             store.ensure_vision(cfg.model, report=lambda **p: ctx.report(

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ RUNNERS = {
 }
 # queued + running, per process; more is refused with a clear message
 MAX_QUEUED = int(os.environ.get("TRANSFER_STUDIO_MAX_JOBS", 8))
+# How much lower the workers' CPU priority is than the pages' (Unix nice; 0 = the same). A training job
+# takes every core it can get; without this, a room's generations and predictions queue behind it.
+JOB_NICE = int(os.environ.get("TRANSFER_STUDIO_JOB_NICE", 10))
 
 
 @dataclass
@@ -128,6 +132,15 @@ def execute(kind: str, ctx: JobContext) -> tuple[str, dict, str | None]:
         return "failed", {}, f"unexpected error ({type(err).__name__}); details in studio.log, ref {ref}"
 
 
+def lower_priority(nice: int = JOB_NICE) -> None:
+    """Run the calling thread, and the threads it starts (torch's intra-op pool), `nice` steps below the
+    process. Linux only: there a thread has a priority of its own, elsewhere setpriority would change
+    the whole process (or another one)."""
+    if nice > 0 and sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
 def _free_accelerator_memory() -> None:
     import torch
 
@@ -186,6 +199,7 @@ class JobManager:
 
     # -- the worker
     def _work(self, q: queue.Queue) -> None:
+        lower_priority()
         while True:
             run_id = q.get()
             ctx, kind = self._live[run_id], self._kinds[run_id]

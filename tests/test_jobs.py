@@ -1,4 +1,9 @@
+import os
+import sys
+import threading
 import time
+
+import pytest
 
 from engine import jobs
 from engine.core import runs
@@ -83,3 +88,22 @@ def test_queue_limit(monkeypatch):
     for i in ids:
         m.wait(i)
     assert raised
+
+
+def nice_runner(ctx):
+    """Reports the CPU priority its own thread runs at."""
+    return {"nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are a Linux feature")
+def test_jobs_run_below_the_pages_priority(monkeypatch):
+    # A presenter's training job must not slow down what the audience waits for (a generation, a
+    # prediction): the job's worker thread runs niced, the server's own threads keep their priority.
+    monkeypatch.setitem(jobs.RUNNERS, "nice", "tests.test_jobs:nice_runner")
+    m = jobs.get_manager()
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    run_id = m.submit("nice", {}, "nice", device="cpu-nice-test")
+    assert m.wait(run_id) == "done"
+    assert runs.get(run_id)["summary"]["nice"] == min(19, before + jobs.JOB_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process as a whole too

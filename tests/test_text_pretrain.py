@@ -149,3 +149,33 @@ def test_bf16_precision_trains_under_autocast_and_says_so_in_the_card(tmp_path):
     (tmp_path / "sb" / "state.json").write_text(json.dumps(state))
     more = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, steps=None, eval_every=100, out=tmp_path / "b", state_dir=tmp_path / "sb"), resume=True)
     assert more["training"]["steps"] == 4 and more["command"].endswith("--steps 4 --seed 1337 --precision bf16")
+
+
+def test_anneal_finishes_on_the_clean_files_and_resumes_after_a_finished_run(tmp_path):
+    fake_fortunes(tmp_path / "fortunes")
+    (tmp_path / "fortunes" / "zippy").write_text("\n%\n".join(["Frobnoz glarb the quux, yow!"] * 20))  # coined words
+    words = tmp_path / "words"
+    words.write_text("\n".join(sorted(set(corpus(300, seed=2).replace(".", "").split()) | {"the", "yow"})))
+    by_file = mini_gpt2.load_fortunes_by_file(tmp_path / "fortunes")
+    assert mini_gpt2.clean_files(by_file, 0.97, words) == ["people", "wisdom"]
+    with pytest.raises(UserError, match="wamerican"):
+        mini_gpt2.clean_files(by_file, 0.97, tmp_path / "no-dictionary")
+
+    # 4 steps then 2 of anneal, straight
+    card = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, steps=4, anneal_steps=2, words_file=words, eval_every=100))
+    t = card["training"]
+    assert t["steps"] == 6 and t["max_steps"] == 4 and card["command"].endswith("--steps 4 --seed 1337 --anneal-steps 2")
+    assert t["anneal"]["files"] == ["people", "wisdom"] and t["anneal"]["done"] == 2 and 0 < t["anneal"]["tokens"] < card["data"]["train_tokens"]
+    assert "on the cleanest text only" in (tmp_path / "mini" / "README.md").read_text()
+    straight = load_file(str(tmp_path / "mini" / "model.safetensors"))
+
+    # a finished 4-step run, resumed with --anneal-steps 2: the same weights, and not the 4-step ones
+    cfg = tiny_cfg(tmp_path, out=tmp_path / "m2", state_dir=tmp_path / "s2", steps=4, words_file=words, eval_every=100)
+    mini_gpt2.pretrain_text(cfg)
+    four = load_file(str(tmp_path / "m2" / "model.safetensors"))
+    again = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "m2", state_dir=tmp_path / "s2", steps=None, anneal_steps=2,
+                                             words_file=words, eval_every=100), resume=True)
+    assert again["training"]["steps"] == 6 and again["command"] == card["command"]
+    annealed = load_file(str(tmp_path / "m2" / "model.safetensors"))
+    assert all(torch.equal(straight[k], annealed[k]) for k in straight)
+    assert any(not torch.equal(four[k], annealed[k]) for k in four)

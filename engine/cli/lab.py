@@ -25,8 +25,10 @@ def cmd_pretrain_text(args) -> int:
         raise UserError("--minutes must be > 0 (or give --steps)")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
+    if args.anneal_steps < 0:
+        raise UserError("--anneal-steps must be >= 0")
     cfg = mini_gpt2.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads,
-                                       precision=args.precision)
+                                       precision=args.precision, anneal_steps=args.anneal_steps)
     if args.out:
         cfg.out = Path(args.out)
     card = mini_gpt2.pretrain_text(cfg, resume=args.resume)
@@ -181,7 +183,11 @@ def add_commands(sub) -> None:
     s.add_argument("--probe-baseline", default="", help="with --probe-only: also probe an earlier backbone's folder, as `previous`")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pretrain_vision)
-    # (pretrain text parser: pre.add_parser("text", ...))
+    add_pretrain_text(pre)
+
+
+def add_pretrain_text(pre) -> None:
+    """`engine pretrain text`: the bundled mini GPT-2."""
     s = pre.add_parser("text", help="pretrain the mini GPT-2 (own BPE, Debian fortunes) into assets/mini-gpt2")
     s.add_argument("--minutes", type=float, default=30.0, help="time budget, turned into a fixed step count (default 30)")
     s.add_argument("--steps", type=int, default=None, help="exact number of steps (reproducible; overrides --minutes)")
@@ -189,6 +195,8 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast the matmuls (1.5x faster on CPUs with native bf16, e.g. AVX-512 BF16; slow elsewhere)")
+    s.add_argument("--anneal-steps", type=int, default=0,
+                   help="then this many steps on the cleanest fortunes only (with --resume: also after a finished run)")
     s.add_argument("--out", default="", help="output folder (default assets/mini-gpt2)")
     s.add_argument("--resume", action="store_true", help="continue the last run from its saved optimizer state")
     s.add_argument("--remeasure", action="store_true", help="only measure the samples of an existing model again and rewrite its card")

@@ -157,7 +157,7 @@ def test_anneal_finishes_on_the_clean_files_and_resumes_after_a_finished_run(tmp
     words = tmp_path / "words"
     words.write_text("\n".join(sorted(set(corpus(300, seed=2).replace(".", "").split()) | {"the", "yow"})))
     by_file = mini_gpt2.load_fortunes_by_file(tmp_path / "fortunes")
-    assert mini_gpt2.clean_files(by_file, 0.97, words) == ["people", "wisdom"]
+    assert mini_gpt2.clean_files(by_file, 0.93, words) == ["people", "wisdom"]
     with pytest.raises(UserError, match="wamerican"):
         mini_gpt2.clean_files(by_file, 0.97, tmp_path / "no-dictionary")
 
@@ -166,7 +166,10 @@ def test_anneal_finishes_on_the_clean_files_and_resumes_after_a_finished_run(tmp
     t = card["training"]
     assert t["steps"] == 6 and t["max_steps"] == 4 and card["command"].endswith("--steps 4 --seed 1337 --anneal-steps 2")
     assert t["anneal"]["files"] == ["people", "wisdom"] and t["anneal"]["done"] == 2 and 0 < t["anneal"]["tokens"] < card["data"]["train_tokens"]
-    assert "on the cleanest text only" in (tmp_path / "mini" / "README.md").read_text()
+    readme = (tmp_path / "mini" / "README.md").read_text()
+    assert "on the cleanest text only" in readme and "without their `-- Author` lines:" in readme
+    assert card["metrics"]["val_perplexity_without_attributions"] > 1
+    assert mini_gpt2.without_attribution("Be kind.\n-- Someone Famous\nAgain.") == "Be kind.\nAgain."
     straight = load_file(str(tmp_path / "mini" / "model.safetensors"))
 
     # a finished 4-step run, resumed with --anneal-steps 2: the same weights, and not the 4-step ones

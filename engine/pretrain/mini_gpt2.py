@@ -48,12 +48,15 @@ SAMPLE_PROMPTS = ("The meaning of life is", "A computer is", "Once upon a time",
                   "A hacker is", "When I was young", "The trouble with", "My mother told me", "Never")
 
 
-# ANNEAL: after the main run, a short second cosine on the cleanest text only: the fortunes files whose
-# words are at least 97% dictionary words (not the Jargon File, 96%, nor the Linux, Perl, Debian and
-# Star Trek files, 88-93%, whose jargon and names the model otherwise reuses to coin words like
-# "casmore"). Finishing on high-quality data is the "annealing" or "decay" phase of recent LLM
-# recipes. Measured on the 5,000-step model: 600 steps on the fortunes minus the six lowest files moved
-# the dictionary-word share of its samples from 93.2% to 94.8% at the same held-out perplexity.
+# ANNEAL: after the main run, a short second cosine on the cleanest text only: the fortunes of the files
+# with at least 93% dictionary words (all but the Debian, Linux, Perl, Star Trek and knghtbrd files, 88-93%;
+# not the Jargon File), without their "-- Author" lines. Finishing on high-quality data is the "annealing"
+# or "decay" phase of recent LLM recipes. Why without attributions: in the 5,000-step model's samples most
+# words outside the dictionary were invented names ("-- Ralph Wirts", "-- Socrus Heller"); the model cannot
+# know real authors, so it stops attributing and writes sentences. Measured from the 5,000-step model, 1,000
+# steps each: the clean files with their attributions 93.6% dictionary words (600 steps: 94.8%; the
+# count's noise is about +-1 point), without them 96.8%. The cost: a higher perplexity on held-out fortunes
+# *with* attributions, the lines it no longer writes (the card gives both).
 
 
 @dataclass
@@ -79,7 +82,7 @@ class TextPretrainConfig:
     precision: str = "fp32"        # "bf16": autocast matmuls in bf16 (fp32 master weights); 1.5x faster on CPUs with native bf16
     anneal_steps: int = 0          # then this many steps on the cleanest text only (see ANNEAL below)
     anneal_lr: float = 3e-4
-    anneal_min_words: float = 0.97  # a fortunes file is "clean" when this share of its words is in the dictionary
+    anneal_min_words: float = 0.93  # a fortunes file is "clean" when this share of its words is in the dictionary
     words_file: Path = WORDS_FILE   # the dictionary that decides it
     state_dir: Path | None = None  # optimizer state for --resume (defaults to workspace/cache)
     data_dir: Path | None = None   # default FORTUNES_DIR
@@ -237,6 +240,11 @@ def _lr_at(step: int, cfg: TextPretrainConfig, max_steps: int) -> float:
     return cfg.lr * schedules.warmup_cosine(step, max_steps, cfg.warmup, floor=cfg.min_lr / cfg.lr)
 
 
+def without_attribution(text: str) -> str:
+    """A fortune without its `-- Author` lines (clean_fortune gives them lines of their own)."""
+    return "\n".join(line for line in text.split("\n") if not line.startswith(("--", "\u2014"))).strip()
+
+
 def _anneal_lr_at(i: int, cfg: TextPretrainConfig) -> float:
     """Step i of the anneal: a cosine from anneal_lr down to a tenth of min_lr (no warm-up: the weights are trained)."""
     return cfg.anneal_lr * schedules.warmup_cosine(i, cfg.anneal_steps, 0, floor=0.1 * cfg.min_lr / cfg.anneal_lr)
@@ -316,8 +324,8 @@ def _anneal_line(t: dict) -> str:
     if not a:
         return ""
     return (f"\n  The last {a['steps']:,} of them (anneal) on the cleanest text only: the fortunes files with at least "
-            f"{a['min_words']:.0%} dictionary words ({len(a['files'])} files, {a['tokens']:,} tokens; not the Jargon File), lr {a['lr']} "
-            "with its own cosine decay.")
+            f"{a['min_words']:.0%} dictionary words, without their `-- Author` lines ({len(a['files'])} files, {a['tokens']:,} tokens; "
+            f"not the Jargon File), lr {a['lr']} with its own cosine decay.")
 
 
 def _readme(card: dict) -> str:
@@ -336,7 +344,7 @@ It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get(
 - Training: {t['steps']} steps of {t['batch_size']} x {t['block_size']} tokens ({t['tokens_seen'] / 1e6:.1f}M tokens seen,
   {t['seconds'] / 60:.0f} minutes on {t['threads']} CPU thread{'s' if t['threads'] > 1 else ''}{', bf16 autocast' if t.get('precision') == 'bf16' else ''}), AdamW lr {t['lr']} with cosine decay, seed {t['seed']}.{(' ' + t['note']) if t.get('note') else ''}{_anneal_line(t)}
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
-  (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
+  (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}{f"; without their `-- Author` lines: {m['val_perplexity_without_attributions']:.1f}" if m.get('val_perplexity_without_attributions') else ''}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
 - Dictionary words: {words} {f"of the words in {m['word_completions']} completions ({m['word_completions'] // 10} seed(s) of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
 - Reproduce: `{card['command']}`
 
@@ -461,6 +469,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         return torch.tensor(ids, dtype=torch.long)
 
     train_data, val_data = encode(train_texts), encode(val_texts)
+    val_said = encode([t for t in map(without_attribution, val_texts) if t])  # what was said, not who said it
     val_bytes = sum(len(t.encode()) + 1 for t in val_texts)
     log.info("fortunes: %d (%d files), jargon entries: %d, train %d tokens, val %d tokens", len(fortunes), len(files), len(jargon),
              len(train_data), len(val_data))
@@ -492,9 +501,10 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         cfg.anneal_steps = meta.get("anneal_steps") or cfg.anneal_steps
         log.info("resuming at step %d of %d + %d anneal (%s)", start, max_steps, cfg.anneal_steps, cfg.precision)
 
-    # the anneal's text: the training fortunes (never the validation ones) of the clean files
+    # the anneal's text: the training fortunes (never the validation ones) of the clean files, unattributed
     anneal_files = clean_files(by_file, cfg.anneal_min_words, cfg.words_file) if cfg.anneal_steps else []
-    anneal_data = encode([fortunes[i] for i in order[n_val:] if origin[i] in anneal_files]) if anneal_files else None
+    anneal_texts = [without_attribution(fortunes[i]) for i in order[n_val:] if origin[i] in anneal_files]
+    anneal_data = encode([t for t in anneal_texts if t]) if anneal_files else None
     if cfg.anneal_steps and anneal_data is None:
         raise UserError(f"no fortunes file has {cfg.anneal_min_words:.0%} dictionary words to anneal on")
 
@@ -540,6 +550,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         stored = copy.deepcopy(model).to(torch.float16).float()
         card = card_for(step, seconds, val_loss, partial, stored)
         card["metrics"]["val_perplexity_fp16"] = round(math.exp(_evaluate(stored, val_data, cfg.block_size)), 2)
+        card["metrics"]["val_perplexity_without_attributions"] = round(math.exp(_evaluate(model, val_said, cfg.block_size)), 2)
         _export(model, tokenizer, cfg.out, card)
         _save_state(state_dir, model, optimizer, step, {"max_steps": max_steps, "seconds": seconds, "seed": cfg.seed,
                                                            "precision": cfg.precision, "anneal_steps": cfg.anneal_steps})

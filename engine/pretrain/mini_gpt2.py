@@ -348,8 +348,8 @@ It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get(
 - Dictionary words: {words} {f"of the words in {m['word_completions']} completions ({m['word_completions'] // 10} seed(s) of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
 - Reproduce: `{card['command']}`
 
-What it can do: write short English sentences in the style of fortune cookies, quotes with `-- Author`
-attributions, one-liners and hacker-dictionary definitions; most words are real English words.
+What it can do: write short English sentences in the style of fortune cookies, quotes, one-liners and
+hacker-dictionary definitions; most words are real English words.{' It seldom names an author: its last steps trained without the `-- Author` lines, whose invented names were most of its non-words.' if t.get('anneal') else ''}
 What it cannot do: hold a topic for more than a few sentences, know facts, follow instructions, or write
 anything outside the style of its tiny corpus. It is a teaching model, far below GPT-2 (124M parameters
 trained on 40 GB of web text).
@@ -554,9 +554,9 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         _export(model, tokenizer, cfg.out, card)
         _save_state(state_dir, model, optimizer, step, {"max_steps": max_steps, "seconds": seconds, "seed": cfg.seed,
                                                            "precision": cfg.precision, "anneal_steps": cfg.anneal_steps})
-        log.info("step %d/%d  val loss %.3f  ppl %.1f  -> %s", step, max_steps, val_loss, math.exp(val_loss), cfg.out)
+        log.info("step %d/%d  val loss %.3f  ppl %.1f  -> %s", step, max_steps + cfg.anneal_steps, val_loss, math.exp(val_loss), cfg.out)
         if on_progress:
-            on_progress({"step": step, "steps": max_steps, "val_loss": val_loss, "val_perplexity": math.exp(val_loss), "sample": card["sample"]["text"]})
+            on_progress({"step": step, "steps": max_steps + cfg.anneal_steps, "val_loss": val_loss, "val_perplexity": math.exp(val_loss), "sample": card["sample"]["text"]})
         return card
 
     amp = torch.bfloat16 if cfg.precision == "bf16" else None

@@ -38,6 +38,7 @@ ROOT = workspace.PROJECT
 TOKENS = 40
 HEAD = "## Load: many browser sessions on one server"
 HEAD_APART = "## Load, the browsers on a core of their own"
+HEAD_YIELD = "## Load, the browsers at the lowest priority"
 
 
 def _rss_mb(pid: int) -> float:
@@ -261,9 +262,24 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1], 2) if len(xs) > 1 else round(xs[0], 2)
 
 
-def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train: bool = True, apart: bool = False) -> dict:
+def browser_wrapper(chromium: str, cores: list[int] | None, lowest: bool) -> str:
+    """A shell script that starts Chromium pinned to `cores` and/or with its session's group at the lowest CPU
+    priority. Chromium starts a session of its own, and with Linux's autogroup scheduling the kernel shares
+    the CPU between sessions before any nice value counts: so the group's nice (/proc/PID/autogroup), not
+    Chromium's own, is what lets the server go first."""
+    lines = ["#!/bin/sh"]
+    if lowest:
+        lines.append("echo 19 > /proc/$$/autogroup 2>/dev/null || true")
+    taskset = f"taskset -c {','.join(map(str, cores))} " if cores else ""
+    lines.append(f'exec {taskset}{chromium} "$@"')
+    return "\n".join(lines) + "\n"
+
+
+def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train: bool = True, apart: bool = False,
+               browsers_yield: bool = False) -> dict:
     """`apart`: the browsers on the machine's last CPU core and the server and its training job on the others,
-    so that the room's browsers (phones, in a real room) cannot take the server's CPU."""
+    so that the room's browsers (phones, in a real room) cannot take the server's CPU. `browsers_yield`: the
+    browsers on every core but at the lowest priority, so the server keeps the whole machine when it needs it."""
     chromium = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
     cores = sorted(os.sched_getaffinity(0))
     if apart and len(cores) < 2:
@@ -275,9 +291,9 @@ def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train
         pin()
         os.nice(jobs.JOB_NICE)
     with tempfile.TemporaryDirectory() as tmp:
-        if apart:  # Chromium and every process it starts inherit the affinity of this wrapper
+        if apart or browsers_yield:  # Chromium and every process it starts inherit this wrapper's affinity and group
             wrapper = Path(tmp) / "chromium"
-            wrapper.write_text(f"#!/bin/sh\nexec taskset -c {','.join(map(str, browser_cores))} {chromium} \"$@\"\n")
+            wrapper.write_text(browser_wrapper(chromium, browser_cores if apart else None, browsers_yield))
             wrapper.chmod(0o755)
             chromium = str(wrapper)
         env = {**os.environ, "TRANSFER_STUDIO_HOME": str(Path(tmp) / "ws"), "TRANSFER_STUDIO_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -325,6 +341,7 @@ def bench_load(sessions: int = 10, seconds: float = 60.0, rounds: int = 2, train
             server.wait(10)
     return {"sessions": sessions, "seconds": seconds, "tokens": TOKENS, "rounds": results, "training_job": training,
             "cores": {"server": server_cores, "browsers": browser_cores},
+            "placement": "apart" if apart else "yield" if browsers_yield else "shared",
             "memory_growth_mb": round(results[-1]["server_peak_mb"] - results[0]["server_peak_mb"], 1) if len(results) > 1 else None}
 
 
@@ -345,9 +362,9 @@ def format_load(r: dict) -> str:
 
 
 def write_markdown(r: dict, path: Path | None = None) -> Path:
-    """Replace (or add) the load section of BENCHMARKS.md (one section per configuration: shared or --apart)."""
+    """Replace (or add) the load section of BENCHMARKS.md (one section per configuration: shared, --apart, --browsers-yield)."""
 
-    apart = r["cores"]["server"] != r["cores"]["browsers"]
+    placement = r.get("placement") or ("apart" if r["cores"]["server"] != r["cores"]["browsers"] else "shared")
     rows = ["| round | sessions | generations | predictions | errors | generate p50 / p95 | of which the model p50 / p95 | "
             "predict p50 / p95 | server peak memory | CPU seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows += [f"| {x['round']} | {x['sessions']} | {x['generations']} | {x['predictions']} | {x['errors']} | "
@@ -363,12 +380,17 @@ def write_markdown(r: dict, path: Path | None = None) -> Path:
               r["memory_growth_mb"] is not None and r["memory_growth_mb"] < 100),
              ("a training job meanwhile finishes", (f"finished in {t['seconds']} s" if t and t["exit_code"] == 0 else "no") if t else "not run",
               bool(t and t["exit_code"] == 0))]
-    where = (f"The browsers run on CPU core {', '.join(map(str, r['cores']['browsers']))} and the server and its training job on "
-             f"core(s) {', '.join(map(str, r['cores']['server']))} (`--apart`): in a room the browsers are the audience's phones, "
-             "which take none of the server's CPU; here the server keeps only part of the machine." if apart else
-             f"The server, its training job and all the browsers share the machine's {len(r['cores']['server'])} cores.")
-    head = HEAD_APART if apart else HEAD
-    body = "\n".join([head, "", f"`python -m engine bench load --sessions {r['sessions']} --seconds {r['seconds']:.0f}{' --apart' if apart else ''}`: "
+    where = {
+        "apart": f"The browsers run on CPU core {', '.join(map(str, r['cores']['browsers']))} and the server and its training job on "
+                 f"core(s) {', '.join(map(str, r['cores']['server']))} (`--apart`): in a room the browsers are the audience's phones, "
+                 "which take none of the server's CPU; here the server keeps only part of the machine.",
+        "yield": f"The server, its training job and the browsers share the machine's {len(r['cores']['server'])} cores, the browsers' "
+                 "session group at the lowest CPU priority (`--browsers-yield`: Linux autogroup nice 19): in a room the browsers are "
+                 "the audience's phones, which take none of the server's CPU; here they get the CPU the server and its job leave.",
+        "shared": f"The server, its training job and all the browsers share the machine's {len(r['cores']['server'])} cores.",
+    }[placement]
+    head, flag = {"apart": (HEAD_APART, " --apart"), "yield": (HEAD_YIELD, " --browsers-yield"), "shared": (HEAD, "")}[placement]
+    body = "\n".join([head, "", f"`python -m engine bench load --sessions {r['sessions']} --seconds {r['seconds']:.0f}{flag}`: "
                       f"real Chromium sessions (Playwright contexts) on one `streamlit run` server, each opening the app once and then looping generate "
                       f"{r['tokens']} tokens (bundled mini GPT-2) -> Predict through the sidebar -> upload a sample image -> its "
                       "prediction -> back to Generate text through the sidebar; times from the click or upload to the result on screen "

@@ -42,8 +42,10 @@ def cmd_bench_process(args) -> int:
 def cmd_bench_load(args) -> int:
     from engine.bench import browser_load  # deferred: off the CLI's start-up
 
+    if args.apart and args.browsers_yield:
+        raise UserError("--apart and --browsers-yield are two different placements: choose one")
     r = browser_load.bench_load(sessions=args.sessions, seconds=args.seconds, rounds=args.rounds, train=not args.no_train,
-                                apart=args.apart)
+                                apart=args.apart, browsers_yield=args.browsers_yield)
     path = browser_load.write_markdown(r, Path(args.out) if args.out else None)
     emit(args, r, browser_load.format_load(r) + f"\nwrote {path}")
     return 0
@@ -118,6 +120,8 @@ def add_commands(sub) -> None:
     s.add_argument("--no-train", action="store_true", help="no fine-tuning job meanwhile")
     s.add_argument("--apart", action="store_true",
                    help="browsers on the last CPU core, the server and its training job on the others (as phones in a room)")
+    s.add_argument("--browsers-yield", action="store_true",
+                   help="browsers on every core at the lowest CPU priority: the server keeps the machine when it needs it")
     s.add_argument("--out", default=None, help="markdown file (default: BENCHMARKS.md at the repository root)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench_load)

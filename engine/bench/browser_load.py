@@ -11,6 +11,10 @@ machine, at the lower CPU priority the app's job worker gives its jobs, and the 
 memory is sampled; the whole load runs twice on the same server, so growth from the first to the
 second shows up.
 
+In a room the browsers are the audience's phones and take none of the server's CPU; here they share its
+machine, in one of three placements: all on the same cores (the default), the browsers on a core of their
+own (`--apart`), or the browsers everywhere at the lowest priority (`--browsers-yield`).
+
 The server is started here with its own workspace (the sample dataset and one quick linear run, so
 Predict has a model), offline, with no presenter password (visitor limits are the roles' business,
 measured without them here).

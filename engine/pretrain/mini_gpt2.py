@@ -49,7 +49,7 @@ SAMPLE_PROMPTS = ("The meaning of life is", "A computer is", "Once upon a time",
 
 
 # ANNEAL: after the main run, a short second cosine on the cleanest text only: the fortunes of the files
-# with at least 93% dictionary words (all but the Debian, Linux, Perl, Star Trek and knghtbrd files, 88-93%;
+# with at least 93% dictionary words (all but the Debian, both Linux, Perl, Star Trek and knghtbrd files, 88-93%;
 # not the Jargon File), without their "-- Author" lines. Finishing on high-quality data is the "annealing"
 # or "decay" phase of recent LLM recipes. Why without attributions: in the 5,000-step model's samples most
 # words outside the dictionary were invented names ("-- Ralph Wirts", "-- Socrus Heller"); the model cannot
@@ -80,7 +80,7 @@ class TextPretrainConfig:
     eval_every: int = 200          # evaluate and write a usable checkpoint this often
     threads: int = 1               # on a shared 2-core machine one thread was 2-4x faster than two
     precision: str = "fp32"        # "bf16": autocast matmuls in bf16 (fp32 master weights); 1.5x faster on CPUs with native bf16
-    anneal_steps: int = 0          # then this many steps on the cleanest text only (see ANNEAL below)
+    anneal_steps: int = 0          # then this many steps on the cleanest text only (see ANNEAL above)
     anneal_lr: float = 3e-4
     anneal_min_words: float = 0.93  # a fortunes file is "clean" when this share of its words is in the dictionary
     words_file: Path = WORDS_FILE   # the dictionary that decides it

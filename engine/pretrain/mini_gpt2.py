@@ -143,7 +143,10 @@ def load_fortunes_by_file(folder: Path | None = None) -> dict[str, list[str]]:
 
 def load_fortunes(folder: Path | None = None) -> tuple[list[str], list[str]]:
     """All cleaned fortunes (in file order) and the file names they came from."""
-    by_file = load_fortunes_by_file(folder)
+    return _flatten(load_fortunes_by_file(folder))
+
+
+def _flatten(by_file: dict[str, list[str]]) -> tuple[list[str], list[str]]:
     return [f for fs in by_file.values() for f in fs], list(by_file)
 
 
@@ -207,11 +210,13 @@ def load_jargon(path: Path) -> list[str]:
     return entries
 
 
-def dictionary_words(texts: list[str], words_file: Path = WORDS_FILE) -> float | None:
-    """The share of words in `texts` found in the system dictionary (case-insensitive; None without one)."""
-    if not Path(words_file).is_file():
-        return None
-    known = {w.strip().lower() for w in Path(words_file).read_text(encoding="utf-8", errors="replace").splitlines()}
+def dictionary_words(texts: list[str], words_file: Path = WORDS_FILE, known: set[str] | None = None) -> float | None:
+    """The share of words in `texts` found in the system dictionary (case-insensitive; None without one).
+    `known`: the dictionary's words already read (the anneal counts every fortunes file against it)."""
+    if known is None:
+        if not Path(words_file).is_file():
+            return None
+        known = {w.strip().lower() for w in Path(words_file).read_text(encoding="utf-8", errors="replace").splitlines()}
     words = [w.lower() for t in texts for w in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", t)]
     if not words:
         return None
@@ -252,11 +257,12 @@ def _anneal_lr_at(i: int, cfg: TextPretrainConfig) -> float:
 
 def clean_files(by_file: dict[str, list[str]], min_words: float, words_file: Path = WORDS_FILE) -> list[str]:
     """The fortunes files whose own dictionary-word share is at least `min_words` (the anneal's text)."""
-    shares = {name: dictionary_words(texts, words_file) for name, texts in by_file.items() if texts}
-    if any(v is None for v in shares.values()):
+    if not Path(words_file).is_file():
         raise UserError(f"the anneal picks its text with a dictionary and there is none at {words_file}; "
                         "install it with `apt-get install wamerican`, or pretrain without --anneal-steps")
-    return [name for name, share in shares.items() if share >= min_words]
+    known = {w.strip().lower() for w in Path(words_file).read_text(encoding="utf-8", errors="replace").splitlines()}
+    shares = {name: dictionary_words(texts, known=known) for name, texts in by_file.items() if texts}
+    return [name for name, share in shares.items() if share is not None and share >= min_words]
 
 
 def _batch(data, step: int, cfg: TextPretrainConfig):
@@ -449,7 +455,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
     quiet_transformers()
     torch.set_num_threads(cfg.threads)
     by_file = load_fortunes_by_file(cfg.data_dir)
-    fortunes, files = [f for fs in by_file.values() for f in fs], list(by_file)
+    fortunes, files = _flatten(by_file)
     origin = [name for name, fs in by_file.items() for _ in fs]
     # A fixed shuffle of whole fortunes, then 95% / 5%: validation fortunes are never trained on.
     order = list(range(len(fortunes)))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from engine.core.errors import UserError
 from engine.pretrain import mini_gpt2
-from engine.text import causal_lm, generation
+from engine.text import causal_lm, generation, grammar
 from tests.text_helpers import corpus
 
 
@@ -109,11 +109,21 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
     assert "(seed 9)" in (out / "README.md").read_text()
     assert "resumed on two threads" in mini_gpt2._readme({**card, "training": {**card["training"], "note": "resumed on two threads"}})
     assert "100 completions" in card["metrics"]["dictionary"]  # ten prompts x ten seeds: a steadier share than ten samples
+    if grammar.available():  # the grammar check over the same completions, and over the held-out fortunes to read it against
+        m = card["metrics"]
+        assert 0 <= m["sentences_parse"] <= 1 and m["parse_sentences"] >= 100 and 0 < m["sentences_parse_fortunes"] <= 1
+        assert f"{m['sentences_parse']:.1%} of the {m['parse_sentences']} sentences" in (out / "README.md").read_text()
+    else:
+        assert "not measured (Link Grammar is not installed" in (out / "README.md").read_text()
     # --remeasure: the same weights give the same samples, and the card keeps its training numbers
     (out / "README.md").write_text("stale")
     again = mini_gpt2.remeasure(out)
     assert again["samples"] == card["samples"] and again["sample"] == card["sample"] and again["training"] == card["training"]
-    assert json.loads((out / "model_card.json").read_text()) == again and "(seed 9)" in (out / "README.md").read_text()
+    speed = {"generation_tokens_per_s": again["metrics"]["generation_tokens_per_s"]}
+    assert again["metrics"] == card["metrics"] | speed  # the fortunes' own grammar check kept as measured
+    with_fortunes = mini_gpt2.remeasure(out, tmp_path / "fortunes")  # ... or measured again on the same held-out fortunes
+    assert with_fortunes["metrics"] == card["metrics"] | {"generation_tokens_per_s": with_fortunes["metrics"]["generation_tokens_per_s"]}
+    assert json.loads((out / "model_card.json").read_text()) == with_fortunes and "(seed 9)" in (out / "README.md").read_text()
     assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
     lm = causal_lm.load(str(out))
     assert lm.eos_id == 0 and lm.context == 48

@@ -16,9 +16,11 @@ def cmd_pretrain_text(args) -> int:
     logging.getLogger("engine").setLevel(logging.INFO)  # pretraining is long: always show progress
     if args.remeasure:
         folder = Path(args.out) if args.out else mini_gpt2.TextPretrainConfig().out
-        card = mini_gpt2.remeasure(folder)
+        # the held-out fortunes' own grammar check is measured again where the fortunes are installed
+        card = mini_gpt2.remeasure(folder, mini_gpt2.FORTUNES_DIR if mini_gpt2.FORTUNES_DIR.is_dir() else None)
         m = card["metrics"]
-        emit(args, card, f"dictionary words {m['dictionary_words']} ({m['dictionary']}); generation {m['generation_tokens_per_s']:.0f} "
+        emit(args, card, f"dictionary words {m['dictionary_words']} ({m['dictionary']}); sentences that parse {m['sentences_parse']} "
+                         f"(held-out fortunes: {m.get('sentences_parse_fortunes')}); generation {m['generation_tokens_per_s']:.0f} "
                          f"tokens/s\nsample: {card['sample']['text']!r}\nwrote {folder / 'model_card.json'}")
         return 0
     if args.steps is None and args.minutes <= 0:

@@ -22,6 +22,7 @@ from typing import Callable
 from engine.core import workspace
 from engine.core.errors import UserError
 from engine.models import sources as srcs
+from engine.text import grammar
 from engine.train import checkpoints, optimizers, schedules
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,21 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=None)
 
 
+def split(n: int, seed: int, val_fraction: float) -> tuple[list[int], int]:
+    """A fixed shuffle of the n whole fortunes: (order, n_val), the first n_val of `order` (val_fraction of
+    them, 5% by default) held out for validation and never trained on."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order, int(n * val_fraction)
+
+
+def fortunes_parsing(val_texts: list[str]) -> float | None:
+    """The grammar check on human text of the same kind, to read the model's share against: the
+    held-out fortunes without their attribution lines (the model no longer writes those)."""
+    parsing = grammar.parsing_share([without_attribution(t) for t in val_texts])
+    return None if parsing is None else round(parsing[0], 4)
+
+
 def _lr_at(step: int, cfg: TextPretrainConfig, max_steps: int) -> float:
     """Linear warmup then cosine decay to min_lr (nanoGPT's schedule)."""
     return cfg.lr * schedules.warmup_cosine(step, max_steps, cfg.warmup, floor=cfg.min_lr / cfg.lr)
@@ -339,6 +355,9 @@ def _readme(card: dict) -> str:
     jargon = f" and the Jargon File ({d['jargon_entries']:,} entries, {d['jargon_bytes'] / 1e6:.1f} MB)" if d.get("jargon_entries") else ""
     words = f"{m['dictionary_words']:.1%}" if m.get("dictionary_words") is not None else "not measured (no dictionary installed)"
     samples = "\n".join(f"{i + 1}. (seed {x['seed']}) {x['text']!r}" for i, x in enumerate(card.get("samples", [])))
+    parse = (f"{m['sentences_parse']:.1%} of the {m['parse_sentences']} sentences of those completions"
+             + (f" (the held-out fortunes themselves: {m['sentences_parse_fortunes']:.1%})" if m.get("sentences_parse_fortunes") is not None else "")
+             if m.get("sentences_parse") is not None else f"not measured (Link Grammar is not installed: `{grammar.INSTALL}`)")
     return f"""# mini-gpt2 — the bundled language model of Transfer Studio
 
 A {card['model']['parameters'] / 1e6:.1f}M-parameter GPT-2 ({card['model']['n_layer']} layers, {card['model']['n_embd']} wide,
@@ -352,6 +371,8 @@ It lets the app work offline, where the real GPT-2 cannot be downloaded. {d.get(
 - Validation perplexity: **{m['val_perplexity']:.1f}** ({m['bits_per_byte']:.2f} bits per byte) on a held-out 5% of the fortunes
   (fp16 weights as stored: {m['val_perplexity_fp16']:.1f}{f"; without their `-- Author` lines: {m['val_perplexity_without_attributions']:.1f}" if m.get('val_perplexity_without_attributions') else ''}).{' **Partial run**: the checkpoint of an unfinished training.' if card.get('partial') else ''}
 - Dictionary words: {words} {f"of the words in {m['word_completions']} completions ({m['word_completions'] // 10} seed(s) of each prompt below)" if m.get('word_completions') else 'in the ten samples below'}; generation {m.get('generation_tokens_per_s', 0):.0f} tokens/s on {m.get('generation_threads', 1)} CPU thread(s).
+- Sentences that parse: {parse}, by CMU's Link Grammar parser: a sentence of three or more words parses when
+  one linkage joins every word; it guesses unknown words from their endings.
 - Reproduce: `{card['command']}`
 
 What it can do: write short English sentences in the style of fortune cookies, quotes, one-liners and
@@ -373,7 +394,8 @@ The same text again: `{s.get('command', '')}`
 
 
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 1.0, "repetition_penalty": 1.0}  # the card's samples
-METRICS_MEASURED = ("dictionary_words", "dictionary", "word_completions", "generation_tokens_per_s", "generation_threads")
+METRICS_MEASURED = ("dictionary_words", "dictionary", "word_completions", "generation_tokens_per_s", "generation_threads",
+                    "sentences_parse", "parse_sentences")
 
 
 def card_lm(model, tokenizer, folder: Path, block_size: int):
@@ -397,12 +419,13 @@ def card_samples(lm, max_new_tokens: int, word_seeds: int = WORD_SEEDS) -> dict:
     from engine.text import generation  # deferred: imports torch
 
     settings = {**SAMPLING, "max_new_tokens": max_new_tokens}
-    t_gen, n_gen, quoted, completions = time.time(), 0, [], []
+    t_gen, n_gen, quoted, completions, texts = time.time(), 0, [], [], []
     for k in range(word_seeds):
         for i, prompt in enumerate(SAMPLE_PROMPTS):
             seed = i + k * len(SAMPLE_PROMPTS)
             g = generation.generate(lm, prompt, generation.GenerationConfig(seed=seed, **settings))
             completions.append(g.samples[0].completion)
+            texts.append(g.samples[0].text)
             n_gen += g.new_tokens
             if k == 0:
                 quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text})
@@ -410,16 +433,20 @@ def card_samples(lm, max_new_tokens: int, word_seeds: int = WORD_SEEDS) -> dict:
               "command": f"python -m engine generate --model mini --prompt \"{SAMPLE_PROMPTS[0]}\" --seed 0 --temperature 0.8 "
                          f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {max_new_tokens}"}
     share = dictionary_words(completions)
+    t_gen = time.time() - t_gen
+    parsing = grammar.parsing_share(texts)  # whole sentences: the prompt begins the first one
     return {"sample": sample, "samples": quoted, "dictionary_words": None if share is None else round(share, 4),
+            "sentences_parse": None if parsing is None else round(parsing[0], 4), "parse_sentences": None if parsing is None else parsing[1],
             "dictionary": f"{WORDS_FILE} (Debian wamerican), over {len(completions)} completions: {word_seeds} seed(s) of each "
                           "of the ten prompts, the quoted samples being the first seed of each", "word_completions": len(completions),
-            "generation_tokens_per_s": round(n_gen / max(time.time() - t_gen, 1e-9), 1),
+            "generation_tokens_per_s": round(n_gen / max(t_gen, 1e-9), 1),
             "generation_threads": lm.threads or torch.get_num_threads()}
 
 
-def remeasure(folder: Path) -> dict:
+def remeasure(folder: Path, data_dir: Path | None = None) -> dict:
     """Measure the samples of an existing model folder again (`pretrain text --remeasure`) and rewrite its
-    card and README; the training numbers stay as they were measured."""
+    card and README; the training numbers stay as they were measured, and so does the grammar check of
+    the held-out fortunes unless `data_dir` names the fortunes folder to measure it on again."""
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
     from engine.text.causal_lm import quiet_transformers  # deferred: imports torch
@@ -434,6 +461,10 @@ def remeasure(folder: Path) -> dict:
     measured = card_samples(lm, card["sample"]["max_new_tokens"])
     card["sample"], card["samples"] = measured["sample"], measured["samples"]
     card["metrics"].update({k: measured[k] for k in METRICS_MEASURED})
+    if data_dir is not None:
+        fortunes, _ = _flatten(load_fortunes_by_file(data_dir))
+        order, n_val = split(len(fortunes), card["training"]["seed"], card["data"]["val_fraction"])
+        card["metrics"]["sentences_parse_fortunes"] = fortunes_parsing([fortunes[i] for i in order[:n_val]])
     card_path.write_text(json.dumps(card, indent=2))
     (Path(folder) / "README.md").write_text(_readme(card))
     return card
@@ -457,10 +488,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
     by_file = load_fortunes_by_file(cfg.data_dir)
     fortunes, files = _flatten(by_file)
     origin = [name for name, fs in by_file.items() for _ in fs]
-    # A fixed shuffle of whole fortunes, then 95% / 5%: validation fortunes are never trained on.
-    order = list(range(len(fortunes)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = int(len(order) * cfg.val_fraction)
+    order, n_val = split(len(fortunes), cfg.seed, cfg.val_fraction)
     val_texts = [fortunes[i] for i in order[:n_val]]
     train_texts = [fortunes[i] for i in order[n_val:]]
     jargon = load_jargon(cfg.jargon_file) if cfg.jargon_file else []
@@ -542,7 +570,9 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
                             if cfg.anneal_steps else {})},
             "metrics": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                         "bits_per_byte": round(val_loss * tokens_per_byte / math.log(2), 4), "val_perplexity_fp16": None,
-                        **{k: measured[k] for k in METRICS_MEASURED}},
+                        **{k: measured[k] for k in METRICS_MEASURED},
+                        # the same check on the held-out fortunes (~10 s): once, for the finished model
+                        "sentences_parse_fortunes": None if partial else fortunes_parsing(val_texts)},
             "sample": measured["sample"],
             "samples": measured["samples"],
             "command": f"python -m engine pretrain text --steps {max_steps} --seed {cfg.seed}"

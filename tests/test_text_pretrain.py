@@ -113,6 +113,9 @@ def test_pretrain_writes_a_loadable_model_with_a_card_and_resumes_exactly(tmp_pa
         m = card["metrics"]
         assert 0 <= m["sentences_parse"] <= 1 and m["parse_sentences"] >= 100 and 0 < m["sentences_parse_fortunes"] <= 1
         assert f"{m['sentences_parse']:.1%} of the {m['parse_sentences']} sentences" in (out / "README.md").read_text()
+        first = card["samples"][0]  # each quoted sample says how many of its sentences parse
+        assert first["sentences"] == len(grammar.sentences(first["text"])) >= 1 and 0 <= first["parse"] <= first["sentences"]
+        assert f"(seed 0) {first['text']!r} ({first['parse']} of {first['sentences']} parse)" in (out / "README.md").read_text()
     else:
         assert "not measured (Link Grammar is not installed" in (out / "README.md").read_text()
     # --remeasure: the same weights give the same samples, and the card keeps its training numbers

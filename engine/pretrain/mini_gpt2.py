@@ -354,7 +354,8 @@ def _readme(card: dict) -> str:
     m, t, d, s = card["metrics"], card["training"], card["data"], card["sample"]
     jargon = f" and the Jargon File ({d['jargon_entries']:,} entries, {d['jargon_bytes'] / 1e6:.1f} MB)" if d.get("jargon_entries") else ""
     words = f"{m['dictionary_words']:.1%}" if m.get("dictionary_words") is not None else "not measured (no dictionary installed)"
-    samples = "\n".join(f"{i + 1}. (seed {x['seed']}) {x['text']!r}" for i, x in enumerate(card.get("samples", [])))
+    samples = "\n".join(f"{i + 1}. (seed {x['seed']}) {x['text']!r}" + (f" ({x['parse']} of {x['sentences']} parse)" if x.get("sentences") else "")
+                        for i, x in enumerate(card.get("samples", [])))
     parse = (f"{m['sentences_parse']:.1%} of the {m['parse_sentences']} sentences of those completions"
              + (f" (the held-out fortunes themselves: {m['sentences_parse_fortunes']:.1%})" if m.get("sentences_parse_fortunes") is not None else "")
              if m.get("sentences_parse") is not None else f"not measured (Link Grammar is not installed: `{grammar.INSTALL}`)")
@@ -398,6 +399,14 @@ METRICS_MEASURED = ("dictionary_words", "dictionary", "word_completions", "gener
                     "sentences_parse", "parse_sentences")
 
 
+def _parsed(text: str) -> dict:
+    """How many of a quoted sample's sentences parse, for the reader to check against the text (nothing without the parser)."""
+    if not grammar.available():
+        return {}
+    judged = [grammar.parses(s) for s in grammar.sentences(text)]
+    return {"sentences": len(judged), "parse": sum(judged)}
+
+
 def card_lm(model, tokenizer, folder: Path, block_size: int):
     """The weights as stored (fp16, run in fp32) behind the app's own generation path, so that
     `python -m engine generate` with the card's settings prints the card's text."""
@@ -428,7 +437,7 @@ def card_samples(lm, max_new_tokens: int, word_seeds: int = WORD_SEEDS) -> dict:
             texts.append(g.samples[0].text)
             n_gen += g.new_tokens
             if k == 0:
-                quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text})
+                quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text, **_parsed(g.samples[0].text)})
     sample = {"prompt": SAMPLE_PROMPTS[0], "seed": 0, **settings, "text": quoted[0]["text"],
               "command": f"python -m engine generate --model mini --prompt \"{SAMPLE_PROMPTS[0]}\" --seed 0 --temperature 0.8 "
                          f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {max_new_tokens}"}

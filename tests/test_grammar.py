@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.core.errors import UserError
 from engine.text import grammar
 
 needs_parser = pytest.mark.skipif(not grammar.available(), reason=f"Link Grammar is not installed ({grammar.INSTALL})")
@@ -38,3 +39,5 @@ def test_without_the_parser_nothing_is_judged_and_the_error_says_how_to_install(
     with pytest.raises(RuntimeError, match="apt-get install python3-link-grammar"):
         grammar.parses("The cat sat on the mat.")
     assert mini_gpt2.fortunes_parsing(["The cat sat on the mat."]) is None
+    with pytest.raises(UserError, match="--anneal-grammar .* python3-link-grammar"):
+        mini_gpt2.grammatical(["The cat sat on the mat."])

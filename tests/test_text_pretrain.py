@@ -195,3 +195,29 @@ def test_anneal_finishes_on_the_clean_files_and_resumes_after_a_finished_run(tmp
     annealed = load_file(str(tmp_path / "m2" / "model.safetensors"))
     assert all(torch.equal(straight[k], annealed[k]) for k in straight)
     assert any(not torch.equal(four[k], annealed[k]) for k in four)
+
+
+@pytest.mark.skipif(not grammar.available(), reason=f"Link Grammar is not installed ({grammar.INSTALL})")
+def test_anneal_grammar_keeps_only_the_fortunes_whose_every_sentence_parses(tmp_path):
+    good = "The cat sat on the mat. It was happy."
+    assert mini_gpt2.grammatical([good, "The cat sat on the mat. cat the mat on sat the", "Yow!"]) == [good]
+    fake_fortunes(tmp_path / "fortunes")  # word salad, of which a few lines parse
+    proverbs = ["The dog ran to the park.", "She reads a book about ships.", "The sea is calm today.", "A bird sang in the tree."]
+    (tmp_path / "fortunes" / "proverbs").write_text("\n%\n".join(proverbs * 10))
+    words = tmp_path / "words"
+    words.write_text("\n".join(sorted(set(corpus(300, seed=2).replace(".", "").split()) | {"the", "a", "is"})))
+    kw = {"steps": 4, "anneal_steps": 2, "words_file": words, "eval_every": 100}
+    plain = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "a", state_dir=tmp_path / "sa", **kw))["training"]["anneal"]
+    card = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "b", state_dir=tmp_path / "sb", anneal_grammar=True, **kw))
+    strict = card["training"]["anneal"]
+    assert strict["grammar"] and not plain["grammar"] and strict["files"] == plain["files"]
+    assert 30 <= strict["fortunes"] < plain["fortunes"] / 2 and strict["tokens"] < plain["tokens"] / 2  # the proverbs and a few lines
+    assert card["command"].endswith("--steps 4 --seed 1337 --anneal-steps 2 --anneal-grammar")
+    assert "only the fortunes whose every sentence parses" in (tmp_path / "b" / "README.md").read_text()
+    # a finished 4-step run resumed into a grammar anneal: the same weights as one run straight
+    mini_gpt2.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "c", state_dir=tmp_path / "sc", **{**kw, "anneal_steps": 0}))
+    again = mini_gpt2.pretrain_text(tiny_cfg(tmp_path, out=tmp_path / "c", state_dir=tmp_path / "sc", **{**kw, "steps": None},
+                                             anneal_grammar=True), resume=True)
+    assert again["training"]["anneal"] == strict and json.loads((tmp_path / "sc" / "state.json").read_text())["anneal_grammar"]
+    b, c = load_file(str(tmp_path / "b" / "model.safetensors")), load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)

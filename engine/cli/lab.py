@@ -30,7 +30,7 @@ def cmd_pretrain_text(args) -> int:
     if args.anneal_steps < 0:
         raise UserError("--anneal-steps must be >= 0")
     cfg = mini_gpt2.TextPretrainConfig(minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads,
-                                       precision=args.precision, anneal_steps=args.anneal_steps)
+                                       precision=args.precision, anneal_steps=args.anneal_steps, anneal_grammar=args.anneal_grammar)
     if args.out:
         cfg.out = Path(args.out)
     card = mini_gpt2.pretrain_text(cfg, resume=args.resume)
@@ -199,6 +199,8 @@ def add_pretrain_text(pre) -> None:
                    help="bf16: autocast the matmuls (1.5x faster on CPUs with native bf16, e.g. AVX-512 BF16; slow elsewhere)")
     s.add_argument("--anneal-steps", type=int, default=0,
                    help="then this many steps on the cleanest fortunes only (with --resume: also after a finished run)")
+    s.add_argument("--anneal-grammar", action="store_true",
+                   help="anneal only on the fortunes whose every sentence parses (needs Debian's python3-link-grammar)")
     s.add_argument("--out", default="", help="output folder (default assets/mini-gpt2)")
     s.add_argument("--resume", action="store_true", help="continue the last run from its saved optimizer state")
     s.add_argument("--remeasure", action="store_true", help="only measure the samples of an existing model again and rewrite its card")

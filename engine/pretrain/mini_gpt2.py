@@ -58,6 +58,11 @@ SAMPLE_PROMPTS = ("The meaning of life is", "A computer is", "Once upon a time",
 # steps each: the clean files with their attributions 93.6% dictionary words (600 steps: 94.8%; the
 # count's noise is about +-1 point), without them 96.8%. The cost: a higher perplexity on held-out fortunes
 # *with* attributions, the lines it no longer writes (the card gives both).
+# With --anneal-grammar, only those fortunes whose every sentence parses (Link Grammar; see engine.text.grammar):
+# 59% of them, 35% of the tokens, for it keeps the short ones. Measured continuing the 6,000-step model 500
+# steps (300 completions each): 67.3% of its sentences parse after the filtered text, 57.1% after the same
+# steps unfiltered (before: 58.9%; held-out fortunes themselves: 69%); held-out perplexity without attribution
+# lines 98.6 against 91.2: it narrows what the model expects.
 
 
 @dataclass
@@ -84,6 +89,7 @@ class TextPretrainConfig:
     anneal_steps: int = 0          # then this many steps on the cleanest text only (see ANNEAL above)
     anneal_lr: float = 3e-4
     anneal_min_words: float = 0.93  # a fortunes file is "clean" when this share of its words is in the dictionary
+    anneal_grammar: bool = False    # ... and of those, only the fortunes whose every sentence parses (see ANNEAL above)
     words_file: Path = WORDS_FILE   # the dictionary that decides it
     state_dir: Path | None = None  # optimizer state for --resume (defaults to workspace/cache)
     data_dir: Path | None = None   # default FORTUNES_DIR
@@ -266,6 +272,13 @@ def without_attribution(text: str) -> str:
     return "\n".join(line for line in text.split("\n") if not line.startswith(("--", "\u2014"))).strip()
 
 
+def grammatical(texts: list[str]) -> list[str]:
+    """The texts with a sentence to judge whose every sentence parses (--anneal-grammar's text)."""
+    if not grammar.available():
+        raise UserError(f"--anneal-grammar picks its text with Link Grammar, which is not installed: `{grammar.INSTALL}`")
+    return [t for t in texts if (s := grammar.sentences(t)) and all(map(grammar.parses, s))]
+
+
 def _anneal_lr_at(i: int, cfg: TextPretrainConfig) -> float:
     """Step i of the anneal: a cosine from anneal_lr down to a tenth of min_lr (no warm-up: the weights are trained)."""
     return cfg.anneal_lr * schedules.warmup_cosine(i, cfg.anneal_steps, 0, floor=0.1 * cfg.min_lr / cfg.anneal_lr)
@@ -347,7 +360,8 @@ def _anneal_line(t: dict) -> str:
         return ""
     return (f"\n  The last {a['steps']:,} of them (anneal) on the cleanest text only: the fortunes files with at least "
             f"{a['min_words']:.0%} dictionary words, without their `-- Author` lines ({len(a['files'])} files, {a['tokens']:,} tokens; "
-            f"not the Jargon File), lr {a['lr']} with its own cosine decay.")
+            f"not the Jargon File){', only the fortunes whose every sentence parses (Link Grammar)' if a.get('grammar') else ''}, "
+            f"lr {a['lr']} with its own cosine decay.")
 
 
 def _readme(card: dict) -> str:
@@ -542,11 +556,16 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         cfg.precision = meta.get("precision", cfg.precision)  # a run continues in the precision it began with
         # a finished main run can be resumed with --anneal-steps; an interrupted anneal keeps its length
         cfg.anneal_steps = meta.get("anneal_steps") or cfg.anneal_steps
+        cfg.anneal_grammar = meta.get("anneal_grammar") or cfg.anneal_grammar
         log.info("resuming at step %d of %d + %d anneal (%s)", start, max_steps, cfg.anneal_steps, cfg.precision)
 
     # the anneal's text: the training fortunes (never the validation ones) of the clean files, unattributed
     anneal_files = clean_files(by_file, cfg.anneal_min_words, cfg.words_file) if cfg.anneal_steps else []
     anneal_texts = [without_attribution(fortunes[i]) for i in order[n_val:] if origin[i] in anneal_files]
+    if cfg.anneal_grammar and anneal_files:
+        t_parse = time.time()
+        anneal_texts = grammatical(anneal_texts)
+        log.info("anneal: %d fortunes whose every sentence parses (%.0f s)", len(anneal_texts), time.time() - t_parse)
     anneal_data = encode([t for t in anneal_texts if t]) if anneal_files else None
     if cfg.anneal_steps and anneal_data is None:
         raise UserError(f"no fortunes file has {cfg.anneal_min_words:.0%} dictionary words to anneal on")
@@ -575,7 +594,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
                          "warmup": cfg.warmup, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout, "seed": cfg.seed,
                          "threads": cfg.threads, "precision": cfg.precision, "seconds": round(seconds, 1),
                          **({"anneal": {"steps": cfg.anneal_steps, "done": max(0, step - max_steps), "lr": cfg.anneal_lr,
-                                        "min_words": cfg.anneal_min_words, "files": anneal_files, "tokens": len(anneal_data)}}
+                                        "min_words": cfg.anneal_min_words, "files": anneal_files, "grammar": cfg.anneal_grammar,
+                                        "fortunes": len([t for t in anneal_texts if t]), "tokens": len(anneal_data)}}
                             if cfg.anneal_steps else {})},
             "metrics": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                         "bits_per_byte": round(val_loss * tokens_per_byte / math.log(2), 4), "val_perplexity_fp16": None,
@@ -586,7 +606,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
             "samples": measured["samples"],
             "command": f"python -m engine pretrain text --steps {max_steps} --seed {cfg.seed}"
                        + (f" --precision {cfg.precision}" if cfg.precision != "fp32" else "")
-                       + (f" --anneal-steps {cfg.anneal_steps}" if cfg.anneal_steps else ""),
+                       + (f" --anneal-steps {cfg.anneal_steps}" if cfg.anneal_steps else "")
+                       + (" --anneal-grammar" if cfg.anneal_steps and cfg.anneal_grammar else ""),
         }
 
     def checkpoint(step: int, seconds: float, partial: bool) -> dict:
@@ -598,7 +619,8 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
         card["metrics"]["val_perplexity_without_attributions"] = round(math.exp(_evaluate(model, val_said, cfg.block_size)), 2)
         _export(model, tokenizer, cfg.out, card)
         _save_state(state_dir, model, optimizer, step, {"max_steps": max_steps, "seconds": seconds, "seed": cfg.seed,
-                                                           "precision": cfg.precision, "anneal_steps": cfg.anneal_steps})
+                                                           "precision": cfg.precision, "anneal_steps": cfg.anneal_steps,
+                                                           "anneal_grammar": cfg.anneal_grammar})
         log.info("step %d/%d  val loss %.3f  ppl %.1f  -> %s", step, max_steps + cfg.anneal_steps, val_loss, math.exp(val_loss), cfg.out)
         if on_progress:
             on_progress({"step": step, "steps": max_steps + cfg.anneal_steps, "val_loss": val_loss, "val_perplexity": math.exp(val_loss), "sample": card["sample"]["text"]})

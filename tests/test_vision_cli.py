@@ -158,3 +158,24 @@ def test_cli_options_come_from_the_config_fields_and_load_no_torch():
     code = "import sys; from engine.__main__ import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `--help` and every parse stay fast: no torch import
+
+
+def test_every_command_prints_its_help():
+    """`--help` of every command and subcommand: argparse formats help strings with %, so a bare % breaks one."""
+    import argparse
+
+    from engine.__main__ import build_parser
+
+    def commands(parser, path):
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, [*path, name])
+
+    paths = list(commands(build_parser(), []))
+    assert ["lab", "text-data-size"] in paths and ["pretrain", "text"] in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([*path, "--help"])
+        assert done.value.code == 0, path

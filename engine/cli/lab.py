@@ -152,7 +152,7 @@ def add_commands(sub) -> None:
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=cmd_lab)
     for name, what in (("text-compare", "the language model pretrained vs from scratch on a new text: perplexity curves, start / slope / asymptote"),
-                       ("text-data-size", "the language model on 10%, 30%, 100% of a new text, pretrained vs scratch")):
+                       ("text-data-size", "the language model on 10%%, 30%%, 100%% of a new text, pretrained vs scratch")):
         s = lab_p.add_parser(name, help=what)
         s.add_argument("--data", default="example", help="the new text: 'example' (Genesis, King James Version) or a .txt file")
         s.add_argument("--preset", default="quick", choices=["quick", "thorough"])

@@ -43,6 +43,7 @@ TOKENS = 40
 HEAD = "## Load: many browser sessions on one server"
 HEAD_APART = "## Load, the browsers on a core of their own"
 HEAD_YIELD = "## Load, the browsers at the lowest priority"
+ROOM = "in a room the browsers are the audience's phones, which take none of the server's CPU"
 
 
 def _rss_mb(pid: int) -> float:
@@ -386,11 +387,10 @@ def write_markdown(r: dict, path: Path | None = None) -> Path:
               bool(t and t["exit_code"] == 0))]
     where = {
         "apart": f"The browsers run on CPU core {', '.join(map(str, r['cores']['browsers']))} and the server and its training job on "
-                 f"core(s) {', '.join(map(str, r['cores']['server']))} (`--apart`): in a room the browsers are the audience's phones, "
-                 "which take none of the server's CPU; here the server keeps only part of the machine.",
+                 f"core(s) {', '.join(map(str, r['cores']['server']))} (`--apart`): {ROOM}; here the server keeps only part of the machine.",
         "yield": f"The server, its training job and the browsers share the machine's {len(r['cores']['server'])} cores, the browsers' "
-                 "session group at the lowest CPU priority (`--browsers-yield`: Linux autogroup nice 19): in a room the browsers are "
-                 "the audience's phones, which take none of the server's CPU; here they get the CPU the server and its job leave.",
+                 f"session group at the lowest CPU priority (`--browsers-yield`: Linux autogroup nice 19): {ROOM}; here they get "
+                 "the CPU the server and its job leave.",
         "shared": f"The server, its training job and all the browsers share the machine's {len(r['cores']['server'])} cores.",
     }[placement]
     head, flag = {"apart": (HEAD_APART, " --apart"), "yield": (HEAD_YIELD, " --browsers-yield"), "shared": (HEAD, "")}[placement]

@@ -417,7 +417,7 @@ METRICS_MEASURED = ("dictionary_words", "dictionary", "word_completions", "gener
 
 
 def _parsed(text: str) -> dict:
-    """How many of a quoted sample's sentences parse, for the reader to check against the text (nothing without the parser)."""
+    """How many of a sample's sentences parse (nothing without the parser); the quoted ten show it beside their text."""
     if not grammar.available():
         return {}
     judged = [grammar.parses(s) for s in grammar.sentences(text)]
@@ -438,8 +438,8 @@ def card_lm(model, tokenizer, folder: Path, block_size: int):
 
 def card_samples(lm, max_new_tokens: int, word_seeds: int = WORD_SEEDS) -> dict:
     """The card's samples: ten to quote (prompt i with seed i, unedited; the first is also the headline
-    sample), and the share of dictionary words over `word_seeds` seeds of every prompt (the quoted ten
-    among them); generation speed."""
+    sample), and the shares of dictionary words and of sentences that parse over `word_seeds` seeds of every
+    prompt (the quoted ten among them); generation speed."""
     import torch
 
     from engine.text import generation  # deferred: imports torch
@@ -454,15 +454,18 @@ def card_samples(lm, max_new_tokens: int, word_seeds: int = WORD_SEEDS) -> dict:
             texts.append(g.samples[0].text)
             n_gen += g.new_tokens
             if k == 0:
-                quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text, **_parsed(g.samples[0].text)})
+                quoted.append({"prompt": prompt, "seed": seed, "text": g.samples[0].text})
     sample = {"prompt": SAMPLE_PROMPTS[0], "seed": 0, **settings, "text": quoted[0]["text"],
               "command": f"python -m engine generate --model mini --prompt \"{SAMPLE_PROMPTS[0]}\" --seed 0 --temperature 0.8 "
                          f"--top-k 40 --top-p 1 --repetition-penalty 1 --max-new-tokens {max_new_tokens}"}
     share = dictionary_words(completions)
     t_gen = time.time() - t_gen
-    parsing = grammar.parsing_share(texts)  # whole sentences: the prompt begins the first one
+    verdicts = [_parsed(t) for t in texts]  # whole sentences: the prompt begins the first one
+    for q, v in zip(quoted, verdicts):      # the quoted ten are the first seed of each prompt
+        q.update(v)
+    judged = sum(v.get("sentences", 0) for v in verdicts)
     return {"sample": sample, "samples": quoted, "dictionary_words": None if share is None else round(share, 4),
-            "sentences_parse": None if parsing is None else round(parsing[0], 4), "parse_sentences": None if parsing is None else parsing[1],
+            "sentences_parse": round(sum(v["parse"] for v in verdicts) / judged, 4) if judged else None, "parse_sentences": judged or None,
             "dictionary": f"{WORDS_FILE} (Debian wamerican), over {len(completions)} completions: {word_seeds} seed(s) of each "
                           "of the ten prompts, the quoted samples being the first seed of each", "word_completions": len(completions),
             "generation_tokens_per_s": round(n_gen / max(t_gen, 1e-9), 1),
@@ -564,12 +567,12 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
 
     # the anneal's text: the training fortunes (never the validation ones) of the clean files, unattributed
     anneal_files = clean_files(by_file, cfg.anneal_min_words, cfg.words_file) if cfg.anneal_steps else []
-    anneal_texts = [without_attribution(fortunes[i]) for i in order[n_val:] if origin[i] in anneal_files]
+    anneal_texts = [t for i in order[n_val:] if origin[i] in anneal_files and (t := without_attribution(fortunes[i]))]
     if cfg.anneal_grammar and anneal_files:
         t_parse = time.time()
         anneal_texts = grammatical(anneal_texts)
         log.info("anneal: %d fortunes whose every sentence parses (%.0f s)", len(anneal_texts), time.time() - t_parse)
-    anneal_data = encode([t for t in anneal_texts if t]) if anneal_files else None
+    anneal_data = encode(anneal_texts) if anneal_files else None
     if cfg.anneal_steps and anneal_data is None:
         raise UserError(f"no fortunes file has {cfg.anneal_min_words:.0%} dictionary words to anneal on")
 
@@ -598,7 +601,7 @@ def pretrain_text(cfg: TextPretrainConfig, resume: bool = False, on_progress: Ca
                          "threads": cfg.threads, "precision": cfg.precision, "seconds": round(seconds, 1),
                          **({"anneal": {"steps": cfg.anneal_steps, "done": max(0, step - max_steps), "lr": cfg.anneal_lr,
                                         "min_words": cfg.anneal_min_words, "files": anneal_files, "grammar": cfg.anneal_grammar,
-                                        "fortunes": len([t for t in anneal_texts if t]), "tokens": len(anneal_data)}}
+                                        "fortunes": len(anneal_texts), "tokens": len(anneal_data)}}
                             if cfg.anneal_steps else {})},
             "metrics": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                         "bits_per_byte": round(val_loss * tokens_per_byte / math.log(2), 4), "val_perplexity_fp16": None,
